@@ -1,0 +1,140 @@
+"""Evaluate a toy target/draft pair on fresh videos.
+
+    python -m toyworld.evaluate --family qwen2_5_vl --videos 200 --seed 1234 --json out.json
+
+Renders N clips from the seed, decodes them like the pipeline does, captions them greedily with
+the target and with the draft, scores both, and measures teacher-forced agreement: how often the
+draft's greedy next token equals the target's along the target's own captions, split by the
+grammar's anchor/filler labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from toyworld import families, grammar, score
+from toyworld.scene import clip_seed, make_clip
+
+
+def load_pair(family: str, models_dir: Path | str = families.MODELS_DIR, dtype=torch.float32):
+    """(processor, target, draft) of a shipped toy pair, loaded offline like any checkpoint."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    def load(role):
+        path = Path(models_dir) / f"{family}-{role}"
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+
+    processor = AutoProcessor.from_pretrained(Path(models_dir) / f"{family}-target", local_files_only=True)
+    return processor, load("target"), load("draft")
+
+
+def render_videos(n: int, seed: int, num_frames: int = 8):
+    """n fresh clips from `seed`: scenes, mp4 bytes, and the frames the pipeline would sample."""
+    from pipeline.frames import read_frames
+
+    clips = [make_clip(clip_seed(seed, i)) for i in range(n)]
+    return [s for s, _ in clips], [b for _, b in clips], [read_frames(b, num_frames)[0] for _, b in clips]
+
+
+def greedy_captions(processor, model, frames, prompt: str, batch_size: int = 32, max_new_tokens: int = 48):
+    """Greedy captions with HF generate, batched; returns (texts, token id lists incl. EOS)."""
+    texts, token_ids = [], []
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    for lo in range(0, len(frames), batch_size):
+        chunk = frames[lo:lo + batch_size]
+        inputs = processor(text=[families.chat_text(processor, prompt)] * len(chunk), videos=chunk,
+                           return_tensors="pt", padding=True, padding_side="left")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+            row = row[:row.index(eos) + 1] if eos in row else row
+            token_ids.append(row)
+            texts.append(tok.decode(row, skip_special_tokens=True))
+    return texts, token_ids
+
+
+@torch.inference_mode()
+def teacher_forced_agreement(processor, target, draft, frames, prompt: str, captions: list[list[int]]):
+    """Share of caption positions where draft and target greedy next tokens agree, by label."""
+    tok = processor.tokenizer
+    shared = min(target.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size)
+    hits = {"anchor": [0, 0], "filler": [0, 0]}
+    for video, ids in zip(frames, captions):
+        text = families.chat_text(processor, prompt)
+        inputs = processor(text=[text], videos=[video], return_tensors="pt")
+        caption_ids = torch.tensor([ids])
+        full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], caption_ids], 1),
+                "attention_mask": torch.ones(1, inputs["input_ids"].shape[1] + len(ids), dtype=torch.long)}
+        if "mm_token_type_ids" in inputs:
+            full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(caption_ids)], 1)
+        n_prompt = inputs["input_ids"].shape[1]
+        # Position n_prompt - 1 + j predicts caption token j.
+        sl = slice(n_prompt - 1, n_prompt - 1 + len(ids))
+        t_pred = target(**full).logits[0, sl, :shared].argmax(-1)
+        d_pred = draft(**full).logits[0, sl, :shared].argmax(-1)
+        text_ids = ids[:-1] if ids and ids[-1] == tok.convert_tokens_to_ids("<|im_end|>") else ids
+        enc = tok(tok.decode(text_ids), return_offsets_mapping=True)
+        labels = grammar.token_labels(grammar.labelled(tok.decode(text_ids)), enc["offset_mapping"])
+        if enc["input_ids"] != text_ids:  # a caption that does not re-tokenize the same: label by token
+            labels = ["anchor" if tok.decode([i]).strip().lower() in grammar.ANCHOR_WORDS else "filler"
+                      for i in text_ids]
+        labels = labels + ["filler"] * (len(ids) - len(labels))  # EOS is filler
+        for j, label in enumerate(labels):
+            hits[label][0] += int(t_pred[j] == d_pred[j])
+            hits[label][1] += 1
+    return {f"{k}_agreement": v[0] / max(v[1], 1) for k, v in hits.items()} | {
+        f"{k}_positions": v[1] for k, v in hits.items()}
+
+
+def evaluate(family: str, videos: int, seed: int, filler_entropy: float | None = None,
+             models_dir: Path | str = families.MODELS_DIR) -> dict:
+    processor, target, draft = load_pair(family, models_dir)
+    scenes, _, frames = render_videos(videos, seed)
+    truths = [s.attributes() for s in scenes]
+    prompt = grammar.prompt_for(filler_entropy)
+    result = {"family": family, "videos": videos, "seed": seed,
+              "filler_entropy": grammar.DEFAULT_FILLER_ENTROPY if filler_entropy is None else filler_entropy,
+              "prompt": prompt}
+    t0 = time.time()
+    target_texts, target_ids = greedy_captions(processor, target, frames, prompt)
+    draft_texts, _ = greedy_captions(processor, draft, frames, prompt)
+    result["target"] = score.score(target_texts, truths)
+    result["draft"] = score.score(draft_texts, truths)
+    result["teacher_forced"] = teacher_forced_agreement(processor, target, draft, frames, prompt, target_ids)
+    result["examples"] = [{"truth": t, "target": a, "draft": b} for t, a, b in
+                          zip(truths[:5], target_texts[:5], draft_texts[:5])]
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=families.FAMILIES, required=True)
+    ap.add_argument("--videos", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--filler-entropy", type=float, default=None,
+                    help="name this filler entropy in the prompt (default: the prompt names none)")
+    ap.add_argument("--models-dir", default=str(families.MODELS_DIR))
+    ap.add_argument("--json", help="write the result here")
+    args = ap.parse_args(argv)
+    result = evaluate(args.family, args.videos, args.seed, args.filler_entropy, args.models_dir)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    t, d, tf = result["target"], result["draft"], result["teacher_forced"]
+    print(f"{args.family} h={result['filler_entropy']}: target attr_acc {t['attr_acc']:.3f}, draft attr_acc "
+          f"{d['attr_acc']:.3f}; teacher-forced agreement anchor {tf['anchor_agreement']:.3f} filler "
+          f"{tf['filler_agreement']:.3f} ({result['videos']} videos, {result['seconds']}s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Procedural toy videos: coloured shapes moving over a plain background, encoded as H.264 mp4.
+
+A `Scene` is the ground truth of one clip. Everything is deterministic from a seed.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 175, 60),
+    "blue": (45, 85, 235),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 205),
+    "orange": (245, 140, 30),
+}
+BACKGROUNDS = {"black": (18, 18, 18), "white": (238, 238, 238), "gray": (125, 125, 125)}
+COUNTS = (1, 2, 3)
+SIZES = {"small": 0.085, "large": 0.125}  # radius as a fraction of the frame side
+DIRECTIONS = {"leftward": (-1, 0), "rightward": (1, 0), "upward": (0, -1), "downward": (0, 1)}
+
+ATTRIBUTES = ("count", "size", "colour", "shape", "direction", "background")
+
+# Default clip geometry: small enough to train and run on CPU, big enough to see shapes.
+FRAME_SIZE = 64
+NUM_FRAMES = 16
+FPS = 8
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Ground truth for one clip: the attributes a caption must get right, plus layout."""
+
+    count: int
+    size: str
+    colour: str
+    shape: str
+    direction: str
+    background: str
+    starts: tuple[tuple[float, float], ...]  # shape centres at frame 0, in [0, 1] frame units
+    speed: float  # frame sides per second
+
+    def attributes(self) -> dict[str, str | int]:
+        return {name: getattr(self, name) for name in ATTRIBUTES}
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["starts"] = [list(p) for p in self.starts]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Scene:
+        d = dict(d)
+        d["starts"] = tuple(tuple(p) for p in d["starts"])
+        return cls(**d)
+
+
+def sample_scene(rng: np.random.Generator, duration_s: float = NUM_FRAMES / FPS) -> Scene:
+    """Draw a scene uniformly over attributes, with shapes laid out in separate lanes."""
+    count = int(rng.choice(COUNTS))
+    size = str(rng.choice(list(SIZES)))
+    direction = str(rng.choice(list(DIRECTIONS)))
+    radius = SIZES[size]
+    speed = float(rng.uniform(0.18, 0.26))
+    travel = speed * duration_s
+    dx, dy = DIRECTIONS[direction]
+    # Centres across the motion axis are spaced at least 2.3 radii apart, so shapes never touch;
+    # positions along the axis leave room to travel without leaving the frame.
+    spacing = rng.uniform(2.3 * radius, (1 - 2 * radius) / (count - 1)) if count > 1 else 0.0
+    first = rng.uniform(radius, 1 - radius - spacing * (count - 1))
+    starts = []
+    for k in range(count):
+        across = first + spacing * k
+        lo, hi = radius + 0.02, 1.0 - radius - 0.02 - travel
+        along = rng.uniform(lo, max(lo, hi))
+        if (dx, dy) in ((-1, 0), (0, -1)):
+            along = 1.0 - along
+        starts.append((along, across) if dx else (across, along))
+    return Scene(
+        count=count,
+        size=size,
+        colour=str(rng.choice(list(COLOURS))),
+        shape=str(rng.choice(SHAPES)),
+        direction=direction,
+        background=str(rng.choice(list(BACKGROUNDS))),
+        starts=tuple((float(x), float(y)) for x, y in starts),
+        speed=speed,
+    )
+
+
+def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.82 * r
+    if shape == "triangle":  # pointing up, base at +0.7r
+        return (dy <= 0.7 * r) & (dy >= -r + 1.9 * np.abs(dx))
+    if shape == "cross":
+        arm = 0.32 * r
+        inside = np.maximum(np.abs(dx), np.abs(dy)) <= r
+        return inside & ((np.abs(dx) <= arm) | (np.abs(dy) <= arm))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene: Scene, num_frames: int = NUM_FRAMES, size: int | tuple[int, int] = FRAME_SIZE,
+           fps: int = FPS, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Render a clip as uint8 RGB frames of shape (T, H, W, 3), 2x supersampled for soft edges."""
+    height, width = (size, size) if isinstance(size, int) else size
+    ss = 2
+    ys, xs = np.mgrid[0:height * ss, 0:width * ss].astype(np.float32)
+    xs = (xs + 0.5) / (width * ss)
+    ys = (ys + 0.5) / (height * ss)
+    aspect = width / height
+    bg = np.array(BACKGROUNDS[scene.background], np.float32)
+    fg = np.array(COLOURS[scene.colour], np.float32)
+    vx, vy = DIRECTIONS[scene.direction]
+    radius = SIZES[scene.size]
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        shift = scene.speed * t / fps
+        mask = np.zeros(xs.shape, bool)
+        for cx, cy in scene.starts:
+            px, py = cx + vx * shift, cy + vy * shift
+            mask |= _shape_mask(scene.shape, (xs - px) * aspect, ys - py, radius)
+        cover = mask.reshape(height, ss, width, ss).mean(axis=(1, 3))[..., None]
+        img = bg * (1 - cover) + fg * cover
+        if rng is not None:  # sensor noise, so the codec sees texture as in real footage
+            img = img + rng.normal(0, 3.0, img.shape)
+        frames[t] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames
+
+
+def encode_mp4(frames: np.ndarray, fps: int = FPS, crf: int = 20, codec: str = "libx264") -> bytes:
+    """Encode (T, H, W, 3) uint8 RGB frames as an mp4 (H.264 by default) and return its bytes."""
+    import av  # imported here: only producers of videos need PyAV
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.thread_count = 1  # tiny clips: threads only oversubscribe parallel renderers
+        if codec == "libx264":
+            stream.options = {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency", "threads": "1"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    """Decode all frames of an mp4 with PyAV as (T, H, W, 3) uint8 RGB (training-side reader)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        container.streams.video[0].thread_count = 1
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def make_clip(seed: int, num_frames: int = NUM_FRAMES, size: int = FRAME_SIZE, fps: int = FPS) -> tuple[Scene, bytes]:
+    """One deterministic clip from a seed: its scene and its mp4 bytes."""
+    rng = np.random.default_rng(seed)
+    scene = sample_scene(rng, duration_s=num_frames / fps)
+    return scene, encode_mp4(render(scene, num_frames, size, fps, rng=rng), fps=fps)
+
+
+def clip_seed(seed: int, index: int) -> int:
+    """The render seed of clip `index` of a dataset drawn from `seed`."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
