@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@echo "== setting up $(VENV) (first run only; torch is large) =="
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --python $(PY) -e '.[test]'
+	$(VENV)/bin/uv pip install --python $(PY) -e '.[test]' --config-settings editable_mode=compat
 	@touch $@
 
 run: $(STAMP)

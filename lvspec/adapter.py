@@ -1,0 +1,80 @@
+"""What the engine needs from a model family, and the check that a target and draft belong together.
+
+Everything family-specific (prompt embedding with the video spliced in, position ids, vocab
+padding) lives in one module per family: `qwen2_5_vl.py`, `llava_onevision.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Prompt:
+    """A left-padded batch of prompts, embedded, ready for the decoder stack."""
+
+    embeds: torch.Tensor  # [B, P, H]
+    pad: torch.Tensor  # [B] left-padding slots
+    position_ids: torch.Tensor  # [B, P] or [3, B, P] (M-RoPE)
+    video_mask: torch.Tensor  # [B, P] bool: slots holding video tokens
+    next_position: torch.Tensor  # [B] position id of the first generated token
+
+
+class Adapter(Protocol):
+    family: str
+
+    def prompt(self, model, rows: list[dict]) -> Prompt: ...
+
+    def positions(self, start: torch.Tensor) -> torch.Tensor: ...
+
+
+def _left_pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+    width = max(t.shape[-1] for t in tensors)
+    return torch.stack([torch.nn.functional.pad(t, (width - t.shape[-1], 0), value=value) for t in tensors])
+
+
+def left_pad_rows(rows: list[dict], key: str, value: int = 0) -> torch.Tensor:
+    """Stack a per-row [1, L] field of processor outputs into [B, P], padded on the left."""
+    return _left_pad([r[key].reshape(-1) for r in rows], value)
+
+
+def adapter_for(model) -> Adapter:
+    """The adapter of a model's family, by its config's model_type."""
+    from lvspec import llava_onevision, qwen2_5_vl
+
+    family = getattr(model.config, "model_type", None)
+    adapters = {"qwen2_5_vl": qwen2_5_vl.ADAPTER, "llava_onevision": llava_onevision.ADAPTER}
+    if family not in adapters:
+        raise ValueError(f"unsupported model family {family!r}; supported: {sorted(adapters)}")
+    return adapters[family]
+
+
+def text_config(model):
+    return model.config.get_text_config()
+
+
+def check_pair(target, draft, target_tokenizer=None, draft_tokenizer=None) -> None:
+    """Fail clearly unless target and draft share a family and a tokenizer."""
+    t_family, d_family = target.config.model_type, draft.config.model_type
+    if t_family != d_family:
+        raise ValueError(f"target and draft must be one model family: target is {t_family!r}, draft {d_family!r}")
+    same_ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    for name in same_ids:
+        a, b = getattr(text_config(target), name, None), getattr(text_config(draft), name, None)
+        if a != b:
+            raise ValueError(f"target and draft tokenizers differ: {name} is {a} vs {b}")
+    for name in ("video_token_id", "video_token_index"):
+        a, b = getattr(target.config, name, None), getattr(draft.config, name, None)
+        if a != b:
+            raise ValueError(f"target and draft tokenizers differ: {name} is {a} vs {b}")
+    if target_tokenizer is not None and draft_tokenizer is not None:
+        if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+            raise ValueError("target and draft tokenizers differ (vocabularies are not identical)")
+
+
+def shared_vocab(target, draft) -> int:
+    """Ids below this mean the same token to both models (larger embeddings are padding rows)."""
+    return min(text_config(target).vocab_size, text_config(draft).vocab_size)

@@ -1,0 +1,48 @@
+"""Generation settings, validated up front so that bad values fail before any model work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+MODES = ("ar", "sd", "lvspec")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """How to decode. `sd` is exact greedy speculative decoding; `lvspec` loosens it on fillers."""
+
+    mode: str = "lvspec"
+    k: int = 10  # draft tokens proposed per cycle
+    theta: float = 0.2  # relevance >= theta marks a visual anchor: verified strictly
+    alpha: float = 0.25  # loose rule: accept a filler d if p(d) >= alpha * p(target's choice)
+    top_k: int = 0  # loose rule, alternative: accept a filler d in the target's top-k (0: off)
+    shift_window: int = 1  # position-shift tolerance: d may match the target's choice this many slots away
+    gate: bool = True  # relevance gate on; off = loose acceptance everywhere (ablation)
+    loose: bool = True  # loose and shift acceptance on; off = strict verification
+    relevance_layers: tuple[int, ...] | None = None  # target layers averaged into relevance; None: all
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] | None = None  # None: the target's generation_config eos ids
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k (draft length) must be an integer >= 1, got {self.k!r}")
+        if not 0.0 <= self.theta <= 1.0:
+            raise ValueError(f"theta (relevance threshold) must be in [0, 1], got {self.theta!r}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha (loose ratio) must be in (0, 1], got {self.alpha!r}")
+        if self.top_k < 0 or self.shift_window < 0:
+            raise ValueError("top_k and shift_window must be >= 0")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.relevance_layers is not None:
+            object.__setattr__(self, "relevance_layers", tuple(int(i) for i in self.relevance_layers))
+
+    @property
+    def loosened(self) -> bool:
+        """Whether any non-exact acceptance can happen (theta = 0 gates every slot)."""
+        return self.mode == "lvspec" and self.loose and not (self.gate and self.theta == 0.0)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,41 @@
+"""Qwen2.5-VL: video features spliced into the prompt, M-RoPE (3-D) position ids."""
+
+from __future__ import annotations
+
+import torch
+
+from lvspec.adapter import Prompt, left_pad_rows
+
+
+class Qwen25VLAdapter:
+    family = "qwen2_5_vl"
+
+    def prompt(self, model, rows: list[dict]) -> Prompt:
+        cfg = model.config
+        device = model.device
+        for i, row in enumerate(rows):
+            if "pixel_values_videos" not in row or not bool((row["input_ids"] == cfg.video_token_id).any()):
+                raise ValueError(f"row {i} has no video: Qwen2.5-VL rows need pixel_values_videos and video tokens")
+        ids = left_pad_rows(rows, "input_ids", cfg.text_config.pad_token_id or 0).to(device)
+        mask = left_pad_rows(rows, "attention_mask", 0).to(device)
+        mm_types = left_pad_rows(rows, "mm_token_type_ids", 0).to(device)
+        grid = torch.cat([r["video_grid_thw"] for r in rows]).to(device)
+        pixels = torch.cat([r["pixel_values_videos"] for r in rows]).to(device, model.dtype)
+        seconds = torch.cat([torch.as_tensor(r["second_per_grid_ts"]).reshape(-1) for r in rows]).to(device)
+
+        embeds = model.get_input_embeddings()(ids)
+        video = torch.cat(model.model.get_video_features(pixels, grid).pooler_output)
+        video_mask = ids == cfg.video_token_id
+        embeds = embeds.masked_scatter(video_mask[..., None], video.to(embeds.dtype))
+        positions, _ = model.model.get_rope_index(
+            ids, mm_token_type_ids=mm_types, video_grid_thw=grid, second_per_grid_ts=seconds, attention_mask=mask)
+        # Text after the prompt continues at (largest position so far) + 1 on all three axes.
+        next_position = positions.masked_fill(~mask.bool()[None], -1).amax(dim=(0, 2)) + 1
+        return Prompt(embeds, (mask == 0).sum(-1), positions, video_mask, next_position)
+
+    def positions(self, start: torch.Tensor) -> torch.Tensor:
+        """Position ids [3, B, q] for text tokens whose 1-D positions are `start` [B, q]."""
+        return start[None].expand(3, -1, -1)
+
+
+ADAPTER = Qwen25VLAdapter()

@@ -1,0 +1,55 @@
+"""Visual relevance: the attention mass a target query puts on the video keys.
+
+Computed inside the target's own attention call, through a registered attention function that
+runs SDPA for the output and, for the K+1 verification queries of the chosen layers only, scores
+those queries against the cached keys ([B, H, K+1, L], never L x L) and sums the softmax mass
+that falls on the video span.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+ATTENTION = "lvspec_sdpa"
+
+
+class RelevanceProbe:
+    """Collects per-query video attention mass over the chosen layers during one forward."""
+
+    def __init__(self, layers: set[int], video_keys: torch.Tensor):
+        self.layers = layers
+        self.video_keys = video_keys  # [B, span] bool: which cache slots hold video tokens
+        self.total = None
+        self.count = 0
+
+    def add(self, module, query, key, attention_mask, scaling) -> None:
+        key = repeat_kv(key, query.shape[1] // key.shape[1])
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+        if attention_mask is not None:
+            mask = attention_mask[..., : key.shape[-2]]
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = scores.softmax(-1)  # [B, H, q, L]
+        video = self.video_keys[:, None, None, : key.shape[-2]].to(probs.dtype)
+        mass = (probs * video).sum(-1).mean(1)  # [B, q]
+        self.total = mass if self.total is None else self.total + mass
+        self.count += 1
+
+    def result(self) -> torch.Tensor:
+        return self.total / self.count
+
+
+def relevance_sdpa(module, query, key, value, attention_mask, *args, relevance_probe=None, **kwargs):
+    """SDPA for the output, plus the relevance side result when a probe rides along."""
+    if relevance_probe is not None and module.layer_idx in relevance_probe.layers:
+        relevance_probe.add(module, query, key, attention_mask, kwargs.get("scaling") or module.scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, relevance_sdpa)
+
+
+def install(text_model: torch.nn.Module) -> None:
+    """Route the target's text attention through `relevance_sdpa` (identical output to sdpa)."""
+    text_model.config._attn_implementation = ATTENTION

@@ -1,0 +1,175 @@
+"""The lvspec engine: exactness where it must be exact, honest counters, clean failures.
+
+Token-identity tests run the toy models in float64: the toy grammar makes filler logits near-ties
+by design, and float64 keeps batch-shape rounding differences from flipping them, so a mismatch
+means a real bug, not float luck.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from lvspec import SpecConfig, generate
+from toyworld import families, grammar
+from toyworld.evaluate import load_pair, render_videos
+
+FAMILIES = families.FAMILIES
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
+    processor, target, draft = load_pair(request.param, dtype=torch.float64)
+    return request.param, processor, target, draft
+
+
+def make_rows(processor, frame_counts, seed=31, prompts=None):
+    """One processor output per video; prompts of different lengths, videos of different frame counts."""
+    _, _, frames = render_videos(len(frame_counts), seed=seed, num_frames=max(frame_counts))
+    prompts = prompts or [grammar.prompt_for(h) for h in (None, 0.5, 1.0, 0.25)][: len(frame_counts)]
+    rows = []
+    for video, n, prompt in zip(frames, frame_counts, prompts):
+        keep = torch.linspace(0, len(video) - 1, n).round().long().numpy()
+        rows.append(processor(text=[families.chat_text(processor, prompt)], videos=[video[keep]], return_tensors="pt"))
+    return rows
+
+
+def hf_greedy(processor, target, rows, max_new_tokens=48, eos=None):
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>") if eos is None else eos
+    out = []
+    for row in rows:
+        ids = target.generate(**row, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                              pad_token_id=tok.pad_token_id)
+        out.append(ids[0, row["input_ids"].shape[1]:].tolist())
+    return out
+
+
+def assert_counters_add_up(result, k):
+    s = result.stats
+    assert s.accepted_exact + s.accepted_loose + s.accepted_shift + s.corrections + s.bonus == s.num_tokens
+    assert s.num_tokens == len(result.tokens)
+    assert s.target_forwards == s.num_cycles + 1
+    assert s.draft_forwards <= 1 + k * s.num_cycles
+    # Each target forward adds one token of its own, except a last one cut short by a stop token.
+    assert s.num_cycles <= s.corrections + s.bonus <= s.num_cycles + 1
+    if s.num_cycles:
+        assert s.mean_accepted_length == pytest.approx((s.num_tokens - 1) / s.num_cycles)
+
+
+@pytest.mark.parametrize("frame_counts", [[8], [8, 4, 6, 8]], ids=["batch1", "batch4"])
+@pytest.mark.parametrize("cfg", [
+    SpecConfig(mode="sd", k=5),
+    SpecConfig(mode="lvspec", k=5, theta=0.0),
+    SpecConfig(mode="lvspec", k=5, loose=False),
+    SpecConfig(mode="ar"),
+], ids=["sd", "lvspec-theta0", "lvspec-strict", "ar"])
+def test_exact_modes_are_token_identical_to_greedy_generate(pair, frame_counts, cfg):
+    _, processor, target, draft = pair
+    rows = make_rows(processor, frame_counts)
+    expected = hf_greedy(processor, target, rows)
+    results = generate(target, draft, rows, dataclasses.replace(cfg, max_new_tokens=48))
+    assert [r.tokens for r in results] == expected
+    for r in results:
+        assert_counters_add_up(r, cfg.k)
+        assert r.stats.accepted_loose == r.stats.accepted_shift == 0
+
+
+def test_lvspec_counters_add_up_and_loosening_happens(pair):
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 8, 6, 4])
+    cfg = SpecConfig(mode="lvspec", k=6, theta=0.45, max_new_tokens=48)
+    results = generate(target, draft, rows, cfg, tokenizer=processor.tokenizer, trace=True)
+    for r in results:
+        assert_counters_add_up(r, cfg.k)
+        assert r.finished_by == "stop" and r.tokens[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert all(0.0 <= t["relevance"] <= 1.0 for t in r.trace)
+    assert sum(r.stats.accepted_loose + r.stats.accepted_shift for r in results) > 0
+
+
+def test_sd_with_k1_is_token_identical(pair):
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 6])
+    results = generate(target, draft, rows, SpecConfig(mode="sd", k=1, max_new_tokens=48))
+    assert [r.tokens for r in results] == hf_greedy(processor, target, rows)
+    for r in results:
+        assert r.stats.draft_forwards == 1 + r.stats.num_cycles
+        assert_counters_add_up(r, 1)
+
+
+def test_stop_token_inside_an_accepted_block_truncates_there(pair):
+    # "." ends the first sentence mid-caption, inside blocks that K=8 drafts accept whole.
+    _, processor, target, draft = pair
+    period = processor.tokenizer.convert_tokens_to_ids(".")
+    rows = make_rows(processor, [8, 8, 4])
+    expected = hf_greedy(processor, target, rows, eos=period)
+    for mode in ("sd", "lvspec"):
+        results = generate(target, draft, rows, SpecConfig(mode=mode, k=8, theta=0.0, stop_token_ids=(period,), max_new_tokens=48))
+        assert [r.tokens for r in results] == expected
+        assert all(r.tokens.count(period) == 1 and r.tokens[-1] == period for r in results)
+        assert all(r.finished_by == "stop" for r in results)
+
+
+@pytest.mark.parametrize("limit", [1, 5, 11])
+def test_max_new_tokens_is_respected_exactly(pair, limit):
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 6])
+    expected = hf_greedy(processor, target, rows, max_new_tokens=limit)
+    for mode in ("ar", "sd"):
+        results = generate(target, draft, rows, SpecConfig(mode=mode, k=4, max_new_tokens=limit))
+        assert [r.tokens for r in results] == expected
+        assert all(len(r.tokens) == limit and r.finished_by == "length" for r in results)
+
+
+def test_a_row_that_finishes_early_stops_consuming_work(pair):
+    _, processor, target, draft = pair
+    tok = processor.tokenizer
+    rows = make_rows(processor, [8, 8, 8, 8], seed=5)
+    full = hf_greedy(processor, target, rows)
+    # Stop on the first token of one row's caption that no other row's caption contains.
+    early = min(range(len(rows)), key=lambda i: len(full[i]))
+    others = {t for i, ids in enumerate(full) if i != early for t in ids}
+    stop = next(t for t in full[early][1:] if t not in others)
+    expected = hf_greedy(processor, target, rows, eos=stop)
+    results = generate(target, draft, rows, SpecConfig(mode="sd", k=4, stop_token_ids=(stop,), max_new_tokens=48),
+                       tokenizer=tok)
+    assert [r.tokens for r in results] == expected
+    short, rest = results[early], [r for i, r in enumerate(results) if i != early]
+    assert short.finished_by == "stop" and all(r.finished_by == "length" for r in rest)
+    assert all(short.stats.target_forwards < r.stats.target_forwards for r in rest)
+    assert all(short.stats.draft_forwards < r.stats.draft_forwards for r in rest)
+
+
+def test_bad_configuration_fails_clearly():
+    with pytest.raises(ValueError, match="k"):
+        SpecConfig(k=0)
+    with pytest.raises(ValueError, match="theta"):
+        SpecConfig(theta=1.5)
+    with pytest.raises(ValueError, match="theta"):
+        SpecConfig(theta=-0.1)
+    with pytest.raises(ValueError, match="mode"):
+        SpecConfig(mode="beam")
+    with pytest.raises(ValueError, match="alpha"):
+        SpecConfig(alpha=0)
+
+
+def test_mismatched_pairs_and_inputs_fail_clearly():
+    processor, target, draft = load_pair("llava_onevision")
+    q_processor, q_target, q_draft = load_pair("qwen2_5_vl")
+    rows = make_rows(processor, [8])
+    with pytest.raises(ValueError, match="one model family"):
+        generate(target, q_draft, rows, SpecConfig(mode="sd"))
+    other = type(draft)(draft.config.__class__.from_dict(draft.config.to_dict()))
+    other.config.text_config.eos_token_id = 3
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        generate(target, other, rows, SpecConfig(mode="sd"))
+    with pytest.raises(ValueError, match="needs a draft"):
+        generate(target, None, rows, SpecConfig(mode="sd"))
+    text_only = processor(text=["<|im_start|>user\nDescribe the video.<|im_end|>\n"], return_tensors="pt")
+    with pytest.raises(ValueError, match="no video"):
+        generate(target, draft, [text_only], SpecConfig(mode="sd"))
+    q_text_only = q_processor(text=["<|im_start|>user\nDescribe the video.<|im_end|>\n"], return_tensors="pt")
+    with pytest.raises(ValueError, match="no video"):
+        generate(q_target, q_draft, [q_text_only], SpecConfig(mode="ar"))
+    with pytest.raises(ValueError, match="relevance_layers"):
+        generate(target, draft, rows, SpecConfig(relevance_layers=(99,)))
