@@ -279,10 +279,13 @@ def _record(traces, active, v, probe, drafted) -> None:
     k = drafted.shape[1]
     walked = torch.minimum(v.accepted + 1, torch.tensor(k, device=drafted.device))
     rel = probe.result()[:, :k] if probe is not None else None
+    layers = sorted(probe.by_layer) if probe is not None else []
+    by_layer = torch.stack([probe.by_layer[i][:, :k] for i in layers], -1) if layers else None
     for i, row in enumerate(active.tolist()):
         for j in range(int(walked[i])):
             traces[row].append({
                 "relevance": float(rel[i, j]) if rel is not None else None,
+                "relevance_by_layer": dict(zip(layers, by_layer[i, j].tolist())) if layers else {},
                 "target_token": int(v.target_tokens[i, j]), "draft_token": int(drafted[i, j]),
                 "accepted": j < int(v.accepted[i]), "kind": ("exact", "loose", "shift")[int(v.kind[i, j])],
             })

@@ -21,8 +21,7 @@ class RelevanceProbe:
     def __init__(self, layers: set[int], video_keys: torch.Tensor):
         self.layers = layers
         self.video_keys = video_keys  # [B, span] bool: which cache slots hold video tokens
-        self.total = None
-        self.count = 0
+        self.by_layer: dict[int, torch.Tensor] = {}
 
     def add(self, module, query, key, attention_mask, scaling) -> None:
         key = repeat_kv(key, query.shape[1] // key.shape[1])
@@ -32,12 +31,11 @@ class RelevanceProbe:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = scores.softmax(-1)  # [B, H, q, L]
         video = self.video_keys[:, None, None, : key.shape[-2]].to(probs.dtype)
-        mass = (probs * video).sum(-1).mean(1)  # [B, q]
-        self.total = mass if self.total is None else self.total + mass
-        self.count += 1
+        self.by_layer[module.layer_idx] = (probs * video).sum(-1).mean(1)  # [B, q]
 
     def result(self) -> torch.Tensor:
-        return self.total / self.count
+        """Relevance [B, q]: video mass averaged over heads and the chosen layers."""
+        return torch.stack(list(self.by_layer.values())).mean(0)
 
 
 def relevance_sdpa(module, query, key, value, attention_mask, *args, relevance_probe=None, **kwargs):

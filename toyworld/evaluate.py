@@ -42,6 +42,12 @@ def render_videos(n: int, seed: int, num_frames: int = 8):
     return [s for s, _ in clips], [b for _, b in clips], [read_frames(b, num_frames)[0] for _, b in clips]
 
 
+def engine_rows(processor, frames, prompt: str) -> list[dict]:
+    """One processor output per video: the rows lvspec.generate takes."""
+    text = families.chat_text(processor, prompt)
+    return [processor(text=[text], videos=[f], return_tensors="pt") for f in frames]
+
+
 def greedy_captions(processor, model, frames, prompt: str, batch_size: int = 32, max_new_tokens: int = 48):
     """Greedy captions with HF generate, batched; returns (texts, token id lists incl. EOS)."""
     texts, token_ids = [], []

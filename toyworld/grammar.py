@@ -169,3 +169,9 @@ def corpus(rng: np.random.Generator, n: int) -> list[str]:
     for _ in range(n):
         out.append(make_caption(sample_scene(rng), rng, float(rng.choice(FILLER_LEVELS))).text)
     return out
+
+
+def anchor_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokens that spell an attribute word (the grammar's anchors) in this tokenizer."""
+    return {i for w, i in tokenizer.get_vocab().items()
+            if tokenizer.convert_tokens_to_string([w]).strip().lower() in ANCHOR_WORDS}
