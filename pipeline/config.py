@@ -1,0 +1,181 @@
+"""The job's one configuration schema (omegaconf structured dataclasses), validated before any Ray work.
+
+    cfg = load_config("jobs/configs/local.yaml", ["generation.k=8", "source.limit=16"])
+
+Unknown keys, wrong types and bad values fail here with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lvspec.config import MODES, SpecConfig
+
+SOURCE_FORMATS = ("auto", "webdataset", "files", "manifest")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+VIDEO_EXTENSIONS = ["mp4", "webm", "mkv", "mov", "avi", "m4v"]
+
+
+@dataclass
+class SourceConfig:
+    uri: str = MISSING  # s3://bucket/prefix, file:///dir, a local path, or a manifest (.parquet / .jsonl)
+    format: str = "auto"  # auto: manifest by extension, webdataset if the prefix holds .tar files, else files
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint_url, key, ...)
+    video_extensions: list[str] = field(default_factory=lambda: list(VIDEO_EXTENSIONS))
+    limit: int | None = None  # caption at most this many videos (smoke runs)
+    num_cpus: float = 0.25  # per read task
+
+
+@dataclass
+class DecodeConfig:
+    num_frames: int = 8  # frames sampled uniformly per video ...
+    fps: float | None = None  # ... or at this rate (then at most max_frames)
+    max_frames: int = 32
+    max_side: int = 1024  # frames are scaled down while decoding, so huge videos stay small in memory
+    max_bytes: int = 2 * 1024**3  # larger files fail as rows instead of filling memory
+    actors: int = 1
+    num_cpus: float = 1.0
+    batch_size: int = 8
+
+
+@dataclass
+class ModelConfig:
+    target: str = MISSING  # HF id, local dir, or s3:// URI (synced to local disk once per node)
+    draft: str | None = None  # needed for sd and lvspec
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    prompt: str = "Describe the video."
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str = "~/.cache/lvspec/models"
+
+
+@dataclass
+class GenerationConfig:
+    mode: str = "lvspec"
+    k: int = 10
+    theta: float | None = None  # None: the target's lvspec.json if it ships one, else lvspec's default
+    alpha: float = 0.25
+    top_k: int = 0
+    shift_window: int = 1
+    relevance_layers: list[int] | None = None  # None: from lvspec.json, else all layers
+    max_new_tokens: int = 64
+
+
+@dataclass
+class CaptionConfig:
+    replicas: int = 1  # GPU actors, each one target + draft
+    num_gpus: float = 0.0  # per replica; 0 runs on CPU
+    num_cpus: float = 1.0
+    batch_size: int = 8
+
+
+@dataclass
+class OutputConfig:
+    uri: str = MISSING  # rows go to <uri>/<job_id>/*.parquet, the summary to <uri>/<job_id>/_summary.json
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: join RAY_ADDRESS (ray job submit) or start a local cluster
+    num_cpus: int | None = None  # for a local cluster
+
+
+@dataclass
+class JobConfig:
+    job_id: str = MISSING
+    source: SourceConfig = field(default_factory=SourceConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Schema <- YAML file <- key=value overrides, then checked; returns a typed JobConfig."""
+    try:
+        cfg = OmegaConf.structured(JobConfig)
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.to_container(cfg, throw_on_missing=True)  # every required key set
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config key {key!r}: {e.msg if hasattr(e, 'msg') else e}".splitlines()[0]
+                          if key else f"config: {e}".splitlines()[0]) from None
+    job: JobConfig = OmegaConf.to_object(cfg)
+    check(job)
+    # Data paths are the driver's; model paths stay relative (each worker resolves them in its
+    # working dir, which `ray job submit --working-dir` ships to every node).
+    job.source.uri, job.output.uri = local_path(job.source.uri), local_path(job.output.uri)
+    return job
+
+
+def _positive(value, key: str, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"config key {key!r} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def check(job: JobConfig) -> None:
+    """Value checks the types alone cannot express."""
+    if not job.job_id or "/" in job.job_id:
+        raise ConfigError(f"config key 'job_id' must be a non-empty name without '/', got {job.job_id!r}")
+    if job.source.format not in SOURCE_FORMATS:
+        raise ConfigError(f"config key 'source.format' must be one of {SOURCE_FORMATS}, got {job.source.format!r}")
+    if job.source.limit is not None:
+        _positive(job.source.limit, "source.limit")
+    for key in ("num_frames", "max_frames", "max_side", "max_bytes", "actors", "batch_size", "num_cpus"):
+        _positive(getattr(job.decode, key), f"decode.{key}")
+    if job.decode.fps is not None:
+        _positive(job.decode.fps, "decode.fps")
+    if job.model.dtype not in DTYPES:
+        raise ConfigError(f"config key 'model.dtype' must be one of {DTYPES}, got {job.model.dtype!r}")
+    if job.generation.mode not in MODES:
+        raise ConfigError(f"config key 'generation.mode' must be one of {MODES}, got {job.generation.mode!r}")
+    if job.generation.mode != "ar" and not job.model.draft:
+        raise ConfigError(f"config key 'model.draft' is required for generation.mode={job.generation.mode}")
+    try:
+        spec_config(job.generation, theta=job.generation.theta if job.generation.theta is not None else 0.2)
+    except ValueError as e:
+        raise ConfigError(f"config key 'generation.{str(e).split()[0]}': {e}") from None
+    for key in ("replicas", "batch_size"):
+        _positive(getattr(job.caption, key), f"caption.{key}")
+    _positive(job.caption.num_gpus, "caption.num_gpus", allow_zero=True)
+    _positive(job.caption.num_cpus, "caption.num_cpus", allow_zero=True)
+
+
+def spec_config(gen: GenerationConfig, theta: float | None = None, relevance_layers=None) -> SpecConfig:
+    """The lvspec SpecConfig of a generation section (theta / layers resolved by the caller)."""
+    return SpecConfig(mode=gen.mode, k=gen.k, theta=gen.theta if theta is None else theta, alpha=gen.alpha,
+                      top_k=gen.top_k, shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens,
+                      relevance_layers=tuple(relevance_layers or gen.relevance_layers or ()) or None)
+
+
+def local_path(uri: str) -> str:
+    """Absolute form of a local path or file:// URI; remote URIs unchanged."""
+    if uri.startswith("file://"):
+        return "file://" + os.path.abspath(os.path.expanduser(uri[len("file://"):]))
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def config_hash(job: JobConfig) -> str:
+    """Hash of what decides the captions (not where they go), for the Parquet rows."""
+    keep = {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(job)).items()
+            if k in ("decode", "model", "generation")}
+    keep["model"] = {k: v for k, v in keep["model"].items() if k not in ("storage_options", "cache_dir")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
