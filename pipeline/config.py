@@ -80,6 +80,7 @@ class CaptionConfig:
 class OutputConfig:
     uri: str = MISSING  # rows go to <uri>/<job_id>/*.parquet, the summary to <uri>/<job_id>/_summary.json
     storage_options: dict[str, Any] = field(default_factory=dict)
+    rows_per_file: int = 256  # rows are committed a file at a time: a crash redoes at most this many
 
 
 @dataclass
@@ -153,6 +154,7 @@ def check(job: JobConfig) -> None:
         raise ConfigError(f"config key 'generation.{str(e).split()[0]}': {e}") from None
     for key in ("replicas", "batch_size"):
         _positive(getattr(job.caption, key), f"caption.{key}")
+    _positive(job.output.rows_per_file, "output.rows_per_file")
     _positive(job.caption.num_gpus, "caption.num_gpus", allow_zero=True)
     _positive(job.caption.num_cpus, "caption.num_cpus", allow_zero=True)
 

@@ -14,16 +14,36 @@ class VideoError(ValueError):
 def uniform_indices(total: int, n: int) -> np.ndarray:
     """n frame indices spread evenly over [0, total), first and last frame included."""
     if total < 1:
-        raise VideoError("video has no frames")
+        raise VideoError("no video frames: the video stream is empty")
     return np.linspace(0, total - 1, n).round().astype(np.int64)
 
 
 def fps_indices(total: int, video_fps: float, fps: float, max_frames: int) -> np.ndarray:
     """Indices sampled at `fps` frames per second of video time, at most `max_frames` of them."""
     if total < 1:
-        raise VideoError("video has no frames")
+        raise VideoError("no video frames: the video stream is empty")
     n = int(np.clip(round(total / max(video_fps, 1e-6) * fps), 1, max_frames))
     return uniform_indices(total, n)
+
+
+def probe(data: bytes) -> dict:
+    """Container facts from PyAV without decoding a frame: codec, size, frame count (0 if unknown)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise VideoError("no video frames: the file has no video stream with frames")
+            stream = container.streams.video[0]
+            return {"codec": stream.codec_context.name, "width": stream.codec_context.width,
+                    "height": stream.codec_context.height, "frames": stream.frames}
+    except VideoError:
+        raise
+    except Exception as e:  # PyAV raises InvalidDataError and friends for non-videos
+        raise VideoError(f"not a readable video: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+
+
+DECORD_CODECS_MISSING = {"av1", "libdav1d", "libaom-av1"}
 
 
 def read_frames(data: bytes, num_frames: int | None = 8, fps: float | None = None, max_frames: int = 64,
@@ -37,23 +57,28 @@ def read_frames(data: bytes, num_frames: int | None = 8, fps: float | None = Non
 
     if not data:
         raise VideoError("empty file (0 bytes)")
+    info = probe(data)
+    if info["codec"] in DECORD_CODECS_MISSING:
+        raise VideoError(f"unsupported codec {info['codec']!r}: decord cannot decode it")
+    height, width = info["height"], info["width"]
+    size = {}
+    if max_side and max(height, width) > max_side:
+        scale = max_side / max(height, width)
+        size = {"width": max(2, round(width * scale / 2) * 2), "height": max(2, round(height * scale / 2) * 2)}
     try:
-        probe = decord.VideoReader(io.BytesIO(data), num_threads=1)
-        height, width = probe[0].shape[:2] if len(probe) else (0, 0)
-        size = {}
-        if max_side and max(height, width) > max_side:
-            scale = max_side / max(height, width)
-            size = {"width": max(2, round(width * scale / 2) * 2), "height": max(2, round(height * scale / 2) * 2)}
-            probe = decord.VideoReader(io.BytesIO(data), num_threads=1, **size)
-        total, video_fps = len(probe), float(probe.get_avg_fps())
-        if total < 1:
-            raise VideoError("video has no frames")
-        idx = fps_indices(total, video_fps, fps, max_frames) if fps else uniform_indices(total, num_frames)
-        frames = probe.get_batch(idx.tolist()).asnumpy()
-    except VideoError:
-        raise
-    except Exception as e:  # decord raises DECORDError, RuntimeError, IndexError... on bad input
+        reader = decord.VideoReader(io.BytesIO(data), num_threads=1, **size)
+        total, video_fps = len(reader), float(reader.get_avg_fps())
+    except Exception as e:  # decord raises DECORDError, RuntimeError... on bad input
+        if info["frames"] == 0:
+            raise VideoError("no video frames: the video stream is empty") from e
         raise VideoError(f"cannot decode video: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+    if total < 1:
+        raise VideoError("no video frames: the video stream is empty")
+    idx = fps_indices(total, video_fps, fps, max_frames) if fps else uniform_indices(total, num_frames)
+    try:
+        frames = reader.get_batch(idx.tolist()).asnumpy()
+    except Exception as e:  # truncated streams fail here, past the header
+        raise VideoError(f"cannot decode frames: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     meta = {"total_frames": total, "video_fps": video_fps, "height": height, "width": width,
-            "indices": idx.tolist()}
+            "codec": info["codec"], "indices": idx.tolist()}
     return frames, meta

@@ -46,12 +46,17 @@ def preflight(cfg: JobConfig) -> None:
                           f"{type(e).__name__}: {e}") from None
 
 
+def _parquet_files(fs, out: str) -> list[str]:
+    fs.invalidate_cache(out)  # workers wrote there; this process's listing cache knows nothing of it
+    return sorted(p for p in fs.find(out) if p.endswith(".parquet"))
+
+
 def written_ids(cfg: JobConfig, log=print) -> np.ndarray:
     """video_ids already in this job's output. Unreadable (partly written) files are removed: their
     rows were never committed, so this run redoes them."""
     fs, out = output_dir(cfg)
     ids = []
-    for path in sorted(p for p in fs.find(out) if p.endswith(".parquet")):
+    for path in _parquet_files(fs, out):
         try:
             with fs.open(path, "rb") as f:
                 ids.append(pq.read_table(f, columns=["video_id"]).column("video_id").to_numpy(zero_copy_only=False))
@@ -147,13 +152,15 @@ def run(cfg: JobConfig, log=None, quality=None) -> dict:
     preflight(cfg)
     start_ray(cfg)
     fs, out = output_dir(cfg)
-    before = set(p for p in fs.find(out) if p.endswith(".parquet"))
+    before = set(_parquet_files(fs, out))
     admission = _admission_actor().remote(written_ids(cfg, log))
     t0 = time.perf_counter()
     build(cfg, admission).write_parquet(out, filesystem=sources.arrow_filesystem(fs),
+                                        min_rows_per_file=cfg.output.rows_per_file,
+                                        max_rows_per_file=cfg.output.rows_per_file,
                                         ray_remote_args={"num_cpus": 0.1})
     wall = time.perf_counter() - t0
-    new = sorted(p for p in fs.find(out) if p.endswith(".parquet") and p not in before)
+    new = [p for p in _parquet_files(fs, out) if p not in before]
     import ray
 
     table = _read(fs, new)

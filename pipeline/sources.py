@@ -51,18 +51,23 @@ def _normalised(rows: list[dict]) -> pa.Table:
         ("video", pa.binary()), ("truth", pa.string()), ("error", pa.string())]))
 
 
+def _present(value) -> bool:
+    """Whether a webdataset member is there (absent members of a block read back as None or NaN)."""
+    return isinstance(value, (bytes, bytearray, str, dict, list))
+
+
 def _from_webdataset(batch: pa.Table, fs, extensions: list[str]) -> pa.Table:
     """A tar sample -> one row; a sample without a video member becomes an error row."""
     out = []
     for r in _rows(batch):
         shard = fs.unstrip_protocol(r["__url__"])
-        ext = next((e for e in extensions if r.get(e) is not None), None)
-        truth = r.get("json")
+        ext = next((e for e in extensions if _present(r.get(e))), None)
+        truth = r.get("json") if _present(r.get("json")) else None
         if isinstance(truth, bytes):
             truth = truth.decode("utf-8", "replace")
         elif truth is not None:
             truth = json.dumps(truth, sort_keys=True)
-        members = sorted(k for k, v in r.items() if not k.startswith("__") and k != "path" and v is not None)
+        members = sorted(k for k, v in r.items() if not k.startswith("__") and k != "path" and _present(v))
         member = ext or (members[0] if members else "")
         out.append({
             "video_id": r["__key__"], "source_uri": f"{shard}#{r['__key__']}.{member}",
@@ -106,7 +111,8 @@ def read(cfg: SourceConfig, max_bytes: int):
         shards = sorted(p for p in fs.find(root) if p.endswith(".tar"))
         if not shards:
             raise FileNotFoundError(f"source.uri {cfg.uri!r} holds no .tar shards")
-        ds = ray.data.read_webdataset(shards, decoder=False, **args).map_batches(
+        # A block per shard at least: shards stream independently, and output commits as they finish.
+        ds = ray.data.read_webdataset(shards, decoder=False, override_num_blocks=len(shards), **args).map_batches(
             _from_webdataset, fn_kwargs={"fs": fs, "extensions": cfg.video_extensions}, batch_format="pyarrow",
             num_cpus=cfg.num_cpus)
     elif fmt == "files":

@@ -1,0 +1,313 @@
+"""The Ray Data job end to end: a real S3 endpoint (moto server), real Ray workers, the toy models.
+
+One job runs over a bucket that mixes good toy shards with every kind of bad input; the tests
+below each check one promise against the Parquet it wrote.
+"""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from toyworld.scene import encode_mp4, make_clip, render, sample_scene
+from toyworld.score import parse_caption
+from toyworld.shards import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = 8  # toy videos in the two good shards
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 protocol endpoint on 127.0.0.1 (moto server), with buckets `videos` and `captions`."""
+    import s3fs
+
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    fs = s3fs.S3FileSystem(**options)
+    for _ in range(100):
+        try:
+            fs.ls("")
+            break
+        except Exception:
+            time.sleep(0.1)
+    for bucket in ("videos", "captions"):
+        fs.mkdir(bucket)
+    yield options
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def base_overrides(options: dict, source: str, output: str, job_id: str) -> list[str]:
+    opts = [f"{side}.storage_options.{k}={v}" for side in ("source", "output") for k, v in options.items()]
+    return [f"job_id={job_id}", f"source.uri={source}", f"output.uri={output}", *opts,
+            "caption.batch_size=4", "decode.batch_size=4", "generation.max_new_tokens=40", "decode.max_side=256"]
+
+
+def read_output(options: dict, uri: str) -> list[dict]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True, use_listings_cache=False)
+    rows = []
+    for path in sorted(p for p in fs.find(uri.removeprefix("s3://")) if p.endswith(".parquet")):
+        with fs.open(path, "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def no_frames_mp4() -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        c.start_encoding()
+    return buf.getvalue()
+
+
+def huge_mp4(width=3840, height=2160, frames=4) -> bytes:
+    video = np.full((frames, height, width, 3), 30, np.uint8)
+    for t in range(frames):
+        video[t, height // 3: height // 2, width // 4 + 40 * t: width // 2 + 40 * t] = (220, 40, 40)
+    return encode_mp4(video)
+
+
+BAD = {
+    "bad_truncated": lambda good: good[: len(good) // 2],
+    "bad_zero": lambda good: b"",
+    "bad_random": lambda good: np.random.default_rng(0).bytes(6000),
+    "bad_av1": lambda good: encode_mp4(render(sample_scene(np.random.default_rng(1)), 8), codec="libsvtav1"),
+    "bad_noframes": lambda good: no_frames_mp4(),
+}
+
+
+@pytest.fixture(scope="module")
+def e2e(s3, ray_cluster):
+    """Two good shards, a shard of bad inputs, a shard repeating a good video_id; one job over all."""
+    import s3fs
+
+    from pipeline.job import run
+
+    fs = s3fs.S3FileSystem(**s3)
+    write_shards("s3://videos/e2e", videos=GOOD, seed=7, shard_size=4, storage_options=s3)
+    _, good = make_clip(123)
+    members = [(f"{name}.mp4", make(good)) for name, make in BAD.items()]
+    members += [("notes.txt", b"not a video"), ("big_4k.mp4", huge_mp4())]
+    fs.pipe("videos/e2e/shard-000002.tar", _tar(members))
+    fs.pipe("videos/e2e/shard-000003.tar", _tar([("toy7_000001.mp4", good)]))  # same id, other shard
+    cfg = load_config(ROOT / "jobs/configs/s3.yaml", base_overrides(s3, "s3://videos/e2e", "s3://captions/e2e", "e2e"))
+    summary = run(cfg)
+    rows = read_output(s3, "s3://captions/e2e/e2e")
+    return summary, rows, {r["video_id"]: r for r in rows}
+
+
+def test_every_good_video_is_captioned_once_and_matches_the_ground_truth(e2e):
+    _, rows, by_id = e2e
+    ids = [r["video_id"] for r in rows]
+    assert len(ids) == len(set(ids))
+    good = [by_id[f"toy7_{i:06d}"] for i in range(GOOD)]
+    assert all(r["error"] is None and r["caption"] for r in good)
+    correct = 0
+    for r in good:
+        truth = json.loads(r["truth"])["scene"]
+        parsed = parse_caption(r["caption"])
+        correct += all(parsed[a] == truth[a] for a in parsed)
+    assert correct >= GOOD - 1  # the toy target reads ~99.5% of attributes right
+
+
+def test_rows_carry_the_documented_columns_and_consistent_counters(e2e):
+    _, rows, _ = e2e
+    required = {"video_id", "source_uri", "shard", "caption", "num_tokens", "mode", "target_model", "draft_model",
+                "num_cycles", "target_forwards", "draft_forwards", "mean_accepted_length", "accepted_exact",
+                "accepted_loose", "accepted_shift", "rejected_anchor", "num_frames", "decode_ms", "generate_ms",
+                "error", "config_hash", "job_id"}
+    for r in rows:
+        assert required <= r.keys() and r["job_id"] == "e2e" and r["mode"] == "lvspec"
+        if r["error"] is None:
+            assert r["num_frames"] == 8 and r["target_forwards"] == r["num_cycles"] + 1
+            parts = r["accepted_exact"] + r["accepted_loose"] + r["accepted_shift"] + r["corrections"] + r["bonus"]
+            assert parts == r["num_tokens"] > 0
+            assert r["shard"].startswith("s3://videos/e2e/shard-") and r["source_uri"].startswith(r["shard"] + "#")
+
+
+@pytest.mark.parametrize("video_id, message", [
+    ("bad_truncated", "not a readable video"),
+    ("bad_zero", "empty file"),
+    ("bad_random", "not a readable video"),
+    ("bad_av1", "unsupported codec"),
+    ("bad_noframes", "no video frames"),
+    ("notes", "no video member"),
+])
+def test_bad_input_becomes_a_row_with_its_error(e2e, video_id, message):
+    _, _, by_id = e2e
+    assert message in by_id[video_id]["error"] and by_id[video_id]["caption"] is None
+
+
+def test_a_4k_clip_is_decoded_scaled_down_and_captioned(e2e):
+    _, _, by_id = e2e
+    row = by_id["big_4k"]
+    assert row["error"] is None and row["caption"] and (row["width"], row["height"]) == (3840, 2160)
+
+
+def test_a_video_id_in_two_shards_is_captioned_once(e2e):
+    summary, rows, _ = e2e
+    assert [r["video_id"] for r in rows].count("toy7_000001") == 1
+    assert [d["video_id"] for d in summary["duplicates_skipped"]] == ["toy7_000001"]
+
+
+def test_the_summary_accounts_for_every_row(e2e):
+    summary, rows, _ = e2e
+    assert summary["videos"] == len(rows) == GOOD + len(BAD) + 2
+    assert summary["ok"] == GOOD + 1 and summary["failed"] == len(BAD) + 1
+    assert summary["caption"]["tokens"] == sum(r["num_tokens"] or 0 for r in rows)
+    assert summary["caption"]["mean_accepted_length"] > 1.5
+
+
+def test_manifest_and_plain_files_sources_with_a_missing_object(s3, ray_cluster):
+    import s3fs
+
+    from pipeline.job import run
+
+    fs = s3fs.S3FileSystem(**s3)
+    for i in range(3):
+        fs.pipe(f"videos/files/cam{i}/clip.mp4", make_clip(500 + i)[1])
+    manifest = [{"video_id": f"m{i}", "uri": f"s3://videos/files/cam{i}/clip.mp4"} for i in range(3)]
+    manifest.append({"video_id": "m_missing", "uri": "s3://videos/files/nowhere.mp4"})
+    fs.pipe("videos/manifest.jsonl", "\n".join(json.dumps(m) for m in manifest).encode())
+    for source, job in (("s3://videos/manifest.jsonl", "manifest"), ("s3://videos/files", "files")):
+        cfg = load_config(ROOT / "jobs/configs/s3.yaml", base_overrides(s3, source, "s3://captions/more", job))
+        run(cfg)
+    by_id = {r["video_id"]: r for r in read_output(s3, "s3://captions/more/manifest")}
+    assert sorted(by_id) == ["m0", "m1", "m2", "m_missing"]
+    assert "object not found" in by_id["m_missing"]["error"]
+    assert all(by_id[f"m{i}"]["caption"] for i in range(3))
+    files = {r["video_id"]: r for r in read_output(s3, "s3://captions/more/files")}
+    assert sorted(files) == ["cam0/clip", "cam1/clip", "cam2/clip"] and all(r["caption"] for r in files.values())
+
+
+def test_a_killed_job_resumes_without_duplicates_or_losses(s3):
+    import s3fs
+
+    videos = 24
+    write_shards("s3://videos/resume", videos=videos, seed=11, shard_size=2, storage_options=s3)
+    args = [sys.executable, "-m", "jobs.caption", "--config", str(ROOT / "jobs/configs/s3.yaml"),
+            *base_overrides(s3, "s3://videos/resume", "s3://captions/resume", "resume"), "caption.batch_size=2",
+            "output.rows_per_file=2"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True, use_listings_cache=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and job.poll() is None:
+        if any(p.endswith(".parquet") for p in fs.find("captions/resume/resume")):
+            break  # the first committed file: kill now, mid-run
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+    job.wait()
+    first = read_output(s3, "s3://captions/resume/resume")
+    assert 0 < len(first) < videos, "the kill must land mid-run"
+
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = read_output(s3, "s3://captions/resume/resume")
+    ids = sorted(r["video_id"] for r in rows)
+    assert ids == sorted(f"toy11_{i:06d}" for i in range(videos))  # nothing lost, nothing twice
+    assert f"{len(first)} videos already in the output were skipped" in again.stdout
+
+
+def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
+    from pipeline.job import written_ids
+
+    out = tmp_path / "out" / "job"
+    out.mkdir(parents=True)
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"video_id": ["a", "b"]}), out / "part-0.parquet")
+    (out / "part-1.parquet").write_bytes(b"PAR1 truncated by a crash")
+    cfg = load_config(None, ["job_id=job", f"source.uri={tmp_path}", "model.target=x", "model.draft=y",
+                             f"output.uri={tmp_path / 'out'}"])
+    assert sorted(written_ids(cfg, log=lambda _: None)) == ["a", "b"]
+    assert not (out / "part-1.parquet").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("generation.kk=3", "generation.kk"),
+    ("decode.num_frames=eight", "decode.num_frames"),
+    ("generation.theta=1.5", "generation.theta"),
+    ("caption.replicas=0", "caption.replicas"),
+])
+def test_a_bad_config_fails_before_ray_starts_naming_the_key(override, key):
+    out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml", override],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and key in out.stderr
+    assert "Ray" not in out.stderr and "ray" not in out.stdout
+
+
+def test_an_unwritable_output_location_fails_before_ray_starts(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml",
+                          f"output.uri={tmp_path / 'a_file' / 'captions'}", f"source.uri={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "output.uri" in out.stderr and "Ray" not in out.stderr
+
+
+def test_decoding_a_4k_clip_keeps_memory_bounded(tmp_path):
+    (tmp_path / "big.mp4").write_bytes(huge_mp4(frames=8))
+    # VmHWM (peak resident memory) belongs to the process image, so it starts fresh in the child;
+    # ru_maxrss would carry over the (large) pytest parent's peak.
+    probe = ("import sys; from pipeline.frames import read_frames; data = open(sys.argv[1], 'rb').read(); "
+             "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]); "
+             "base = hwm(); f, _ = read_frames(data, 8, max_side=int(sys.argv[2]) or None); "
+             "print(f.shape[1], f.shape[2], hwm() - base)")
+    bounded, full = [subprocess.run([sys.executable, "-c", probe, str(tmp_path / "big.mp4"), side], cwd=ROOT,
+                                    capture_output=True, text=True, check=True).stdout.split() for side in ("256", "0")]
+    assert (int(bounded[0]), int(bounded[1])) == (144, 256) and (int(full[0]), int(full[1])) == (2160, 3840)
+    grown_kb, full_kb = int(bounded[2]), int(full[2])
+    assert grown_kb < 120_000 and grown_kb < full_kb - 150_000  # 8 full 4K frames alone are 199 MB
+
+
+def test_config_files_shipped_with_the_project_are_valid():
+    for name in ("local.yaml", "s3.yaml"):
+        load_config(ROOT / "jobs/configs" / name)
+    with pytest.raises(ConfigError, match="job_id"):  # cluster.yaml asks for a job_id on the command line
+        load_config(ROOT / "jobs/configs/cluster.yaml")
+    load_config(ROOT / "jobs/configs/cluster.yaml", ["job_id=nightly"])
