@@ -19,17 +19,24 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/uv pip install --python $(PY) -e '.[test]' --config-settings editable_mode=compat
 	@touch $@
 
+TOY_DATA := data/bucket/toy
+
 run: $(STAMP)
-	$(PY) -m toyworld.demo --videos 8
+	@test -d $(TOY_DATA) || $(PY) -m toyworld.shards --uri $(TOY_DATA) --videos 32 --seed 7 --shard-size 8
+	$(PY) -m jobs.caption --config jobs/configs/local.yaml job_id=toy-local-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -x -q
 
 bench: $(STAMP)
-	$(PY) -m toyworld.bench --all --json bench/toyworld.json --markdown BENCHMARKS.md
+	$(PY) -m toyworld.evaluate --all --videos 200 --seed 1234 --filler-entropy default 0 --json bench/toyworld_eval.json --markdown BENCHMARKS.md
+	$(PY) -m toyworld.bench --all --videos 200 --seed 1234 --json bench/toyworld.json --markdown BENCHMARKS.md
+	$(PY) -m toyworld.bench_pipeline --videos 64 --json bench/pipeline.json --markdown BENCHMARKS.md
 
 toymodels: $(STAMP)
 	$(PY) -m toyworld.train --all
+	$(PY) -m toyworld.calibrate --family qwen2_5_vl
+	$(PY) -m toyworld.calibrate --family llava_onevision
 
 clean:
 	rm -rf $(VENV) .pytest_cache

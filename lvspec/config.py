@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 MODES = ("ar", "sd", "lvspec")
+SETTINGS_FILE = "lvspec.json"  # LVSpec settings a target checkpoint may ship (theta, relevance_layers)
+
+
+def shipped_settings(model_dir: str | Path) -> dict:
+    """The `lvspec.json` beside a local checkpoint, or {} if it ships none."""
+    path = Path(model_dir) / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,11 @@ own without failing its batch.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import pyarrow as pa
 
+from lvspec.config import SpecConfig, shipped_settings
 from pipeline.config import GenerationConfig, spec_config
 from pipeline.decode import DECODED
 
@@ -24,14 +23,11 @@ CAPTIONED = pa.schema(
     + [(name, pa.int32()) for name in STATS]
     + [("generate_ms", pa.float64()), ("batch_rows", pa.int32()), ("config_hash", pa.string()), ("job_id", pa.string())]
 )
-SETTINGS_FILE = "lvspec.json"  # optional LVSpec settings shipped beside a target checkpoint
-
 
 def lvspec_settings(target_dir: str, gen: GenerationConfig):
     """theta and relevance layers: the config's, else the checkpoint's lvspec.json, else defaults."""
-    shipped = Path(target_dir) / SETTINGS_FILE
-    found = json.loads(shipped.read_text()) if shipped.exists() else {}
-    theta = gen.theta if gen.theta is not None else found.get("theta", 0.2)
+    found = shipped_settings(target_dir)
+    theta = gen.theta if gen.theta is not None else found.get("theta", SpecConfig.theta)
     layers = gen.relevance_layers if gen.relevance_layers is not None else found.get("relevance_layers")
     return spec_config(gen, theta=theta, relevance_layers=layers)
 

@@ -149,7 +149,7 @@ def check(job: JobConfig) -> None:
     if job.generation.mode != "ar" and not job.model.draft:
         raise ConfigError(f"config key 'model.draft' is required for generation.mode={job.generation.mode}")
     try:
-        spec_config(job.generation, theta=job.generation.theta if job.generation.theta is not None else 0.2)
+        spec_config(job.generation, theta=job.generation.theta if job.generation.theta is not None else SpecConfig.theta)
     except ValueError as e:
         raise ConfigError(f"config key 'generation.{str(e).split()[0]}': {e}") from None
     for key in ("replicas", "batch_size"):

@@ -26,20 +26,15 @@ from pathlib import Path
 import torch
 
 from lvspec import SpecConfig, generate
+from lvspec.config import shipped_settings
 from toyworld import families, grammar, score
-from toyworld.calibrate import SETTINGS_FILE
 from toyworld.evaluate import engine_rows, load_pair, render_videos
 
 
-def lvspec_settings(family: str) -> dict:
-    path = families.model_dir(family, "target") / SETTINGS_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def mode_configs(family: str, k: int, max_new_tokens: int) -> dict[str, SpecConfig]:
-    cal = lvspec_settings(family)
-    lv = SpecConfig(mode="lvspec", k=k, max_new_tokens=max_new_tokens, theta=cal.get("theta", 0.2),
-                    relevance_layers=cal.get("relevance_layers"))
+    cal = shipped_settings(families.model_dir(family, "target"))
+    lv = SpecConfig(mode="lvspec", k=k, max_new_tokens=max_new_tokens,
+                    **{key: cal[key] for key in ("theta", "relevance_layers") if key in cal})
     return {
         "ar": SpecConfig(mode="ar", max_new_tokens=max_new_tokens),
         "sd": SpecConfig(mode="sd", k=k, max_new_tokens=max_new_tokens),
@@ -210,14 +205,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown_section(path: Path, body: str, tag: str = "toyworld-bench") -> None:
+def write_markdown_section(path: Path, body: str, tag: str = "toyworld-bench",
+                           title: str = "Toy world: ar / sd / lvspec") -> None:
+    """Replace the generated block `tag` of a markdown file (append it under `title` the first time)."""
     start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{start}\n{body}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
-        text = text.rstrip() + f"\n\n## Toy world: ar / sd / lvspec\n\n{block}\n"
+        text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
     path.write_text(text)
 
 

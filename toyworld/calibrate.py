@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from lvspec import SpecConfig, generate
+from lvspec.config import SETTINGS_FILE
 from toyworld import families, grammar
 from toyworld.evaluate import engine_rows, load_pair, render_videos
 
 CALIBRATION_SEED = 4242
-SETTINGS_FILE = "lvspec.json"
 
 
 def collect(family: str, videos: int, seed: int, k: int = 10):

@@ -121,25 +121,53 @@ def evaluate(family: str, videos: int, seed: int, filler_entropy: float | None =
     return result
 
 
+def markdown(results: list[dict], command: str) -> str:
+    from toyworld.bench import machine
+
+    lines = [f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Date: {time.strftime('%Y-%m-%d')}", "",
+             "| family | filler entropy | videos (seed) | target attr_acc | draft attr_acc | "
+             "teacher-forced anchor agreement | teacher-forced filler agreement |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        tf = r["teacher_forced"]
+        lines.append(f"| {r['family']} | {r['filler_entropy']:.2f} | {r['videos']} ({r['seed']}) | "
+                     f"{r['target']['attr_acc']:.4f} | {r['draft']['attr_acc']:.4f} | {tf['anchor_agreement']:.3f} | "
+                     f"{tf['filler_agreement']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=families.FAMILIES, required=True)
+    ap.add_argument("--family", choices=families.FAMILIES, action="append")
+    ap.add_argument("--all", action="store_true", help="both families")
     ap.add_argument("--videos", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--filler-entropy", type=float, default=None,
-                    help="name this filler entropy in the prompt (default: the prompt names none)")
+    ap.add_argument("--filler-entropy", nargs="*", default=["default"],
+                    help="filler entropies to name in the prompt; 'default' names none")
     ap.add_argument("--models-dir", default=str(families.MODELS_DIR))
-    ap.add_argument("--json", help="write the result here")
+    ap.add_argument("--json", help="write the result here (one object, or a list for several runs)")
+    ap.add_argument("--markdown", help="update the toy-world evaluation section of this file (BENCHMARKS.md)")
     args = ap.parse_args(argv)
-    result = evaluate(args.family, args.videos, args.seed, args.filler_entropy, args.models_dir)
-    text = json.dumps(result, indent=1)
+    if not (args.all or args.family):
+        ap.error("name --family or --all")
+    results = []
+    for family in families.FAMILIES if args.all else args.family:
+        for level in args.filler_entropy:
+            h = None if level == "default" else float(level)
+            r = evaluate(family, args.videos, args.seed, h, args.models_dir)
+            results.append(r)
+            t, d, tf = r["target"], r["draft"], r["teacher_forced"]
+            print(f"{family} h={r['filler_entropy']}: target attr_acc {t['attr_acc']:.3f}, draft attr_acc "
+                  f"{d['attr_acc']:.3f}; teacher-forced agreement anchor {tf['anchor_agreement']:.3f} filler "
+                  f"{tf['filler_agreement']:.3f} ({r['videos']} videos, {r['seconds']}s)", file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
-    t, d, tf = result["target"], result["draft"], result["teacher_forced"]
-    print(f"{args.family} h={result['filler_entropy']}: target attr_acc {t['attr_acc']:.3f}, draft attr_acc "
-          f"{d['attr_acc']:.3f}; teacher-forced agreement anchor {tf['anchor_agreement']:.3f} filler "
-          f"{tf['filler_agreement']:.3f} ({result['videos']} videos, {result['seconds']}s)", file=sys.stderr)
+        Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+    if args.markdown:
+        from toyworld.bench import write_markdown_section
+
+        command = "python -m toyworld.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_markdown_section(Path(args.markdown), markdown(results, command), tag="toyworld-eval",
+                               title="Toy world models: accuracy and draft/target agreement")
 
 
 if __name__ == "__main__":
