@@ -41,6 +41,16 @@ def left_pad_rows(rows: list[dict], key: str, value: int = 0) -> torch.Tensor:
     return _left_pad([r[key].reshape(-1) for r in rows], value)
 
 
+def video_prompt_ids(model, rows: list[dict], family: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input_ids and attention_mask [B, P] on the model's device; every row must hold a video."""
+    cfg = model.config
+    for i, row in enumerate(rows):
+        if "pixel_values_videos" not in row or not bool((row["input_ids"] == cfg.video_token_id).any()):
+            raise ValueError(f"row {i} has no video: {family} rows need pixel_values_videos and video tokens")
+    ids = left_pad_rows(rows, "input_ids", cfg.get_text_config().pad_token_id or 0).to(model.device)
+    return ids, left_pad_rows(rows, "attention_mask", 0).to(model.device)
+
+
 def adapter_for(model) -> Adapter:
     """The adapter of a model's family, by its config's model_type."""
     from lvspec import llava_onevision, qwen2_5_vl

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lvspec.adapter import Prompt, left_pad_rows
+from lvspec.adapter import Prompt, video_prompt_ids
 
 
 class LlavaOnevisionAdapter:
@@ -17,11 +17,7 @@ class LlavaOnevisionAdapter:
     def prompt(self, model, rows: list[dict]) -> Prompt:
         cfg = model.config
         device = model.device
-        for i, row in enumerate(rows):
-            if "pixel_values_videos" not in row or not bool((row["input_ids"] == cfg.video_token_id).any()):
-                raise ValueError(f"row {i} has no video: LLaVA-OneVision rows need pixel_values_videos and video tokens")
-        ids = left_pad_rows(rows, "input_ids", cfg.text_config.pad_token_id or 0).to(device)
-        mask = left_pad_rows(rows, "attention_mask", 0).to(device)
+        ids, mask = video_prompt_ids(model, rows, "LLaVA-OneVision")
         embeds = model.get_input_embeddings()(ids)
         video_mask = ids == cfg.video_token_id
         # Videos of one frame count share one vision call; rows may differ in frame count.

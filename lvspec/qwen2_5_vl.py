@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lvspec.adapter import Prompt, left_pad_rows
+from lvspec.adapter import Prompt, left_pad_rows, video_prompt_ids
 
 
 class Qwen25VLAdapter:
@@ -13,11 +13,7 @@ class Qwen25VLAdapter:
     def prompt(self, model, rows: list[dict]) -> Prompt:
         cfg = model.config
         device = model.device
-        for i, row in enumerate(rows):
-            if "pixel_values_videos" not in row or not bool((row["input_ids"] == cfg.video_token_id).any()):
-                raise ValueError(f"row {i} has no video: Qwen2.5-VL rows need pixel_values_videos and video tokens")
-        ids = left_pad_rows(rows, "input_ids", cfg.text_config.pad_token_id or 0).to(device)
-        mask = left_pad_rows(rows, "attention_mask", 0).to(device)
+        ids, mask = video_prompt_ids(model, rows, "Qwen2.5-VL")
         mm_types = left_pad_rows(rows, "mm_token_type_ids", 0).to(device)
         grid = torch.cat([r["video_grid_thw"] for r in rows]).to(device)
         pixels = torch.cat([r["pixel_values_videos"] for r in rows]).to(device, model.dtype)
