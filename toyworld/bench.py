@@ -172,9 +172,10 @@ def bench_family(family: str, videos: int, seed: int, k: int, batch_size: int, m
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}", ""]
+    lines = []
     for fam, r in report["families"].items():
-        lines += [f"#### {fam} ({r['videos']} videos, seed {r['seed']}, K={r['k']}, batch {r['batch_size']}, "
+        lines += [f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ", f"Date: {r['date']}", "",
+                  f"#### {fam} ({r['videos']} videos, seed {r['seed']}, K={r['k']}, batch {r['batch_size']}, "
                   f"lvspec theta={r['lvspec_config']['theta']} layers={r['lvspec_config']['relevance_layers']})", "",
                   "| mode | tau | target fwd/token | tokens/s | attr_acc | retention | exact/loose/shift share | anchor P / R |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -218,6 +219,20 @@ def write_markdown_section(path: Path, body: str, tag: str = "toyworld-bench",
     path.write_text(text)
 
 
+def merge_previous(path: Path, results: list[dict]) -> list[dict]:
+    """`results` plus the families of an earlier run's JSON at `path` that `results` lacks.
+
+    Either file shape works: the benchmark's `{"families": {name: result}}` or the evaluation's
+    list of results (one per family and filler entropy). One family per command is allowed.
+    """
+    earlier = json.loads(path.read_text()) if path.exists() else []
+    if isinstance(earlier, dict):
+        earlier = list(earlier["families"].values()) if "families" in earlier else [earlier]
+    fresh = {r["family"] for r in results}
+    kept = [r for r in earlier if r.get("family") in families.FAMILIES and r["family"] not in fresh]
+    return sorted(kept + results, key=lambda r: families.FAMILIES.index(r["family"]))
+
+
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__} " \
            f"({torch.get_num_threads()} threads), CPU"
@@ -237,12 +252,14 @@ def main(argv=None):
     ap.add_argument("--markdown", help="update the benchmark section of this file (BENCHMARKS.md)")
     args = ap.parse_args(argv)
     fams = families.FAMILIES if args.all or not args.family else args.family
-    report = {"command": "python -m toyworld.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "date": datetime.date.today().isoformat(), "families": {}}
+    run = {"command": "python -m toyworld.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": machine(), "date": datetime.date.today().isoformat()}
+    results = []
     for family in fams:
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-        report["families"][family] = bench_family(family, args.videos, args.seed, args.k, args.batch_size,
-                                                  args.max_new_tokens, args.peer_videos, log)
+        results.append({**bench_family(family, args.videos, args.seed, args.k, args.batch_size,
+                                       args.max_new_tokens, args.peer_videos, log), **run})
+    report = {"families": {r["family"]: r for r in merge_previous(Path(args.json), results)}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
     if args.markdown:

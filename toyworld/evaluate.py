@@ -121,17 +121,17 @@ def evaluate(family: str, videos: int, seed: int, filler_entropy: float | None =
     return result
 
 
-def markdown(results: list[dict], command: str) -> str:
-    from toyworld.bench import machine
-
-    lines = [f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Date: {time.strftime('%Y-%m-%d')}", "",
-             "| family | filler entropy | videos (seed) | target attr_acc | draft attr_acc | "
+def markdown(results: list[dict]) -> str:
+    lines = ["| family | filler entropy | videos (seed) | target attr_acc | draft attr_acc | "
              "teacher-forced anchor agreement | teacher-forced filler agreement |", "|---|---|---|---|---|---|---|"]
     for r in results:
         tf = r["teacher_forced"]
         lines.append(f"| {r['family']} | {r['filler_entropy']:.2f} | {r['videos']} ({r['seed']}) | "
                      f"{r['target']['attr_acc']:.4f} | {r['draft']['attr_acc']:.4f} | {tf['anchor_agreement']:.3f} | "
                      f"{tf['filler_agreement']:.3f} |")
+    lines.append("")
+    for run in dict.fromkeys((r["command"], r["machine"], r["date"]) for r in results):
+        lines.append("Command: `{}` on {}, {}  ".format(*run))
     return "\n".join(lines)
 
 
@@ -149,24 +149,28 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not (args.all or args.family):
         ap.error("name --family or --all")
+    from toyworld.bench import machine, merge_previous
+
+    run = {"command": "python -m toyworld.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     results = []
     for family in families.FAMILIES if args.all else args.family:
         for level in args.filler_entropy:
             h = None if level == "default" else float(level)
-            r = evaluate(family, args.videos, args.seed, h, args.models_dir)
+            r = {**evaluate(family, args.videos, args.seed, h, args.models_dir), **run}
             results.append(r)
             t, d, tf = r["target"], r["draft"], r["teacher_forced"]
             print(f"{family} h={r['filler_entropy']}: target attr_acc {t['attr_acc']:.3f}, draft attr_acc "
                   f"{d['attr_acc']:.3f}; teacher-forced agreement anchor {tf['anchor_agreement']:.3f} filler "
                   f"{tf['filler_agreement']:.3f} ({r['videos']} videos, {r['seconds']}s)", file=sys.stderr)
     if args.json:
+        results = merge_previous(Path(args.json), results)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
     if args.markdown:
         from toyworld.bench import write_markdown_section
 
-        command = "python -m toyworld.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_markdown_section(Path(args.markdown), markdown(results, command), tag="toyworld-eval",
+        write_markdown_section(Path(args.markdown), markdown(results), tag="toyworld-eval",
                                title="Toy world models: accuracy and draft/target agreement")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import multiprocessing as mp
@@ -226,6 +227,7 @@ def train_one(family: str, role: str, processor, pool, val, args, device) -> dic
            "params": sum(p.numel() for p in model.parameters()), "spec": asdict(spec),
            "batch_size": args.batch_size, "seed": args.seed, "device": str(device), "evals": [],
            "resumed_from": earlier}
+    out_dir = Path(args.out) / f"{family}-{role}"
     start, step, stop_reason, bad_steps = time.time(), 0, "max_steps", 0
     best = (-1.0, None)  # the checkpoint saved is the best one validated
     for step, batch in enumerate(loader, start=1):
@@ -249,6 +251,7 @@ def train_one(family: str, role: str, processor, pool, val, args, device) -> dic
             log["evals"].append(entry)
             if acc["anchor_acc"] > best[0]:
                 best = (acc["anchor_acc"], {k: v.detach().clone() for k, v in model.state_dict().items()})
+                save(copy.deepcopy(model), processor, log, out_dir, partial=True)  # survives an interrupted run
             print(f"[{family}/{role}] step {step} loss {entry['loss']:.3f} anchor {acc['anchor_acc']:.3f} "
                   f"filler {acc['filler_acc']:.3f} ({entry['seconds']:.0f}s)", flush=True)
             if acc["anchor_acc"] >= spec.stop_anchor_acc:
@@ -263,12 +266,16 @@ def train_one(family: str, role: str, processor, pool, val, args, device) -> dic
                saved_anchor_acc=best[0])
     if best[1] is not None:
         model.load_state_dict(best[1])
-    out_dir = Path(args.out) / f"{family}-{role}"
-    model.to(torch.bfloat16).save_pretrained(out_dir)  # bf16 on disk, like real checkpoints
-    processor.save_pretrained(out_dir)
-    (out_dir / "train_log.json").write_text(json.dumps(log, indent=1))
+    save(model, processor, log, out_dir)
     print(f"[{family}/{role}] saved {out_dir} after {step} steps ({stop_reason})", flush=True)
     return log
+
+
+def save(model, processor, log: dict, out_dir: Path, partial: bool = False) -> None:
+    """Write `model` (in bf16, like real checkpoints), its processor and the training log."""
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / "train_log.json").write_text(json.dumps({**log, "partial": partial}, indent=1))
 
 
 def main(argv=None):
