@@ -9,8 +9,9 @@ that falls on the video span.
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 ATTENTION = "lvspec_sdpa"
 
@@ -46,6 +47,9 @@ def relevance_sdpa(module, query, key, value, attention_mask, *args, relevance_p
 
 
 AttentionInterface.register(ATTENTION, relevance_sdpa)
+# The same masks as sdpa: a model left routed through `relevance_sdpa` keeps generating exactly as
+# with sdpa (HF's own `generate`, assisted generation included, builds its masks by this name).
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def install(text_model: torch.nn.Module) -> None:

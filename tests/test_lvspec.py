@@ -173,3 +173,18 @@ def test_mismatched_pairs_and_inputs_fail_clearly():
         generate(q_target, q_draft, [q_text_only], SpecConfig(mode="ar"))
     with pytest.raises(ValueError, match="relevance_layers"):
         generate(target, draft, rows, SpecConfig(relevance_layers=(99,)))
+
+
+def test_models_used_by_lvspec_still_generate_like_hf_afterwards(pair):
+    """The relevance attention stays installed on the target; HF's own (assisted) generate must not notice."""
+    family, processor, target, draft = pair
+    rows = make_rows(processor, [8, 6])
+    before = hf_greedy(processor, target, rows)
+    generate(target, draft, rows, SpecConfig(mode="lvspec", k=4, max_new_tokens=48), tokenizer=processor.tokenizer)
+    assert hf_greedy(processor, target, rows) == before
+    if target.config.get_text_config().vocab_size == draft.config.get_text_config().vocab_size:
+        tok = processor.tokenizer
+        for row, want in zip(rows, before):
+            ids = target.generate(**row, assistant_model=draft, max_new_tokens=48, do_sample=False,
+                                  eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
+            assert ids[0, row["input_ids"].shape[1]:].tolist() == want
