@@ -233,6 +233,12 @@ def merge_previous(path: Path, results: list[dict]) -> list[dict]:
     return sorted(kept + results, key=lambda r: families.FAMILIES.index(r["family"]))
 
 
+def run_info(module: str, argv) -> dict:
+    """Command line, machine and date of this run, for the JSON and the markdown."""
+    return {"command": f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": machine(), "date": datetime.date.today().isoformat()}
+
+
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__} " \
            f"({torch.get_num_threads()} threads), CPU"
@@ -252,8 +258,7 @@ def main(argv=None):
     ap.add_argument("--markdown", help="update the benchmark section of this file (BENCHMARKS.md)")
     args = ap.parse_args(argv)
     fams = families.FAMILIES if args.all or not args.family else args.family
-    run = {"command": "python -m toyworld.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": machine(), "date": datetime.date.today().isoformat()}
+    run = run_info("toyworld.bench", argv)
     results = []
     for family in fams:
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731

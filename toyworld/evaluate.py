@@ -149,10 +149,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not (args.all or args.family):
         ap.error("name --family or --all")
-    from toyworld.bench import machine, merge_previous
+    from toyworld.bench import merge_previous, run_info
 
-    run = {"command": "python -m toyworld.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    run = run_info("toyworld.evaluate", argv)
     results = []
     for family in families.FAMILIES if args.all else args.family:
         for level in args.filler_entropy:
