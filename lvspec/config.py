@@ -7,13 +7,17 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 MODES = ("ar", "sd", "lvspec")
-SETTINGS_FILE = "lvspec.json"  # LVSpec settings a target checkpoint may ship (theta, relevance_layers)
+SETTINGS_FILE = "lvspec.json"  # LVSpec settings a target checkpoint may ship (theta, relevance layers/heads)
+
+
+SHIPPED_KEYS = ("theta", "relevance_layers", "relevance_heads")  # what lvspec.json may set
 
 
 def shipped_settings(model_dir: str | Path) -> dict:
-    """The `lvspec.json` beside a local checkpoint, or {} if it ships none."""
+    """The SpecConfig fields of the `lvspec.json` beside a local checkpoint ({} if it ships none)."""
     path = Path(model_dir) / SETTINGS_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    found = json.loads(path.read_text()) if path.exists() else {}
+    return {key: found[key] for key in SHIPPED_KEYS if found.get(key) is not None}
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class SpecConfig:
     gate: bool = True  # relevance gate on; off = loose acceptance everywhere (ablation)
     loose: bool = True  # loose and shift acceptance on; off = strict verification
     relevance_layers: tuple[int, ...] | None = None  # target layers averaged into relevance; None: all
+    relevance_heads: tuple[tuple[int, int], ...] | None = None  # or exactly these (layer, head) pairs
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] | None = None  # None: the target's generation_config eos ids
 
@@ -47,6 +52,14 @@ class SpecConfig:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.relevance_layers is not None:
             object.__setattr__(self, "relevance_layers", tuple(int(i) for i in self.relevance_layers))
+        if self.relevance_heads is not None:
+            if self.relevance_layers is not None:
+                raise ValueError("relevance_heads and relevance_layers exclude each other: set one")
+            try:
+                pairs = tuple((int(layer), int(head)) for layer, head in self.relevance_heads)
+            except (TypeError, ValueError):
+                raise ValueError(f"relevance_heads must be (layer, head) pairs, got {self.relevance_heads!r}") from None
+            object.__setattr__(self, "relevance_heads", pairs)
 
     @property
     def loosened(self) -> bool:

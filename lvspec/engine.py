@@ -101,12 +101,19 @@ def _stop_ids(target, cfg: SpecConfig) -> torch.Tensor:
     return torch.tensor(sorted(set(ids)), dtype=torch.long, device=target.device)
 
 
-def _check_layers(target, cfg: SpecConfig) -> set[int]:
-    n = text_config(target).num_hidden_layers
+def _relevance_heads(target, cfg: SpecConfig) -> dict[int, tuple[int, ...] | None]:
+    """Which heads of which target layers feed relevance: layer -> heads (None: all heads)."""
+    n, h = text_config(target).num_hidden_layers, text_config(target).num_attention_heads
+    if cfg.relevance_heads is not None:
+        pairs = cfg.relevance_heads
+        if not pairs or any(not (0 <= layer < n and 0 <= head < h) for layer, head in pairs):
+            raise ValueError(f"relevance_heads must be (layer, head) pairs within [0, {n}) x [0, {h}), "
+                             f"got {cfg.relevance_heads}")
+        return {layer: tuple(sorted({hd for ly, hd in pairs if ly == layer})) for layer in sorted({p[0] for p in pairs})}
     layers = set(range(n)) if cfg.relevance_layers is None else set(cfg.relevance_layers)
     if not layers or min(layers) < 0 or max(layers) >= n:
         raise ValueError(f"relevance_layers must name target layers in [0, {n}), got {cfg.relevance_layers}")
-    return layers
+    return dict.fromkeys(sorted(layers))
 
 
 class _Outputs:
@@ -169,7 +176,7 @@ def generate(target, draft, rows: list[dict], cfg: SpecConfig = SpecConfig(), to
         if draft is None:
             raise ValueError(f"mode {cfg.mode!r} needs a draft model")
         check_pair(target, draft)
-    layers = _check_layers(target, cfg)
+    heads = _relevance_heads(target, cfg)
     if not rows:
         return []
     device = target.device
@@ -232,7 +239,7 @@ def generate(target, draft, rows: list[dict], cfg: SpecConfig = SpecConfig(), to
         drafted = _propose(D, pending, n_pending, k)
         out.count["draft_forwards"][active] += k
 
-        probe = RelevanceProbe(layers, video_keys) if probing else None
+        probe = RelevanceProbe(heads, video_keys) if probing else None
         logits = T.forward(torch.cat([last[:, None], drafted], 1), probe)
         v = verify(drafted, logits, probe.result() if probe else None, cfg)
         out.count["target_forwards"][active] += 1
@@ -279,13 +286,14 @@ def _record(traces, active, v, probe, drafted) -> None:
     k = drafted.shape[1]
     walked = torch.minimum(v.accepted + 1, torch.tensor(k, device=drafted.device))
     rel = probe.result()[:, :k] if probe is not None else None
-    layers = sorted(probe.by_layer) if probe is not None else []
-    by_layer = torch.stack([probe.by_layer[i][:, :k] for i in layers], -1) if layers else None
+    layers = sorted(probe.by_head) if probe is not None else []
+    by_head = torch.cat([probe.by_head[i][..., :k] for i in layers], 1).transpose(1, 2) if layers else None
+    names = [(i, h) for i in layers for h in range(probe.by_head[i].shape[1])] if layers else []
     for i, row in enumerate(active.tolist()):
         for j in range(int(walked[i])):
             traces[row].append({
                 "relevance": float(rel[i, j]) if rel is not None else None,
-                "relevance_by_layer": dict(zip(layers, by_layer[i, j].tolist())) if layers else {},
+                "relevance_by_head": dict(zip(names, by_head[i, j].tolist())) if layers else {},
                 "target_token": int(v.target_tokens[i, j]), "draft_token": int(drafted[i, j]),
                 "accepted": j < int(v.accepted[i]), "kind": ("exact", "loose", "shift")[int(v.kind[i, j])],
             })

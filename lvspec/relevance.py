@@ -17,12 +17,16 @@ ATTENTION = "lvspec_sdpa"
 
 
 class RelevanceProbe:
-    """Collects per-query video attention mass over the chosen layers during one forward."""
+    """Collects per-query video attention mass of the chosen heads during one forward.
 
-    def __init__(self, layers: set[int], video_keys: torch.Tensor):
-        self.layers = layers
+    `heads` maps each probed layer to the heads averaged into relevance (None: all of them).
+    """
+
+    def __init__(self, heads: dict[int, tuple[int, ...] | None], video_keys: torch.Tensor):
+        self.heads = heads
+        self.layers = set(heads)
         self.video_keys = video_keys  # [B, span] bool: which cache slots hold video tokens
-        self.by_layer: dict[int, torch.Tensor] = {}
+        self.by_head: dict[int, torch.Tensor] = {}  # layer -> [B, H, q] video mass of every head
 
     def add(self, module, query, key, attention_mask, scaling) -> None:
         key = repeat_kv(key, query.shape[1] // key.shape[1])
@@ -32,11 +36,12 @@ class RelevanceProbe:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         probs = scores.softmax(-1)  # [B, H, q, L]
         video = self.video_keys[:, None, None, : key.shape[-2]].to(probs.dtype)
-        self.by_layer[module.layer_idx] = (probs * video).sum(-1).mean(1)  # [B, q]
+        self.by_head[module.layer_idx] = (probs * video).sum(-1)
 
     def result(self) -> torch.Tensor:
-        """Relevance [B, q]: video mass averaged over heads and the chosen layers."""
-        return torch.stack(list(self.by_layer.values())).mean(0)
+        """Relevance [B, q]: video mass averaged over the chosen heads of the chosen layers."""
+        chosen = [h if self.heads[i] is None else h[:, list(self.heads[i])] for i, h in self.by_head.items()]
+        return torch.cat(chosen, 1).mean(1)
 
 
 def relevance_sdpa(module, query, key, value, attention_mask, *args, relevance_probe=None, **kwargs):

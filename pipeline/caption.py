@@ -10,7 +10,7 @@ import time
 
 import pyarrow as pa
 
-from lvspec.config import SpecConfig, shipped_settings
+from lvspec.config import shipped_settings
 from pipeline.config import GenerationConfig, spec_config
 from pipeline.decode import DECODED
 
@@ -23,14 +23,6 @@ CAPTIONED = pa.schema(
     + [(name, pa.int32()) for name in STATS]
     + [("generate_ms", pa.float64()), ("batch_rows", pa.int32()), ("config_hash", pa.string()), ("job_id", pa.string())]
 )
-
-def lvspec_settings(target_dir: str, gen: GenerationConfig):
-    """theta and relevance layers: the config's, else the checkpoint's lvspec.json, else defaults."""
-    found = shipped_settings(target_dir)
-    theta = gen.theta if gen.theta is not None else found.get("theta", SpecConfig.theta)
-    layers = gen.relevance_layers if gen.relevance_layers is not None else found.get("relevance_layers")
-    return spec_config(gen, theta=theta, relevance_layers=layers)
-
 
 class CaptionStage:
     def __init__(self, target: str, draft: str | None, dtype: str, cache_dir: str, storage_options: dict,
@@ -50,7 +42,7 @@ class CaptionStage:
         self.tokenizer = AutoTokenizer.from_pretrained(target_dir)
         self.target = load(target)
         self.draft = load(draft) if draft and generation.mode != "ar" else None
-        self.spec = lvspec_settings(target_dir, generation)
+        self.spec = spec_config(generation, shipped_settings(target_dir))
         self.fixed = {"mode": generation.mode, "target_model": target, "draft_model": draft if self.draft else None,
                       "config_hash": config_hash, "job_id": job_id}
 

@@ -65,6 +65,7 @@ class GenerationConfig:
     top_k: int = 0
     shift_window: int = 1
     relevance_layers: list[int] | None = None  # None: from lvspec.json, else all layers
+    relevance_heads: list[list[int]] | None = None  # [[layer, head], ...] instead of whole layers
     max_new_tokens: int = 64
 
 
@@ -149,7 +150,7 @@ def check(job: JobConfig) -> None:
     if job.generation.mode != "ar" and not job.model.draft:
         raise ConfigError(f"config key 'model.draft' is required for generation.mode={job.generation.mode}")
     try:
-        spec_config(job.generation, theta=job.generation.theta if job.generation.theta is not None else SpecConfig.theta)
+        spec_config(job.generation)
     except ValueError as e:
         raise ConfigError(f"config key 'generation.{str(e).split()[0]}': {e}") from None
     for key in ("replicas", "batch_size"):
@@ -159,11 +160,18 @@ def check(job: JobConfig) -> None:
     _positive(job.caption.num_cpus, "caption.num_cpus", allow_zero=True)
 
 
-def spec_config(gen: GenerationConfig, theta: float | None = None, relevance_layers=None) -> SpecConfig:
-    """The lvspec SpecConfig of a generation section (theta / layers resolved by the caller)."""
-    return SpecConfig(mode=gen.mode, k=gen.k, theta=gen.theta if theta is None else theta, alpha=gen.alpha,
-                      top_k=gen.top_k, shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens,
-                      relevance_layers=tuple(relevance_layers or gen.relevance_layers or ()) or None)
+def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfig:
+    """The lvspec SpecConfig of a generation section.
+
+    theta and the relevance layers/heads come from the config where it sets them, else from the
+    target's shipped `lvspec.json` settings (`shipped`), else lvspec's defaults.
+    """
+    relevance = {"relevance_layers": gen.relevance_layers, "relevance_heads": gen.relevance_heads}
+    if all(v is None for v in relevance.values()):
+        relevance = {key: (shipped or {}).get(key) for key in relevance}
+    theta = gen.theta if gen.theta is not None else (shipped or {}).get("theta", SpecConfig.theta)
+    return SpecConfig(mode=gen.mode, k=gen.k, theta=theta, alpha=gen.alpha, top_k=gen.top_k,
+                      shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens, **relevance)
 
 
 def local_path(uri: str) -> str:

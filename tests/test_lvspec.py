@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from transformers import AutoModelForImageTextToText
 
 from lvspec import SpecConfig, generate
 from toyworld import families, grammar
@@ -85,6 +86,55 @@ def test_lvspec_counters_add_up_and_loosening_happens(pair):
         assert r.finished_by == "stop" and r.tokens[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         assert all(0.0 <= t["relevance"] <= 1.0 for t in r.trace)
     assert sum(r.stats.accepted_loose + r.stats.accepted_shift for r in results) > 0
+
+
+def eager_video_mass(family, row, tokens):
+    """Reference relevance: [layers, heads, positions] attention mass on the video tokens, from HF's
+    eager attention over the whole sequence (prompt + emitted tokens), materialised the slow way."""
+    model = AutoModelForImageTextToText.from_pretrained(families.model_dir(family, "target"), dtype=torch.float64,
+                                                        local_files_only=True, attn_implementation="eager").eval()
+    ids = torch.cat([row["input_ids"], torch.tensor([tokens])], 1)
+    extra = {k: v for k, v in row.items() if k not in ("input_ids", "attention_mask")}
+    if "mm_token_type_ids" in row:
+        extra["mm_token_type_ids"] = torch.nn.functional.pad(row["mm_token_type_ids"], (0, len(tokens)))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True, **extra)
+    video = ids[0] == model.config.video_token_id
+    return torch.stack([a[0][..., video].sum(-1) for a in out.attentions])
+
+
+def verified_positions(result, prompt_len, k):
+    """Sequence position of the target query behind each trace slot (slots predict consecutive
+    emitted tokens; a cycle whose k drafts were all accepted also emits an untraced bonus)."""
+    emitted, run = 1, 0  # token 0 comes from the prefill
+    for slot in result.trace:
+        if emitted >= len(result.tokens):
+            return
+        yield slot, prompt_len + emitted - 1
+        emitted, run = emitted + 1, run + 1 if slot["accepted"] else 0
+        if run == k:
+            emitted, run = emitted + 1, 0
+
+
+def test_relevance_is_the_attention_mass_on_video_keys(pair):
+    """Every head's relevance equals HF eager attention's mass on the video tokens for that query,
+    in a ragged batch; the gate's relevance is the mean over the chosen heads."""
+    family, processor, target, draft = pair
+    rows = make_rows(processor, [8, 5])
+    n_layers = target.config.get_text_config().num_hidden_layers
+    chosen = ((0, 1), (n_layers - 1, 0), (n_layers - 1, 2))
+    cfg = SpecConfig(mode="lvspec", k=4, theta=1.0, max_new_tokens=64, relevance_heads=chosen)
+    checked = 0
+    for row, result in zip(rows, generate(target, draft, rows, cfg, trace=True)):
+        mass = eager_video_mass(family, row, result.tokens)
+        for slot, q in verified_positions(result, row["input_ids"].shape[1], cfg.k):
+            by_head = slot["relevance_by_head"]  # every head of the probed layers
+            assert sorted(by_head) == [(i, h) for i in (0, n_layers - 1) for h in range(mass.shape[1])]
+            probed = torch.tensor([by_head[key] for key in sorted(by_head)], dtype=torch.float64)
+            assert torch.allclose(probed, mass[[0, n_layers - 1], :, q].flatten(), atol=1e-5), (family, q)
+            assert slot["relevance"] == pytest.approx(mass[[i for i, _ in chosen], [h for _, h in chosen], q].mean().item(), abs=1e-5)
+            checked += 1
+    assert checked >= 20
 
 
 def test_sd_with_k1_is_token_identical(pair):
@@ -173,6 +223,12 @@ def test_mismatched_pairs_and_inputs_fail_clearly():
         generate(q_target, q_draft, [q_text_only], SpecConfig(mode="ar"))
     with pytest.raises(ValueError, match="relevance_layers"):
         generate(target, draft, rows, SpecConfig(relevance_layers=(99,)))
+    with pytest.raises(ValueError, match="relevance_heads"):
+        generate(target, draft, rows, SpecConfig(relevance_heads=((0, 99),)))
+    with pytest.raises(ValueError, match="relevance_heads"):
+        SpecConfig(relevance_heads=((0, 1),), relevance_layers=(0,))
+    with pytest.raises(ValueError, match="relevance_heads"):
+        SpecConfig(relevance_heads=((0, 1, 2),))
 
 
 def test_models_used_by_lvspec_still_generate_like_hf_afterwards(pair):

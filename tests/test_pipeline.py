@@ -274,6 +274,7 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("decode.num_frames=eight", "decode.num_frames"),
     ("generation.theta=1.5", "generation.theta"),
     ("caption.replicas=0", "caption.replicas"),
+    ("generation.relevance_heads=[[0,1,2]]", "generation.relevance_heads"),
 ])
 def test_a_bad_config_fails_before_ray_starts_naming_the_key(override, key):
     out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml", override],
@@ -303,6 +304,24 @@ def test_decoding_a_4k_clip_keeps_memory_bounded(tmp_path):
     assert (int(bounded[0]), int(bounded[1])) == (144, 256) and (int(full[0]), int(full[1])) == (2160, 3840)
     grown_kb, full_kb = int(bounded[2]), int(full[2])
     assert grown_kb < 120_000 and grown_kb < full_kb - 150_000  # 8 full 4K frames alone are 199 MB
+
+
+def test_theta_and_relevance_come_from_the_config_then_the_checkpoint():
+    from lvspec.config import SpecConfig, shipped_settings
+    from pipeline.config import spec_config
+
+    base = ["job_id=j", "source.uri=/tmp/in", "output.uri=/tmp/out", "model.target=x", "model.draft=y"]
+    shipped = {"theta": 0.3, "relevance_heads": [[0, 1], [2, 4]]}
+    spec = spec_config(load_config(None, base).generation, shipped)
+    assert (spec.theta, spec.relevance_heads, spec.relevance_layers) == (0.3, ((0, 1), (2, 4)), None)
+    spec = spec_config(load_config(None, base + ["generation.theta=0.5", "generation.relevance_layers=[2]"]).generation,
+                       shipped)
+    assert (spec.theta, spec.relevance_heads, spec.relevance_layers) == (0.5, None, (2,))
+    spec = spec_config(load_config(None, base).generation, {})
+    assert (spec.theta, spec.relevance_heads, spec.relevance_layers) == (SpecConfig.theta, None, None)
+    for family in ("qwen2_5_vl", "llava_onevision"):  # what the toy targets ship is a valid setting
+        spec = spec_config(load_config(None, base).generation, shipped_settings(ROOT / f"toyworld/models/{family}-target"))
+        assert spec.theta != SpecConfig.theta and (spec.relevance_heads or spec.relevance_layers)
 
 
 def test_config_files_shipped_with_the_project_are_valid():

@@ -32,9 +32,8 @@ from toyworld.evaluate import engine_rows, load_pair, render_videos
 
 
 def mode_configs(family: str, k: int, max_new_tokens: int) -> dict[str, SpecConfig]:
-    cal = shipped_settings(families.model_dir(family, "target"))
     lv = SpecConfig(mode="lvspec", k=k, max_new_tokens=max_new_tokens,
-                    **{key: cal[key] for key in ("theta", "relevance_layers") if key in cal})
+                    **shipped_settings(families.model_dir(family, "target")))
     return {
         "ar": SpecConfig(mode="ar", max_new_tokens=max_new_tokens),
         "sd": SpecConfig(mode="sd", k=k, max_new_tokens=max_new_tokens),
@@ -171,12 +170,18 @@ def bench_family(family: str, videos: int, seed: int, k: int, batch_size: int, m
     return result
 
 
+def _relevance(cfg: dict) -> str:
+    if cfg.get("relevance_heads"):
+        return "heads=" + ",".join(f"L{layer}.H{head}" for layer, head in cfg["relevance_heads"])
+    return f"layers={cfg['relevance_layers']}"
+
+
 def markdown(report: dict) -> str:
     lines = []
     for fam, r in report["families"].items():
         lines += [f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ", f"Date: {r['date']}", "",
                   f"#### {fam} ({r['videos']} videos, seed {r['seed']}, K={r['k']}, batch {r['batch_size']}, "
-                  f"lvspec theta={r['lvspec_config']['theta']} layers={r['lvspec_config']['relevance_layers']})", "",
+                  f"lvspec theta={r['lvspec_config']['theta']} {_relevance(r['lvspec_config'])})", "",
                   "| mode | tau | target fwd/token | tokens/s | attr_acc | retention | exact/loose/shift share | anchor P / R |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, m in r["modes"].items():

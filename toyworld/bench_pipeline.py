@@ -37,8 +37,7 @@ def engine_alone(family: str, mp4s: list[bytes], cfg) -> dict:
     decode_s = time.perf_counter() - t0
     rows = [processor(text=[text], videos=[f], return_tensors="pt") for f in frames]
     processed_s = time.perf_counter() - t0
-    cal = shipped_settings(families.model_dir(family, "target"))
-    spec = spec_config(cfg.generation, theta=cal.get("theta"), relevance_layers=cal.get("relevance_layers"))
+    spec = spec_config(cfg.generation, shipped_settings(families.model_dir(family, "target")))
     tokens, t0 = 0, time.perf_counter()
     for lo in range(0, len(rows), cfg.caption.batch_size):
         tokens += sum(len(r.tokens) for r in generate(target, draft, rows[lo:lo + cfg.caption.batch_size], spec))

@@ -1,11 +1,15 @@
-"""Choose LVSpec's relevance layers and threshold for a toy target, on calibration videos.
+"""Choose LVSpec's relevance heads and threshold for a toy target, on calibration videos.
 
-    python -m toyworld.calibrate --family qwen2_5_vl [--videos 64 --seed 4242]
+    python -m toyworld.calibrate --family qwen2_5_vl [--videos 128 --seed 4242]
 
-Runs LVSpec with every target layer probed, labels each verified slot by whether the target's
-token there is an anchor (grammar vocabulary), and picks the layer subset and theta with the best
-min(precision, recall). Writes `lvspec.json` beside the target checkpoint: the settings the
-benchmark and the toy pipeline config use. Calibration seeds are never evaluation seeds.
+Runs LVSpec with every target layer probed and labels each verified slot by whether the target's
+token there is an anchor (grammar vocabulary). Two candidate relevance definitions are searched,
+each with its best theta by min(precision, recall):
+- whole layers (every head of a layer subset, DESIGN's "averaged over heads"), exhaustively;
+- single heads, chosen by greedy forward selection (add the head that raises min(P, R) most, stop
+  when no head adds at least `MIN_GAIN`).
+Heads win only if strictly better. Writes `lvspec.json` beside the target checkpoint: the settings
+the benchmark and the pipeline use. Calibration seeds are never evaluation seeds.
 """
 
 from __future__ import annotations
@@ -23,20 +27,22 @@ from toyworld import families, grammar
 from toyworld.evaluate import engine_rows, load_pair, render_videos
 
 CALIBRATION_SEED = 4242
+THETAS = np.round(np.arange(0.01, 1.0, 0.005), 3)
+MIN_GAIN = 0.002  # a head must raise min(P, R) by this much to join
 
 
 def collect(family: str, videos: int, seed: int, k: int = 10):
-    """Per verified slot: relevance of every target layer, and whether the target's token is an anchor."""
+    """Per verified slot: relevance of every (layer, head) of the target, and whether its token is an anchor."""
     processor, target, draft = load_pair(family)
     _, _, frames = render_videos(videos, seed)
     rows = engine_rows(processor, frames, grammar.PROMPT)
     cfg = SpecConfig(mode="lvspec", k=k, theta=1.0, max_new_tokens=48)  # probe everything, gate nothing
     anchors = grammar.anchor_token_ids(processor.tokenizer)
     slots = [s for r in generate(target, draft, rows, cfg, trace=True) for s in r.trace]
-    layers = sorted(slots[0]["relevance_by_layer"])
-    rel = np.array([[s["relevance_by_layer"][i] for i in layers] for s in slots])
+    heads = sorted(slots[0]["relevance_by_head"])
+    rel = np.array([[s["relevance_by_head"][h] for h in heads] for s in slots])
     is_anchor = np.array([s["target_token"] in anchors for s in slots])
-    return layers, rel, is_anchor
+    return heads, rel, is_anchor
 
 
 def precision_recall(flagged: np.ndarray, is_anchor: np.ndarray) -> tuple[float, float]:
@@ -44,33 +50,63 @@ def precision_recall(flagged: np.ndarray, is_anchor: np.ndarray) -> tuple[float,
     return hits / max(int(flagged.sum()), 1), hits / max(int(is_anchor.sum()), 1)
 
 
-def choose(layers, rel, is_anchor) -> dict:
+def best_theta(score: np.ndarray, is_anchor: np.ndarray) -> tuple[float, float, float, float]:
+    """(min(P, R), theta, P, R) at the theta with the best min(P, R); ties go to the lower theta."""
+    flagged = score[None, :] >= THETAS[:, None]  # [thetas, slots]
+    hits = (flagged & is_anchor).sum(1)
+    p, r = hits / np.maximum(flagged.sum(1), 1), hits / max(int(is_anchor.sum()), 1)
+    i = int(np.argmax(np.minimum(p, r)))
+    return float(min(p[i], r[i])), float(THETAS[i]), float(p[i]), float(r[i])
+
+
+def by_layers(heads, rel, is_anchor):
+    """Best subset of whole layers (all their heads averaged)."""
+    layers = sorted({layer for layer, _ in heads})
     best = None
     for n in range(1, len(layers) + 1):
-        for combo in itertools.combinations(range(len(layers)), n):
-            score = rel[:, combo].mean(1)
-            for theta in np.round(np.arange(0.02, 0.9, 0.01), 2):
-                p, r = precision_recall(score >= theta, is_anchor)
-                key = (min(p, r), -n)
-                if best is None or key > best[0]:
-                    best = (key, [layers[i] for i in combo], float(theta), p, r)
-    _, chosen, theta, p, r = best
-    return {"relevance_layers": chosen, "theta": theta, "precision": round(p, 4), "recall": round(r, 4)}
+        for combo in itertools.combinations(layers, n):
+            cols = [j for j, (layer, _) in enumerate(heads) if layer in combo]
+            found = best_theta(rel[:, cols].mean(1), is_anchor)
+            if best is None or found[0] > best[0][0]:
+                best = (found, {"relevance_layers": list(combo)})
+    return best
+
+
+def by_heads(heads, rel, is_anchor):
+    """Greedy forward selection of single heads."""
+    chosen, best = [], None
+    while len(chosen) < len(heads):
+        found, j = max((best_theta(rel[:, chosen + [j]].mean(1), is_anchor), j)
+                       for j in range(len(heads)) if j not in chosen)
+        if best is not None and found[0] < best[0][0] + MIN_GAIN:
+            break
+        chosen.append(j)
+        best = (found, {"relevance_heads": sorted([list(heads[i]) for i in chosen])})
+    return best
+
+
+def choose(heads, rel, is_anchor) -> dict:
+    layers, single = by_layers(heads, rel, is_anchor), by_heads(heads, rel, is_anchor)
+    (score, theta, p, r), chosen = single if single[0][0] > layers[0][0] else layers
+    return chosen | {"theta": theta, "precision": round(p, 4), "recall": round(r, 4),
+                     "whole_layers": {**layers[1], "theta": layers[0][1], "min_pr": round(layers[0][0], 4)}}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=families.FAMILIES, required=True)
-    ap.add_argument("--videos", type=int, default=64)
+    ap.add_argument("--videos", type=int, default=128)
     ap.add_argument("--seed", type=int, default=CALIBRATION_SEED)
     args = ap.parse_args(argv)
-    layers, rel, is_anchor = collect(args.family, args.videos, args.seed)
-    settings = choose(layers, rel, is_anchor) | {"calibration": {"videos": args.videos, "seed": args.seed,
-                                                                  "slots": int(len(is_anchor))}}
+    heads, rel, is_anchor = collect(args.family, args.videos, args.seed)
+    settings = choose(heads, rel, is_anchor) | {"calibration": {"videos": args.videos, "seed": args.seed,
+                                                                 "slots": int(len(is_anchor))}}
     path = Path(families.model_dir(args.family, "target")) / SETTINGS_FILE
     path.write_text(json.dumps(settings, indent=1) + "\n")
-    print(f"{args.family}: layers {settings['relevance_layers']} theta {settings['theta']} -> anchor precision "
-          f"{settings['precision']:.3f} recall {settings['recall']:.3f} on {len(is_anchor)} slots; wrote {path}")
+    which = settings.get("relevance_heads") or settings.get("relevance_layers")
+    print(f"{args.family}: {'heads' if 'relevance_heads' in settings else 'layers'} {which} theta {settings['theta']} "
+          f"-> anchor precision {settings['precision']:.3f} recall {settings['recall']:.3f} on {len(is_anchor)} "
+          f"slots (best whole layers: min(P, R) {settings['whole_layers']['min_pr']:.3f}); wrote {path}")
 
 
 if __name__ == "__main__":
