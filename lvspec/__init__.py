@@ -5,5 +5,6 @@ Plain PyTorch + transformers; no Ray, no storage. See `engine.generate`.
 
 from lvspec.config import MODES, SpecConfig
 from lvspec.engine import RowOutput, RowStats, generate
+from lvspec.replay import Replay
 
-__all__ = ["MODES", "RowOutput", "RowStats", "SpecConfig", "generate"]
+__all__ = ["MODES", "Replay", "RowOutput", "RowStats", "SpecConfig", "generate"]

@@ -17,6 +17,7 @@ from lvspec.adapter import Prompt, adapter_for, check_pair, shared_vocab, text_c
 from lvspec.cache import RaggedKVCache
 from lvspec.config import SpecConfig
 from lvspec.relevance import RelevanceProbe, install
+from lvspec.replay import Replay
 from lvspec.verify import EXACT, LOOSE, SHIFT, verify
 
 CORRECTION, BONUS = 3, 4
@@ -50,6 +51,7 @@ class RowOutput:
     stats: RowStats
     finished_by: str  # "stop" or "length"
     trace: list[dict] = field(default_factory=list)  # per verified slot, with trace=True
+    accepted_per_cycle: list[int] = field(default_factory=list)  # drafts kept per cycle, with trace=True
 
 
 class _Decoder:
@@ -151,7 +153,7 @@ class _Outputs:
         self.stopped[rows] |= stopped
         return stopped | (self.length[rows] >= self.cfg.max_new_tokens)
 
-    def results(self, tokenizer, traces) -> list[RowOutput]:
+    def results(self, tokenizer, traces, kept) -> list[RowOutput]:
         out = []
         for i in range(self.tokens.shape[0]):
             ids = self.tokens[i, : self.length[i]].tolist()
@@ -159,17 +161,19 @@ class _Outputs:
             cycles = stats.num_cycles
             stats.mean_accepted_length = (stats.num_tokens - 1) / cycles if cycles else 0.0
             text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
-            out.append(RowOutput(ids, text, stats, "stop" if bool(self.stopped[i]) else "length", traces[i]))
+            out.append(RowOutput(ids, text, stats, "stop" if bool(self.stopped[i]) else "length", traces[i], kept[i]))
         return out
 
 
 @torch.inference_mode()
 def generate(target, draft, rows: list[dict], cfg: SpecConfig = SpecConfig(), tokenizer=None,
-             trace: bool = False) -> list[RowOutput]:
+             trace: bool = False, replay: Replay | None = None) -> list[RowOutput]:
     """Caption a batch of prepared video prompts (one processor output per row) with `cfg.mode`.
 
     `draft` may be None in `ar` mode. With `tokenizer`, outputs carry decoded text; with `trace`,
-    every verified slot's relevance and tokens (for measuring anchor identification).
+    every verified slot's relevance and tokens (for measuring anchor identification) and the
+    drafts kept per cycle. With `replay` (speed measurement of random-weight models), each cycle
+    keeps the recorded number of drafts instead of what verification chose.
     """
     adapter = adapter_for(target)
     if cfg.mode != "ar":
@@ -185,6 +189,9 @@ def generate(target, draft, rows: list[dict], cfg: SpecConfig = SpecConfig(), to
     n_rows = len(rows)
     out = _Outputs(n_rows, cfg, stop, device)
     traces: list[list[dict]] = [[] for _ in range(n_rows)]
+    kept: list[list[int]] = [[] for _ in range(n_rows)]
+    if replay is not None:
+        replay.start(n_rows, device)
     active = torch.arange(n_rows, device=device)
 
     prompt = adapter.prompt(target, rows)
@@ -242,11 +249,15 @@ def generate(target, draft, rows: list[dict], cfg: SpecConfig = SpecConfig(), to
         probe = RelevanceProbe(heads, video_keys) if probing else None
         logits = T.forward(torch.cat([last[:, None], drafted], 1), probe)
         v = verify(drafted, logits, probe.result() if probe else None, cfg)
+        if replay is not None:
+            v = replay.apply(v, active, drafted)
         out.count["target_forwards"][active] += 1
         out.count["num_cycles"][active] += 1
         out.count["rejected_anchor"][active] += v.anchor_rejected.long()
         if trace:
             _record(traces, active, v, probe, drafted)
+            for row, n in zip(active.tolist(), v.accepted.tolist()):
+                kept[row].append(n)
 
         n = v.accepted
         tokens = torch.cat([drafted, torch.zeros_like(drafted[:, :1])], 1)
@@ -264,7 +275,7 @@ def generate(target, draft, rows: list[dict], cfg: SpecConfig = SpecConfig(), to
         last = v.next_token
         keep_rows(finished)
 
-    return out.results(tokenizer, traces)
+    return out.results(tokenizer, traces, kept)
 
 
 def _propose(D: _Decoder, pending: torch.Tensor, n_pending: torch.Tensor, k: int) -> torch.Tensor:

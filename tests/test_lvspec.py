@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from lvspec import SpecConfig, generate
+from lvspec import Replay, SpecConfig, generate
 from toyworld import families, grammar
 from toyworld.evaluate import load_pair, render_videos
 
@@ -135,6 +135,28 @@ def test_relevance_is_the_attention_mass_on_video_keys(pair):
             assert slot["relevance"] == pytest.approx(mass[[i for i, _ in chosen], [h for _, h in chosen], q].mean().item(), abs=1e-5)
             checked += 1
     assert checked >= 20
+
+
+def test_replay_makes_a_run_do_the_recorded_work(pair):
+    """Replaying an lvspec run's accepted counts through strict `sd` reproduces that run: the same
+    drafts get kept, so the same tokens, cycles and forwards (what real-size speed runs rely on)."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6])
+    cfg = SpecConfig(mode="lvspec", k=5, theta=0.45, max_new_tokens=48)
+    recorded = generate(target, draft, rows, cfg, trace=True)
+    assert sum(r.stats.accepted_loose + r.stats.accepted_shift for r in recorded) > 0
+    replay = Replay.from_outputs(recorded)
+    replayed = generate(target, draft, rows, dataclasses.replace(cfg, mode="sd"), replay=replay, trace=True)
+    for a, b in zip(recorded, replayed):
+        assert len(a.accepted_per_cycle) == a.stats.num_cycles
+        assert b.tokens == a.tokens and b.accepted_per_cycle == a.accepted_per_cycle
+        assert (b.stats.num_cycles, b.stats.target_forwards, b.stats.draft_forwards) == \
+               (a.stats.num_cycles, a.stats.target_forwards, a.stats.draft_forwards)
+        assert_counters_add_up(b, cfg.k)
+    assert replay.mean_accepted() == pytest.approx(
+        sum(map(sum, (r.accepted_per_cycle for r in recorded))) / sum(r.stats.num_cycles for r in recorded))
+    with pytest.raises(ValueError, match="replay"):
+        Replay([[], []])
 
 
 def test_sd_with_k1_is_token_identical(pair):

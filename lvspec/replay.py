@@ -1,0 +1,55 @@
+"""Replayed acceptance: make a run do the work of a recorded one.
+
+Real checkpoints can't be fetched here, so real-size speed is measured on random-weight models
+of real shapes, whose own accept/reject decisions mean nothing. A `Replay` holds, per row, how
+many draft tokens each cycle of a recorded run accepted (a toy run, or any real run, traced);
+`generate(..., replay=...)` drafts, verifies and rolls back exactly as usual and then keeps that
+many drafts instead of what verification chose. Figures measured so are labelled "replay".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lvspec.verify import EXACT, LOOSE, Verdict
+
+
+class Replay:
+    """Per-row sequences of accepted draft counts; row r of a run replays record r mod R, and a
+    row that outlives its record starts it over."""
+
+    def __init__(self, accepted: list[list[int]]):
+        accepted = [a for a in accepted if a]
+        if not accepted:
+            raise ValueError("a replay needs at least one recorded cycle")
+        if min(min(a) for a in accepted) < 0:
+            raise ValueError("accepted counts must be >= 0")
+        width = max(len(a) for a in accepted)
+        self.table = torch.tensor([a + [0] * (width - len(a)) for a in accepted])  # [R, C]
+        self.cycles = torch.tensor([len(a) for a in accepted])  # [R]
+        self.cursor: torch.Tensor | None = None
+
+    @classmethod
+    def from_outputs(cls, outputs) -> Replay:
+        """From the RowOutputs of a traced `sd` / `lvspec` run (`generate(..., trace=True)`)."""
+        return cls([list(o.accepted_per_cycle) for o in outputs])
+
+    def mean_accepted(self) -> float:
+        return float(sum(int(self.table[i, :n].sum()) for i, n in enumerate(self.cycles.tolist()))
+                     / int(self.cycles.sum()))
+
+    def start(self, rows: int, device) -> None:
+        self.table, self.cycles = self.table.to(device), self.cycles.to(device)
+        self.cursor = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def apply(self, v: Verdict, rows: torch.Tensor, drafted: torch.Tensor) -> Verdict:
+        """Keep the recorded number of drafts for each of `rows` (capped at this cycle's k)."""
+        k = drafted.shape[1]
+        record = rows % self.table.shape[0]
+        n = self.table[record, self.cursor[rows] % self.cycles[record]].clamp(max=k)
+        self.cursor[rows] += 1
+        exact = drafted == v.target_tokens[:, :k]
+        no = torch.zeros_like(v.anchor_rejected)
+        return Verdict(accepted=n, kind=torch.where(exact, EXACT, LOOSE),
+                       next_token=v.target_tokens.gather(1, n[:, None])[:, 0], gated=v.gated,
+                       anchor_rejected=no, target_tokens=v.target_tokens)
