@@ -154,3 +154,19 @@ def test_evaluation_cli_writes_the_documented_json(tmp_path):
     assert {"family", "videos", "seed", "target", "draft", "teacher_forced"} <= result.keys()
     assert 0 <= result["target"]["attr_acc"] <= 1 and 0 <= result["draft"]["attr_acc"] <= 1
     assert {"anchor_agreement", "filler_agreement"} <= result["teacher_forced"].keys()
+
+
+@pytest.mark.parametrize("family, size, billions", [
+    ("qwen2_5_vl", "32b", 33.45), ("qwen2_5_vl", "7b", 8.29), ("qwen2_5_vl", "3b", 3.75),
+    ("llava_onevision", "7b", 8.03), ("llava_onevision", "0.5b", 0.894),
+])
+def test_real_size_speed_models_have_the_real_checkpoints_parameter_counts(family, size, billions):
+    """The random-weight models of `bench_realsize` (built on the meta device here) must be the
+    published sizes, vision tower and projector included, or their speed says nothing."""
+    from transformers import AutoModelForImageTextToText
+
+    from toyworld.bench_realsize import real_config
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(real_config(family, size))
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, rel=0.005)

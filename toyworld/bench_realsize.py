@@ -12,8 +12,9 @@ family's real video processor at its default resolution. Their own accept/reject
 mean nothing, so every cycle keeps the number of drafts that the toy pair kept on the same cycle
 of a traced toy run (`lvspec.Replay`): the engine drafts, verifies, probes relevance and rolls back
 exactly as it would. Stop tokens are off; each row generates `--new-tokens` tokens. Per mode and
-batch size: prefill time, decode tokens/s, speedup over ar, and achieved weight bandwidth
-(weight bytes read per forward x forwards/s, as gpt-fast reports it).
+batch size: prefill time, decode tokens/s (a run of `--new-tokens` minus a run of 16, so that
+prefills and fixed costs cancel), speedup over ar, and achieved weight bandwidth (weight bytes
+read per forward x forwards/s, as gpt-fast reports it).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ VISION = {
                         "num_attention_heads": 16, "image_size": 384, "patch_size": 14},
 }
 PROMPT = "Describe this video in detail."
+SHORT = 16  # new tokens of the short run whose time is subtracted (prefill and fixed costs)
 
 
 def real_config(family: str, size: str):
@@ -89,7 +91,7 @@ def real_processor(family: str):
     processor = AutoProcessor.from_pretrained(families.model_dir(family, "target"), local_files_only=True)
     vp = type(processor.video_processor)
     if family == "qwen2_5_vl":
-        processor.video_processor = vp(patch_size=14, merge_size=2, temporal_patch_size=2,
+        processor.video_processor = vp(patch_size=14, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=True,
                                        size={"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28})
     else:
         processor.video_processor = vp(size={"height": 384, "width": 384})
@@ -136,6 +138,14 @@ def record(args) -> None:
     print(f"wrote {args.out}")
 
 
+def regroup(records: list[list[int]], rows: int) -> list[list[int]]:
+    """All recorded cycles dealt out to `rows` rows, so every batch size replays the same cycles."""
+    groups = [[] for _ in range(rows)]
+    for i, record in enumerate(records):
+        groups[i % rows].extend(record)
+    return groups
+
+
 def timed(fn) -> float:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
@@ -165,29 +175,37 @@ def run_pair(args, family: str, target_size: str, draft_size: str, patterns: dic
         rows = rows_all[:bs]
         ar_tps = None
         for mode in ("ar", "sd", "lvspec"):
-            cfg = SpecConfig(mode=mode, k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
-                             relevance_layers=probe if mode == "lvspec" else None)
-            replay = Replay(patterns[mode]) if mode != "ar" else None
             drafts = draft if mode != "ar" else None
-            generate(target, drafts, rows, SpecConfig(mode=mode, k=args.k, max_new_tokens=8, stop_token_ids=()))  # warm-up
-            t_prefill = timed(lambda: generate(target, drafts, rows, SpecConfig(mode="ar", max_new_tokens=1,
-                                                                                 stop_token_ids=())))
+
+            def run_for(n: int):
+                cfg = SpecConfig(mode=mode, k=args.k, theta=0.5, max_new_tokens=n, stop_token_ids=(),
+                                 relevance_layers=probe if mode == "lvspec" else None)
+                replay = Replay(regroup(patterns[mode], bs)) if mode != "ar" else None
+                outs = []
+                return timed(lambda: outs.extend(generate(target, drafts, rows, cfg, replay=replay))), outs
+
+            def total(outs, name):
+                return sum(getattr(o.stats, name) for o in outs)
+
+            run_for(SHORT)  # warm-up
+            prefill = SpecConfig(mode="ar", max_new_tokens=1, stop_token_ids=())
+            t_prefill = timed(lambda: generate(target, None, rows, prefill))
             if mode != "ar":  # the draft's prefill too
-                t_prefill += timed(lambda: generate(draft, None, rows, SpecConfig(mode="ar", max_new_tokens=1,
-                                                                                   stop_token_ids=())))
-            outs = []
-            t_all = timed(lambda: outs.extend(generate(target, drafts, rows, cfg, replay=replay)))
-            decode_s = max(t_all - t_prefill, 1e-9)
-            tokens = sum(o.stats.num_tokens for o in outs)
-            t_fwd = sum(o.stats.target_forwards - 1 for o in outs) / bs  # per row: the batch runs them together
-            d_fwd = sum(o.stats.draft_forwards - 1 for o in outs) / bs if mode != "ar" else 0
-            tps = (tokens - bs) / decode_s
+                t_prefill += timed(lambda: generate(draft, None, rows, prefill))
+            # Decoding alone: a long run minus a short one (same replayed cycles first), so the
+            # prefills and every fixed cost cancel.
+            (t_short, short), (t_long, long) = run_for(SHORT), run_for(args.new_tokens)
+            decode_s = t_long - t_short
+            tokens = total(long, "num_tokens") - total(short, "num_tokens")
+            cycles = (total(long, "num_cycles") - total(short, "num_cycles")) / bs  # the batch runs them together
+            t_fwd = (total(long, "target_forwards") - total(short, "target_forwards")) / bs
+            d_fwd = (total(long, "draft_forwards") - total(short, "draft_forwards")) / bs
+            tps = tokens / decode_s
             ar_tps = tps if mode == "ar" else ar_tps
             run = {"batch_size": bs, "mode": mode, "prefill_s": t_prefill, "decode_s": decode_s,
-                   "decode_tokens_per_s": tps, "speedup_over_ar": tps / ar_tps,
-                   "tau": sum(o.stats.mean_accepted_length for o in outs) / bs,
+                   "decode_tokens_per_s": tps, "speedup_over_ar": tps / ar_tps, "tau": tokens / bs / cycles,
                    "target_forwards_per_s": t_fwd / decode_s, "draft_forwards_per_s": d_fwd / decode_s,
-                   "ms_per_target_forward_plus_drafts": 1e3 * decode_s / max(t_fwd, 1),
+                   "ms_per_target_forward_plus_drafts": 1e3 * decode_s / cycles,
                    "weight_gb_per_s": (tb * t_fwd + db * d_fwd) / decode_s / 1e9}
             result["runs"].append(run)
             print(f"[{family} {target_size}/{draft_size}] bs {bs:3d} {mode:6s}: prefill {t_prefill:6.2f} s, decode "
@@ -207,7 +225,7 @@ def markdown(report: dict) -> str:
         lines += [f"#### {r['target']} target / {r['draft']} draft (random weights, bf16; {r['video_tokens']} video "
                   f"tokens, prompt {r['prompt_tokens']} tokens, {r['new_tokens']} new tokens per row, K={r['k']}; "
                   f"weights {r['target_weight_gb']:.1f} GB + {r['draft_weight_gb']:.1f} GB)", "",
-                  "| batch | mode | tau (replay) | decode tokens/s | speedup vs ar | ms per cycle | weight GB/s | prefill s |",
+                  "| batch | mode | tau (replay) | decode tokens/s | speedup vs ar | ms per row cycle | weight GB/s | prefill s |",
                   "|---|---|---|---|---|---|---|---|"]
         for x in r["runs"]:
             lines.append(f"| {x['batch_size']} | {x['mode']} | {x['tau']:.2f} | {x['decode_tokens_per_s']:.1f} | "
@@ -236,9 +254,14 @@ def main(argv=None):
     run.add_argument("--device", default="cuda", help="cpu only for smoke runs of small pairs")
     run.add_argument("--json", required=True)
     run.add_argument("--markdown")
+    rep = sub.add_parser("report", help="write the markdown block of a run's JSON")
+    rep.add_argument("--json", required=True)
+    rep.add_argument("--markdown", required=True)
     args = ap.parse_args(argv)
     if args.command == "record":
         return record(args)
+    if args.command == "report":
+        return write_report(json.loads(Path(args.json).read_text()), args.markdown)
 
     pairs = []
     for spec in args.pair:  # check every pair before building anything
@@ -262,11 +285,15 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.markdown:
-        from toyworld.bench import write_markdown_section
-
-        write_markdown_section(Path(args.markdown), markdown(report), tag="realsize-bench",
-                               title="Real size: random-weight models, replayed acceptance")
+        write_report(report, args.markdown)
     print(f"wrote {args.json}")
+
+
+def write_report(report: dict, path: str) -> None:
+    from toyworld.bench import write_markdown_section
+
+    write_markdown_section(Path(path), markdown(report), tag="realsize-bench",
+                           title="Real size: random-weight models, replayed acceptance")
 
 
 if __name__ == "__main__":
