@@ -8,8 +8,6 @@ from pathlib import Path
 
 MODES = ("ar", "sd", "lvspec")
 SETTINGS_FILE = "lvspec.json"  # LVSpec settings a target checkpoint may ship (theta, relevance layers/heads)
-
-
 SHIPPED_KEYS = ("theta", "relevance_layers", "relevance_heads")  # what lvspec.json may set
 
 

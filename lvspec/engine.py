@@ -104,15 +104,17 @@ def _stop_ids(target, cfg: SpecConfig) -> torch.Tensor:
     return torch.tensor(sorted(set(ids)), dtype=torch.long, device=target.device)
 
 
-def _relevance_heads(target, cfg: SpecConfig) -> dict[int, tuple[int, ...] | None]:
-    """Which heads of which target layers feed relevance: layer -> heads (None: all heads)."""
+def _relevance_heads(target, cfg: SpecConfig) -> dict[int, torch.Tensor | None]:
+    """Which heads of which target layers feed relevance: layer -> head indices (None: all heads),
+    on the target's device, built once per call rather than once per cycle."""
     n, h = text_config(target).num_hidden_layers, text_config(target).num_attention_heads
     if cfg.relevance_heads is not None:
         pairs = cfg.relevance_heads
         if not pairs or any(not (0 <= layer < n and 0 <= head < h) for layer, head in pairs):
             raise ValueError(f"relevance_heads must be (layer, head) pairs within [0, {n}) x [0, {h}), "
                              f"got {cfg.relevance_heads}")
-        return {layer: tuple(sorted({hd for ly, hd in pairs if ly == layer})) for layer in sorted({p[0] for p in pairs})}
+        return {layer: torch.tensor(sorted({hd for ly, hd in pairs if ly == layer}), device=target.device)
+                for layer in sorted({ly for ly, _ in pairs})}
     layers = set(range(n)) if cfg.relevance_layers is None else set(cfg.relevance_layers)
     if not layers or min(layers) < 0 or max(layers) >= n:
         raise ValueError(f"relevance_layers must name target layers in [0, {n}), got {cfg.relevance_layers}")
@@ -201,7 +203,7 @@ def _generate(target, draft, rows, cfg, tokenizer, trace, replay) -> list[RowOut
     n_rows = len(rows)
     out = _Outputs(n_rows, cfg, stop, device)
     traces: list[list[dict]] = [[] for _ in range(n_rows)]
-    kept: list[list[int]] = [[] for _ in range(n_rows)]
+    kept: list[list[int]] = [[] for _ in range(n_rows)]  # drafts kept per cycle, with trace
     if replay is not None:
         replay.start(n_rows, device)
     active = torch.arange(n_rows, device=device)
@@ -267,9 +269,7 @@ def _generate(target, draft, rows, cfg, tokenizer, trace, replay) -> list[RowOut
         out.count["num_cycles"][active] += 1
         out.count["rejected_anchor"][active] += v.anchor_rejected.long()
         if trace:
-            _record(traces, active, v, probe, drafted)
-            for row, n in zip(active.tolist(), v.accepted.tolist()):
-                kept[row].append(n)
+            _record(traces, kept, active, v, probe, drafted)
 
         n = v.accepted
         tokens = torch.cat([drafted, torch.zeros_like(drafted[:, :1])], 1)
@@ -304,8 +304,9 @@ def _propose(D: _Decoder, pending: torch.Tensor, n_pending: torch.Tensor, k: int
     return torch.stack(drafted, 1)
 
 
-def _record(traces, active, v, probe, drafted) -> None:
-    """Keep, per walked slot (up to and including the first rejection), relevance and tokens."""
+def _record(traces, kept, active, v, probe, drafted) -> None:
+    """Keep, per walked slot (up to and including the first rejection), relevance and tokens; and
+    per cycle, how many drafts each row kept."""
     k = drafted.shape[1]
     walked = torch.minimum(v.accepted + 1, torch.tensor(k, device=drafted.device))
     rel = probe.result()[:, :k] if probe is not None else None
@@ -313,6 +314,7 @@ def _record(traces, active, v, probe, drafted) -> None:
     by_head = torch.cat([probe.by_head[i][..., :k] for i in layers], 1).transpose(1, 2) if layers else None
     names = [(i, h) for i in layers for h in range(probe.by_head[i].shape[1])] if layers else []
     for i, row in enumerate(active.tolist()):
+        kept[row].append(int(v.accepted[i]))
         for j in range(int(walked[i])):
             traces[row].append({
                 "relevance": float(rel[i, j]) if rel is not None else None,

@@ -19,10 +19,10 @@ ATTENTION = "lvspec_sdpa"
 class RelevanceProbe:
     """Collects per-query video attention mass of the chosen heads during one forward.
 
-    `heads` maps each probed layer to the heads averaged into relevance (None: all of them).
+    `heads` maps each probed layer to the indices of the heads averaged into relevance (None: all).
     """
 
-    def __init__(self, heads: dict[int, tuple[int, ...] | None], video_keys: torch.Tensor):
+    def __init__(self, heads: dict[int, torch.Tensor | None], video_keys: torch.Tensor):
         self.heads = heads
         self.layers = set(heads)
         self.video_keys = video_keys  # [B, span] bool: which cache slots hold video tokens
@@ -40,7 +40,7 @@ class RelevanceProbe:
 
     def result(self) -> torch.Tensor:
         """Relevance [B, q]: video mass averaged over the chosen heads of the chosen layers."""
-        chosen = [h if self.heads[i] is None else h[:, list(self.heads[i])] for i, h in self.by_head.items()]
+        chosen = [h if self.heads[i] is None else h.index_select(1, self.heads[i]) for i, h in self.by_head.items()]
         return torch.cat(chosen, 1).mean(1)
 
 

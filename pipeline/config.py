@@ -166,10 +166,11 @@ def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfi
     theta and the relevance layers/heads come from the config where it sets them, else from the
     target's shipped `lvspec.json` settings (`shipped`), else lvspec's defaults.
     """
+    shipped = shipped or {}
     relevance = {"relevance_layers": gen.relevance_layers, "relevance_heads": gen.relevance_heads}
     if all(v is None for v in relevance.values()):
-        relevance = {key: (shipped or {}).get(key) for key in relevance}
-    theta = gen.theta if gen.theta is not None else (shipped or {}).get("theta", SpecConfig.theta)
+        relevance = {key: shipped.get(key) for key in relevance}
+    theta = gen.theta if gen.theta is not None else shipped.get("theta", SpecConfig.theta)
     return SpecConfig(mode=gen.mode, k=gen.k, theta=theta, alpha=gen.alpha, top_k=gen.top_k,
                       shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens, **relevance)
 

@@ -23,10 +23,12 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from lvspec import Replay, SpecConfig, generate
 from toyworld import families
@@ -146,6 +148,10 @@ def regroup(records: list[list[int]], rows: int) -> list[list[int]]:
     return groups
 
 
+def total(outs, name: str) -> int:
+    return sum(getattr(o.stats, name) for o in outs)
+
+
 def timed(fn) -> float:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
@@ -183,9 +189,6 @@ def run_pair(args, family: str, target_size: str, draft_size: str, patterns: dic
                 replay = Replay(regroup(patterns[mode], bs)) if mode != "ar" else None
                 outs = []
                 return timed(lambda: outs.extend(generate(target, drafts, rows, cfg, replay=replay))), outs
-
-            def total(outs, name):
-                return sum(getattr(o.stats, name) for o in outs)
 
             run_for(SHORT)  # warm-up
             prefill = SpecConfig(mode="ar", max_new_tokens=1, stop_token_ids=())
@@ -273,9 +276,9 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_realsize run needs a CUDA GPU (or --device cpu for a smoke run)")
     recorded = json.loads(Path(args.patterns).read_text())
-    report = {"command": "python -m toyworld.bench_realsize " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+    report = {"command": "python -m toyworld.bench_realsize " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}, "
-                         f"transformers {__import__('transformers').__version__}, {platform.machine()}",
+                         f"transformers {transformers.__version__}, {platform.machine()}",
               "date": datetime.date.today().isoformat(),
               "patterns": f"{args.patterns} (toy pairs, {recorded['videos']} videos of seed {recorded['seed']}, "
                           f"K={recorded['k']}, recorded {recorded['date']})",
