@@ -1,10 +1,10 @@
 """LVSpec: batched speculative decoding for Video-LLMs, strict on visual anchors, loose on fillers.
 
-Plain PyTorch + transformers; no Ray, no storage. See `engine.generate`.
+Plain PyTorch + transformers; no Ray, no storage. See `engine.Engine` and `engine.generate`.
 """
 
 from lvspec.config import MODES, SpecConfig
-from lvspec.engine import RowOutput, RowStats, generate
+from lvspec.engine import Engine, RowOutput, RowStats, generate
 from lvspec.replay import Replay
 
-__all__ = ["MODES", "Replay", "RowOutput", "RowStats", "SpecConfig", "generate"]
+__all__ = ["MODES", "Engine", "Replay", "RowOutput", "RowStats", "SpecConfig", "generate"]

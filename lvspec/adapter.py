@@ -21,14 +21,13 @@ class Prompt:
     position_ids: torch.Tensor  # [B, P] or [3, B, P] (M-RoPE)
     video_mask: torch.Tensor  # [B, P] bool: slots holding video tokens
     next_position: torch.Tensor  # [B] position id of the first generated token
+    last_token: torch.Tensor  # [B] id of the prompt's last token (text, never padding: prompts are left-padded)
 
 
 class Adapter(Protocol):
     family: str
 
     def prompt(self, model, rows: list[dict]) -> Prompt: ...
-
-    def positions(self, start: torch.Tensor) -> torch.Tensor: ...
 
 
 def _left_pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:

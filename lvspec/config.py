@@ -23,7 +23,8 @@ class SpecConfig:
     """How to decode. `sd` is exact greedy speculative decoding; `lvspec` loosens it on fillers."""
 
     mode: str = "lvspec"
-    k: int = 10  # draft tokens proposed per cycle
+    k: int | str = "auto"  # draft tokens proposed per cycle, or "auto": chosen per cycle (see draft_length)
+    k_max: int = 10  # the longest draft "auto" may choose
     theta: float = 0.2  # relevance >= theta marks a visual anchor: verified strictly
     alpha: float = 0.25  # loose rule: accept a filler d if p(d) >= alpha * p(target's choice)
     top_k: int = 0  # loose rule, alternative: accept a filler d in the target's top-k (0: off)
@@ -34,12 +35,17 @@ class SpecConfig:
     relevance_heads: tuple[tuple[int, int], ...] | None = None  # or exactly these (layer, head) pairs
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] | None = None  # None: the target's generation_config eos ids
+    cuda_graphs: bool = True  # on CUDA, capture each decoding stage once and replay it (off: run eagerly)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k (draft length) must be an integer >= 1, got {self.k!r}")
+        if isinstance(self.k, str) and self.k.strip().isdigit():
+            object.__setattr__(self, "k", int(self.k))
+        if self.k != "auto" and (not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1):
+            raise ValueError(f"k (draft length) must be 'auto' or an integer >= 1, got {self.k!r}")
+        if not isinstance(self.k_max, int) or self.k_max < 1:
+            raise ValueError(f"k_max (longest automatic draft) must be an integer >= 1, got {self.k_max!r}")
         if not 0.0 <= self.theta <= 1.0:
             raise ValueError(f"theta (relevance threshold) must be in [0, 1], got {self.theta!r}")
         if not 0.0 < self.alpha <= 1.0:
@@ -58,6 +64,11 @@ class SpecConfig:
             except (TypeError, ValueError):
                 raise ValueError(f"relevance_heads must be (layer, head) pairs, got {self.relevance_heads!r}") from None
             object.__setattr__(self, "relevance_heads", pairs)
+
+    @property
+    def longest_draft(self) -> int:
+        """The largest K any cycle may draft."""
+        return self.k_max if self.k == "auto" else self.k
 
     @property
     def loosened(self) -> bool:

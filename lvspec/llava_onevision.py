@@ -34,10 +34,7 @@ class LlavaOnevisionAdapter:
                 features[i] = feats
         embeds = embeds.masked_scatter(video_mask[..., None], torch.cat(features).to(embeds.dtype))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return Prompt(embeds, (mask == 0).sum(-1), positions, video_mask, mask.sum(-1))
-
-    def positions(self, start: torch.Tensor) -> torch.Tensor:
-        return start
+        return Prompt(embeds, (mask == 0).sum(-1), positions, video_mask, mask.sum(-1), ids[:, -1])
 
 
 ADAPTER = LlavaOnevisionAdapter()

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL: video features spliced into the prompt, M-RoPE (3-D) position ids."""
+"""Qwen2.5-VL: video features spliced into the prompt, M-RoPE (3-D) position ids for the prompt."""
 
 from __future__ import annotations
 
@@ -27,11 +27,8 @@ class Qwen25VLAdapter:
             ids, mm_token_type_ids=mm_types, video_grid_thw=grid, second_per_grid_ts=seconds, attention_mask=mask)
         # Text after the prompt continues at (largest position so far) + 1 on all three axes.
         next_position = positions.masked_fill(~mask.bool()[None], -1).amax(dim=(0, 2)) + 1
-        return Prompt(embeds, (mask == 0).sum(-1), positions, video_mask, next_position)
-
-    def positions(self, start: torch.Tensor) -> torch.Tensor:
-        """Position ids [3, B, q] for text tokens whose 1-D positions are `start` [B, q]."""
-        return start[None].expand(3, -1, -1)
+        # Generated text has equal positions on all three axes: decoding needs only this 1-D start.
+        return Prompt(embeds, (mask == 0).sum(-1), positions, video_mask, next_position, ids[:, -1])
 
 
 ADAPTER = Qwen25VLAdapter()

@@ -16,7 +16,8 @@ from lvspec.verify import EXACT, LOOSE, Verdict
 
 class Replay:
     """Per-row sequences of accepted draft counts; row r of a run replays record r mod R, and a
-    row that outlives its record starts it over."""
+    row that outlives its record starts it over. Acceptance is a prefix walk, so a count recorded
+    at a longer draft length replays as min(count, K)."""
 
     def __init__(self, accepted: list[list[int]]):
         accepted = [a for a in accepted if a]
@@ -38,18 +39,18 @@ class Replay:
         return float(sum(int(self.table[i, :n].sum()) for i, n in enumerate(self.cycles.tolist()))
                      / int(self.cycles.sum()))
 
-    def start(self, rows: int, device) -> None:
+    def start(self, slots: int, device) -> None:
         self.table, self.cycles = self.table.to(device), self.cycles.to(device)
-        self.cursor = torch.zeros(rows, dtype=torch.long, device=device)
+        self.cursor = torch.zeros(slots, dtype=torch.long, device=device)
 
-    def apply(self, v: Verdict, rows: torch.Tensor, drafted: torch.Tensor) -> Verdict:
-        """Keep the recorded number of drafts for each of `rows` (capped at this cycle's k)."""
+    def apply(self, v: Verdict, active: torch.Tensor, drafted: torch.Tensor) -> Verdict:
+        """Keep the recorded number of drafts in every active slot (capped at this cycle's K)."""
         k = drafted.shape[1]
-        record = rows % self.table.shape[0]
-        n = self.table[record, self.cursor[rows] % self.cycles[record]].clamp(max=k)
-        self.cursor[rows] += 1
+        slot = torch.arange(active.shape[0], device=active.device)
+        record = slot % self.table.shape[0]
+        n = self.table[record, self.cursor % self.cycles[record]].clamp(max=k)
+        self.cursor += active.long()
         exact = drafted == v.target_tokens[:, :k]
-        no = torch.zeros_like(v.anchor_rejected)
         return Verdict(accepted=n, kind=torch.where(exact, EXACT, LOOSE),
                        next_token=v.target_tokens.gather(1, n[:, None])[:, 0], gated=v.gated,
-                       anchor_rejected=no, target_tokens=v.target_tokens)
+                       anchor_rejected=torch.zeros_like(v.anchor_rejected), target_tokens=v.target_tokens)

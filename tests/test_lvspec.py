@@ -52,6 +52,7 @@ def assert_counters_add_up(result, k):
     assert s.num_tokens == len(result.tokens)
     assert s.target_forwards == s.num_cycles + 1
     assert s.draft_forwards <= 1 + k * s.num_cycles
+    assert s.drafted <= k * s.num_cycles and (s.draft_forwards == 0 or s.draft_forwards == 1 + s.drafted)
     # Each target forward adds one token of its own, except a last one cut short by a stop token.
     assert s.num_cycles <= s.corrections + s.bonus <= s.num_cycles + 1
     if s.num_cycles:
@@ -72,7 +73,7 @@ def test_exact_modes_are_token_identical_to_greedy_generate(pair, frame_counts, 
     results = generate(target, draft, rows, dataclasses.replace(cfg, max_new_tokens=48))
     assert [r.tokens for r in results] == expected
     for r in results:
-        assert_counters_add_up(r, cfg.k)
+        assert_counters_add_up(r, cfg.longest_draft)
         assert r.stats.accepted_loose == r.stats.accepted_shift == 0
 
 

@@ -1,0 +1,169 @@
+"""The text decoder of a Qwen2-family Video-LLM, as every decoding forward runs it.
+
+Both families' language models are Qwen2 decoders: LLaVA-OneVision's is Qwen2 itself, and
+Qwen2.5-VL's is Qwen2 with M-RoPE, whose three position axes are equal for generated text, so a
+plain rotation at that position is the same thing. The prompt forward stays on the HF modules
+(video splicing, 3-D positions); decoding forwards run here, on the same weights, packed so that
+q/k/v and gate/up are one matmul each. The forward has fixed shapes, builds its mask and
+positions on the device and never waits on the host, so a whole draft loop or verify forward is
+captured as one CUDA graph. It launches about 15 kernels a layer where HF's modules launch about
+40, which at draft-model sizes is most of a step's time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lvspec.adapter import text_config
+from lvspec.cache import StaticCache
+from lvspec.relevance import RelevanceProbe
+
+
+@dataclass
+class _Layer:
+    norm_in: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    norm_post: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def _pack(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """One tensor holding `params` end to end; each parameter becomes a view of its part, so the HF
+    modules compute exactly as before and no second copy of the weights exists."""
+    packed = torch.cat([p.data for p in params])
+    start = 0
+    for p in params:
+        p.data = packed[start:start + p.shape[0]]
+        start += p.shape[0]
+    return packed
+
+
+def _check_supported(cfg) -> None:
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    problems = []
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_type {rope.get('rope_type')!r}")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {cfg.hidden_act!r}")
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []) or getattr(cfg, "use_sliding_window", False):
+        problems.append("sliding-window attention")
+    if problems:
+        raise ValueError(f"lvspec decodes Qwen2-style text decoders; this model has {', '.join(problems)}")
+
+
+def packed_layers(model) -> list[_Layer]:
+    """The language model's layers with packed q/k/v and gate/up weights (packed once per model)."""
+    if getattr(model, "_lvspec_layers", None) is None:
+        layers = []
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+                biases = [p.bias for p in projections]
+                layers.append(_Layer(
+                    norm_in=layer.input_layernorm.weight,
+                    qkv=_pack([p.weight for p in projections]),
+                    qkv_bias=_pack(biases) if all(b is not None for b in biases) else None,
+                    o=attn.o_proj.weight, norm_post=layer.post_attention_layernorm.weight,
+                    gate_up=_pack([mlp.gate_proj.weight, mlp.up_proj.weight]), down=mlp.down_proj.weight))
+        model._lvspec_layers = layers
+    return model._lvspec_layers
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE in HF's half-split convention: x*cos + rotate_half(x)*sin, where rotate_half(x) is x
+    rolled by half a head with the first half negated (folded into `sin_signed`)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
+
+
+class TextDecoder:
+    """Decoding forwards of one model over a `StaticCache`."""
+
+    # How attention runs where no relevance is probed: "sdpa" (fused kernel) or "matmul" (scores,
+    # softmax, product: three well-parallelised kernels; faster when slots x kv heads is small).
+    attention = "auto"
+
+    def __init__(self, model, vocab: int):
+        cfg = text_config(model)
+        _check_supported(cfg)
+        lm = model.model.language_model
+        self.layers = packed_layers(model)
+        self.embed, self.norm = lm.embed_tokens.weight, lm.norm.weight
+        self.head = model.lm_head.weight[:vocab]  # ids past `vocab` are padding rows of larger embeddings
+        self.eps = cfg.rms_norm_eps
+        self.hidden = cfg.hidden_size
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim ** -0.5
+        theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        # As HF computes it: float32 on the host, then moved.
+        self.inv_freq = (1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim)).to(self.device)
+
+    @property
+    def device(self):
+        return self.embed.device
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+    def new_cache(self, slots: int, capacity: int) -> StaticCache:
+        return StaticCache(len(self.layers), slots, self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decoding forward reads (embedding rows aside)."""
+        tensors = [self.norm, self.head] + [t for layer in self.layers for t in vars(layer).values() if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def forward(self, cache: StaticCache, tokens: torch.Tensor, last_only: bool = False,
+                probe: RelevanceProbe | None = None) -> torch.Tensor:
+        """Run `tokens` [S, q] at each slot's `length` (writing their keys, not committing them);
+        returns logits [S, q, V] (or [S, 1, V] with `last_only`)."""
+        S, q = tokens.shape
+        nh, kvh, hd, H = self.heads, self.kv_heads, self.head_dim, self.hidden
+        group = nh // kvh
+        dt, dev = self.dtype, tokens.device
+        slot = cache.length[:, None] + torch.arange(q, device=dev)  # [S, q] cache slots of the new tokens
+        angle = (slot + cache.offset[:, None]).float()[..., None] * self.inv_freq  # [S, q, hd/2]
+        cos = torch.cat([angle.cos(), angle.cos()], -1).to(dt)[:, :, None]  # [S, q, 1, hd]
+        sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt)[:, :, None]
+        keys = torch.arange(cache.capacity, device=dev)
+        visible = (keys >= cache.pad[:, None, None]) & (keys <= slot[..., None])  # [S, q, capacity]
+        bias = torch.zeros(visible.shape, dtype=dt, device=dev).masked_fill_(~visible, -math.inf)
+        # Grouped-query attention with the group folded into the query length: each kv head's keys are
+        # read once for all of its query heads. Folded row g * q + j is query j of group head g.
+        bias = bias[:, None].expand(S, group, q, cache.capacity).reshape(S, 1, group * q, cache.capacity)
+        where = slot[:, None, :, None].expand(S, kvh, q, hd)
+        matmul = self.attention == "matmul" or (self.attention == "auto" and S * kvh < 32)
+
+        x = F.embedding(tokens, self.embed)
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (H,), layer.norm_in, self.eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(S, q, nh + 2 * kvh, hd)
+            qk = _rotate(qkv[:, :, : nh + kvh], cos, sin)
+            cache.k[i].scatter_(2, where, qk[:, :, nh:].transpose(1, 2))
+            cache.v[i].scatter_(2, where, qkv[:, :, nh + kvh:].transpose(1, 2))
+            query = qk[:, :, :nh].reshape(S, q, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(S, kvh, group * q, hd)
+            probed = probe is not None and i in probe.layers
+            if probed or matmul:
+                scores = torch.matmul(query, cache.k[i].transpose(-1, -2)).mul_(self.scale).add_(bias)
+                probs = scores.softmax(-1, dtype=torch.float32)
+                if probed:
+                    probe.add(i, probs, group, q)
+                out = torch.matmul(probs.to(dt), cache.v[i])
+            else:
+                out = F.scaled_dot_product_attention(query, cache.k[i], cache.v[i], attn_mask=bias, scale=self.scale)
+            out = out.view(S, kvh, group, q, hd).permute(0, 3, 1, 2, 4).reshape(S * q, nh * hd)
+            x = torch.addmm(x.view(S * q, H), out, layer.o.t()).view(S, q, H)
+            gate, up = F.linear(F.rms_norm(x, (H,), layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
+            x = torch.addmm(x.view(S * q, H), (F.silu(gate) * up).view(S * q, -1), layer.down.t()).view(S, q, H)
+        if last_only:
+            x = x[:, -1:]
+        return F.linear(F.rms_norm(x, (H,), self.norm, self.eps), self.head)

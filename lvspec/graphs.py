@@ -1,0 +1,48 @@
+"""Capture once, replay after: the decoding stages as CUDA graphs.
+
+A stage is a plain function of the decode state that reads and writes only the state's own
+tensors, with fixed shapes and no host synchronisation. With graphs on (a CUDA device), its first
+run warms it up on a side stream, then captures it; every later run replays the captured kernels
+with one launch. Off (CPU, or `cuda_graphs=False`), it is simply called. One switch, one code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import torch
+
+
+class Stages:
+    """Captured stages of one decode state, by key. `snapshot` returns a function that restores the
+    state's small tensors: the warm-up run really executes, and must leave no trace."""
+
+    def __init__(self, enabled: bool, snapshot: Callable[[], Callable[[], None]]):
+        self.enabled = enabled
+        self.snapshot = snapshot
+        self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        # Stages share one memory pool: whatever one stage hands to the next lives in the state's own
+        # tensors, so a stage's scratch memory may be reused by any other.
+        self.pool = torch.cuda.graph_pool_handle() if enabled else None
+
+    def run(self, key: Hashable, stage: Callable[[], None]) -> None:
+        if not self.enabled:
+            stage()
+            return
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(stage)
+        graph.replay()
+
+    def _capture(self, stage: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        restore = self.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            stage()  # warm-up: lazy initialisation (cuBLAS handles, kernels) outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        restore()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            stage()
+        return graph
