@@ -29,9 +29,9 @@ test: $(STAMP)
 	$(PY) -m pytest -x -q
 
 bench: $(STAMP)
-	$(PY) -m toyworld.evaluate --all --videos 200 --seed 1234 --filler-entropy default 0 --json bench/toyworld_eval.json --markdown BENCHMARKS.md
-	$(PY) -m toyworld.bench --all --videos 200 --seed 1234 --json bench/toyworld.json --markdown BENCHMARKS.md
-	$(PY) -m toyworld.bench_pipeline --videos 64 --json bench/pipeline.json --markdown BENCHMARKS.md
+	$(PY) -m bench.evaluate --all --videos 200 --seed 1234 --filler-entropy default 0 --json bench/toyworld_eval.json --markdown BENCHMARKS.md
+	$(PY) -m bench.toy --all --videos 200 --seed 1234 --json bench/toyworld.json --markdown BENCHMARKS.md
+	$(PY) -m bench.pipeline --videos 64 --json bench/pipeline.json --markdown BENCHMARKS.md
 
 toymodels: $(STAMP)
 	$(PY) -m toyworld.train --all

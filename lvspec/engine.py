@@ -108,7 +108,7 @@ class _State:
         # cycles that reached draft slot j (k_max), cycles that kept it (k_max)].
         self.status = torch.zeros(2 + 2 * k, **long)
         self.reached, self.kept = self.status[2:2 + k], self.status[2 + k:]
-        self.stages = Stages(engine.graphs, self.snapshot)
+        self.stages = Stages(engine.graphs, _snapshot(self.small()))
         self.costs: Costs | None = None
 
     def small(self) -> list[torch.Tensor]:
@@ -118,13 +118,18 @@ class _State:
             self.accepted, self.next_token, self.kind, self.target_tokens, self.anchor_rejected, self.relevance,
             self.relevance_by_head, self.status]
 
-    def snapshot(self):
-        saved = [(t, t.clone()) for t in self.small()]
-        return lambda: [t.copy_(s) for t, s in saved]
-
     def reset(self) -> None:
         for t in self.small():
             t.zero_()
+
+
+def _snapshot(tensors: list[torch.Tensor]):
+    """A function that saves `tensors` and returns the function restoring them (no reference back
+    to the state, so a dropped state frees its caches at once)."""
+    def save():
+        saved = [(t, t.clone()) for t in tensors]
+        return lambda: [t.copy_(s) for t, s in saved]
+    return save
 
 
 class _Clock:
@@ -176,6 +181,9 @@ class Engine:
         self.stop = _stop_ids(target, cfg)
         self.slots = slots
         self._state: _State | None = None
+        # Acceptance counts of earlier calls (cycles that reached / kept each draft slot), halved at
+        # every call: a new batch starts from what this pair accepted lately, not from nothing.
+        self._history = ([0.0] * self.k_max, [0.0] * self.k_max)
         self.timing: dict = {}  # of the latest call: prefill and decode seconds, stage costs, K per cycle
 
     # ---- the batch API -------------------------------------------------------------------------
@@ -221,7 +229,8 @@ class Engine:
             if self.D is None:
                 k = 0
             elif chooser is not None:
-                k = chooser.choose(status[2:2 + self.k_max], status[2 + self.k_max:], budget=remaining)
+                reached, kept = self._seen(status)
+                k = chooser.choose(reached, kept, budget=remaining)
             else:
                 k = max(1, min(self.k_max, remaining))
             ks.append(k)
@@ -239,6 +248,8 @@ class Engine:
             status = st.status.tolist()  # the cycle's one host read
         sync()
         done = time.perf_counter()
+        if self.k_max:
+            self._history = tuple([0.5 * x for x in counts] for counts in self._seen(status))
         self.timing = {
             "prefill_s": prefilled - start, "decode_s": done - prefilled, "cycles": len(ks), "k": ks,
             "draft_s": sum(clock.seconds(a, b) for a, b, _, _ in marks),
@@ -246,6 +257,12 @@ class Engine:
             "verify_s": sum(clock.seconds(b, c) for _, b, c, _ in marks), "verifies": len(marks),
             "costs": asdict(st.costs) if st.costs else None}
         return self._results(st, B, tokenizer, traces, kept)
+
+    def _seen(self, status: list[int]) -> tuple[list[float], list[float]]:
+        """Cycles that reached / kept each draft slot: this call's counts plus the decayed history."""
+        k = self.k_max
+        return ([h + c for h, c in zip(self._history[0], status[2:2 + k])],
+                [h + c for h, c in zip(self._history[1], status[2 + k:2 + 2 * k])])
 
     # ---- state ----------------------------------------------------------------------------------
     def _state_for(self, rows: int, width: int) -> _State:

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText
 
 from lvspec import Replay, SpecConfig, generate
 from toyworld import families, grammar
-from toyworld.evaluate import load_pair, render_videos
+from toyworld.families import load_pair, render_videos
 
 FAMILIES = families.FAMILIES
 

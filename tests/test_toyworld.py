@@ -106,7 +106,7 @@ def test_scorer_counts_malformed_truncated_and_contradictory_captions_as_wrong()
 def test_shipped_checkpoints_load_offline_and_caption_held_out_videos(family, monkeypatch):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from toyworld.evaluate import greedy_captions, render_videos
+    from toyworld.families import greedy_captions, render_videos
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = families.model_dir(family, "target")
@@ -130,7 +130,7 @@ def test_shipped_checkpoints_fit_the_size_budget():
 def test_packed_vision_attention_matches_the_stock_forward():
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from toyworld.evaluate import render_videos
+    from toyworld.families import render_videos
     from toyworld.train import packed_qwen_vision_attention
 
     path = families.model_dir("qwen2_5_vl", "draft")
@@ -165,7 +165,7 @@ def test_real_size_speed_models_have_the_real_checkpoints_parameter_counts(famil
     published sizes, vision tower and projector included, or their speed says nothing."""
     from transformers import AutoModelForImageTextToText
 
-    from toyworld.bench_realsize import real_config
+    from bench.realsize import real_config
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(real_config(family, size))

@@ -24,7 +24,7 @@ import numpy as np
 from lvspec import SpecConfig, generate
 from lvspec.config import SETTINGS_FILE
 from toyworld import families, grammar
-from toyworld.evaluate import engine_rows, load_pair, render_videos
+from toyworld.families import engine_rows, load_pair, render_videos
 
 CALIBRATION_SEED = 4242
 THETAS = np.round(np.arange(0.01, 1.0, 0.005), 3)

@@ -185,3 +185,33 @@ def chat_text(processor, prompt: str, answer: str | None = None) -> str:
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return text if answer is None else text + answer + "<|im_end|>"
+
+
+def load_pair(family: str, models_dir: Path | str = MODELS_DIR, dtype=None):
+    """(processor, target, draft) of a shipped toy pair, loaded offline like any checkpoint."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    dtype = dtype or torch.float32
+
+    def load(role):
+        path = Path(models_dir) / f"{family}-{role}"
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+
+    processor = AutoProcessor.from_pretrained(Path(models_dir) / f"{family}-target", local_files_only=True)
+    return processor, load("target"), load("draft")
+
+
+def render_videos(n: int, seed: int, num_frames: int = 8):
+    """n fresh clips from `seed`: scenes, mp4 bytes, and the frames the pipeline would sample."""
+    from pipeline.frames import read_frames
+    from toyworld.scene import clip_seed, make_clip
+
+    clips = [make_clip(clip_seed(seed, i)) for i in range(n)]
+    return [s for s, _ in clips], [b for _, b in clips], [read_frames(b, num_frames)[0] for _, b in clips]
+
+
+def engine_rows(processor, frames, prompt: str) -> list[dict]:
+    """One processor output per video: the rows lvspec.generate takes."""
+    text = chat_text(processor, prompt)
+    return [processor(text=[text], videos=[f], return_tensors="pt") for f in frames]

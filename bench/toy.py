@@ -1,7 +1,7 @@
 """Benchmark ar / sd / lvspec on fresh toy videos (what `make bench` runs).
 
-    python -m toyworld.bench --family llava_onevision --videos 200 --seed 1234 --json out.json
-    python -m toyworld.bench --all --json bench/toyworld.json --markdown BENCHMARKS.md
+    python -m bench.toy --family llava_onevision --videos 200 --seed 1234 --json out.json
+    python -m bench.toy --all --json bench/toyworld.json --markdown BENCHMARKS.md
 
 Per family and mode: tau (tokens per draft-verify cycle), target forwards per token, tokens/s,
 attribute accuracy and retention (accuracy / accuracy of ar); for lvspec, anchor precision and
@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench.report import merge_previous, run_info, write_markdown_section
 from lvspec import SpecConfig, generate
 from lvspec.config import shipped_settings
 from toyworld import families, grammar, score
-from toyworld.evaluate import engine_rows, load_pair, render_videos
+from toyworld.families import engine_rows, load_pair, render_videos
 
 
 def mode_configs(family: str, k: int, max_new_tokens: int) -> dict[str, SpecConfig]:
@@ -211,44 +208,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown_section(path: Path, body: str, tag: str = "toyworld-bench",
-                           title: str = "Toy world: ar / sd / lvspec") -> None:
-    """Replace the generated block `tag` of a markdown file (append it under `title` the first time)."""
-    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + f"\n\n## {title}\n\n{block}\n"
-    path.write_text(text)
-
-
-def merge_previous(path: Path, results: list[dict]) -> list[dict]:
-    """`results` plus the families of an earlier run's JSON at `path` that `results` lacks.
-
-    Either file shape works: the benchmark's `{"families": {name: result}}` or the evaluation's
-    list of results (one per family and filler entropy). One family per command is allowed.
-    """
-    earlier = json.loads(path.read_text()) if path.exists() else []
-    if isinstance(earlier, dict):
-        earlier = list(earlier["families"].values()) if "families" in earlier else [earlier]
-    fresh = {r["family"] for r in results}
-    kept = [r for r in earlier if r.get("family") in families.FAMILIES and r["family"] not in fresh]
-    return sorted(kept + results, key=lambda r: families.FAMILIES.index(r["family"]))
-
-
-def run_info(module: str, argv) -> dict:
-    """Command line, machine and date of this run, for the JSON and the markdown."""
-    return {"command": f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": machine(), "date": datetime.date.today().isoformat()}
-
-
-def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__} " \
-           f"({torch.get_num_threads()} threads), CPU"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=families.FAMILIES, action="append")
@@ -263,7 +222,7 @@ def main(argv=None):
     ap.add_argument("--markdown", help="update the benchmark section of this file (BENCHMARKS.md)")
     args = ap.parse_args(argv)
     fams = families.FAMILIES if args.all or not args.family else args.family
-    run = run_info("toyworld.bench", argv)
+    run = run_info("bench.toy", argv)
     results = []
     for family in fams:
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731

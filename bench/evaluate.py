@@ -1,6 +1,6 @@
 """Evaluate a toy target/draft pair on fresh videos.
 
-    python -m toyworld.evaluate --family qwen2_5_vl --videos 200 --seed 1234 --json out.json
+    python -m bench.evaluate --family qwen2_5_vl --videos 200 --seed 1234 --json out.json
 
 Renders N clips from the seed, decodes them like the pipeline does, captions them greedily with
 the target and with the draft, scores both, and measures teacher-forced agreement: how often the
@@ -18,34 +18,9 @@ from pathlib import Path
 
 import torch
 
+from bench.report import merge_previous, run_info, write_markdown_section
 from toyworld import families, grammar, score
-from toyworld.scene import clip_seed, make_clip
-
-
-def load_pair(family: str, models_dir: Path | str = families.MODELS_DIR, dtype=torch.float32):
-    """(processor, target, draft) of a shipped toy pair, loaded offline like any checkpoint."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    def load(role):
-        path = Path(models_dir) / f"{family}-{role}"
-        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
-
-    processor = AutoProcessor.from_pretrained(Path(models_dir) / f"{family}-target", local_files_only=True)
-    return processor, load("target"), load("draft")
-
-
-def render_videos(n: int, seed: int, num_frames: int = 8):
-    """n fresh clips from `seed`: scenes, mp4 bytes, and the frames the pipeline would sample."""
-    from pipeline.frames import read_frames
-
-    clips = [make_clip(clip_seed(seed, i)) for i in range(n)]
-    return [s for s, _ in clips], [b for _, b in clips], [read_frames(b, num_frames)[0] for _, b in clips]
-
-
-def engine_rows(processor, frames, prompt: str) -> list[dict]:
-    """One processor output per video: the rows lvspec.generate takes."""
-    text = families.chat_text(processor, prompt)
-    return [processor(text=[text], videos=[f], return_tensors="pt") for f in frames]
+from toyworld.families import load_pair, render_videos
 
 
 def greedy_captions(processor, model, frames, prompt: str, batch_size: int = 32, max_new_tokens: int = 48):
@@ -149,9 +124,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not (args.all or args.family):
         ap.error("name --family or --all")
-    from toyworld.bench import merge_previous, run_info
-
-    run = run_info("toyworld.evaluate", argv)
+    run = run_info("bench.evaluate", argv)
     results = []
     for family in families.FAMILIES if args.all else args.family:
         for level in args.filler_entropy:
@@ -167,8 +140,6 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
     if args.markdown:
-        from toyworld.bench import write_markdown_section
-
         write_markdown_section(Path(args.markdown), markdown(results), tag="toyworld-eval",
                                title="Toy world models: accuracy and draft/target agreement")
 

@@ -1,6 +1,6 @@
 """Pipeline efficiency on the toy world: the Ray job's caption tokens/s vs the engine alone.
 
-    python -m toyworld.bench_pipeline --family llava_onevision --videos 64 --json bench/pipeline.json
+    python -m bench.pipeline --family llava_onevision --videos 64 --json bench/pipeline.json
 
 Renders toy shards to a local bucket, runs the captioning job on a local Ray cluster (CPU), then
 captions the same videos with `lvspec.generate` in-process at the same batch size. Reports both
@@ -17,14 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.report import machine, write_markdown_section
 from lvspec import generate
 from lvspec.config import shipped_settings
 from pipeline.config import load_config, spec_config
 from pipeline.decode import chat_prompt
 from pipeline.frames import read_frames
 from toyworld import families
-from toyworld.bench import machine, write_markdown_section
-from toyworld.evaluate import load_pair
+from toyworld.families import load_pair
 from toyworld.shards import write_shards
 
 
@@ -72,7 +72,7 @@ def main(argv=None):
         alone = engine_alone(args.family, mp4s, cfg)
     c, d = summary["caption"], summary["decode"]
     report = {
-        "command": "python -m toyworld.bench_pipeline " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.pipeline " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(), "date": datetime.date.today().isoformat(), "family": args.family,
         "videos": args.videos, "caption_batch_size": cfg.caption.batch_size, "decode_actors": cfg.decode.actors,
         "pipeline": {"wall_s": summary["wall_s"], "tokens": c["tokens"], "tokens_per_s_end_to_end": c["tokens_per_s_wall"],

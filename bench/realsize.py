@@ -1,0 +1,500 @@
+"""Real-size speed with replayed acceptance (DESIGN.md, "Speed at real scale"). Figures are "replay".
+
+    # on this machine: record what the toy pairs accept per cycle (sd and lvspec, K=10)
+    python -m bench.realsize record --videos 64 --seed 1234 --out bench/replay_patterns.json
+    # on a GPU: random-weight models of real shapes, bf16, each cycle keeping the recorded count
+    python -m bench.realsize run --pair qwen2_5_vl:32b:7b --pair qwen2_5_vl:32b:3b --json $OUT/q.json
+    python -m bench.realsize steps --size qwen2_5_vl:7b --batch-sizes 1 8 --json $OUT/steps.json
+    # here: merge the runs (and the reference probe's JSONs) into bench/realsize.json and BENCHMARKS.md
+    python -m bench.realsize report --json q.json l.json --probe probe.json --out bench/realsize.json \\
+        --markdown BENCHMARKS.md
+
+Real checkpoints can't be fetched, so the target and draft are built from the real configs'
+shapes with random weights, the toy tokenizer (its special-token ids go into the configs) and the
+family's real video processor at its default resolution. Their own accept/reject decisions would
+mean nothing, so every cycle keeps the number of drafts that the toy pair kept on the same cycle
+of a traced toy run (`lvspec.Replay`): the engine drafts, verifies, probes relevance and rolls back
+exactly as it would. Stop tokens are off; each row generates `--new-tokens` tokens. Per mode and
+batch size, three runs of one held `Engine` after a warm-up (which captures its CUDA graphs):
+decode tokens/s (the prefill excluded), speedup over our ar and over HF `generate`, the GPU time
+of a verify forward and of a draft step, and the weights + KV read per second against the HBM
+floor (as gpt-fast reports it). `steps` times single decoder forwards, eager and captured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.report import run_info, write_markdown_section
+from lvspec import Engine, Replay, SpecConfig, generate
+from lvspec.adapter import left_pad_rows, text_config
+from lvspec.decoder import TextDecoder
+from toyworld import families
+
+# Text shapes of the real checkpoints' configs (hidden, intermediate, layers, heads, kv heads, vocab).
+TEXT = {
+    "qwen2_5_vl": {"72b": (8192, 29568, 80, 64, 8, 152064), "32b": (5120, 27648, 64, 40, 8, 152064),
+                   "7b": (3584, 18944, 28, 28, 4, 152064), "3b": (2048, 11008, 36, 16, 2, 151936)},
+    "llava_onevision": {"72b": (8192, 29568, 80, 64, 8, 152064), "7b": (3584, 18944, 28, 28, 4, 152064),
+                        "0.5b": (896, 4864, 24, 14, 2, 151936)},
+}
+TIED = {("qwen2_5_vl", "3b"), ("llava_onevision", "0.5b")}
+VISION = {
+    "qwen2_5_vl": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                   "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "tokens_per_second": 2,
+                   "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"},
+    "llava_onevision": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 26,
+                        "num_attention_heads": 16, "image_size": 384, "patch_size": 14},
+}
+PROMPT = "Describe this video in detail."
+SHORT = 16  # new tokens of a warm-up run
+HBM_BYTES_PER_S = 4.8e12  # H200 datasheet (the reference probe's floor uses the same)
+
+
+def real_config(family: str, size: str):
+    """The toy target's config (token ids, family settings) with the real size's shapes."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(families.model_dir(family, "target"), local_files_only=True)
+    hidden, inter, layers, heads, kv, vocab = TEXT[family][size]
+    text = cfg.get_text_config()
+    for key, value in {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+                       "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+                       "head_dim": hidden // heads, "max_position_embeddings": 32768}.items():
+        setattr(text, key, value)
+    if hasattr(text, "layer_types"):
+        text.layer_types = ["full_attention"] * layers
+    tied = (family, size) in TIED
+    cfg.tie_word_embeddings = text.tie_word_embeddings = tied
+    for key, value in VISION[family].items():
+        setattr(cfg.vision_config, key, value)
+    if family == "qwen2_5_vl":
+        cfg.vision_config.out_hidden_size = hidden
+        text.rope_parameters = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+    return cfg
+
+
+def build(family: str, size: str, device: str, dtype=torch.bfloat16):
+    from transformers import AutoModelForImageTextToText
+
+    cfg = real_config(family, size)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def real_processor(family: str):
+    """The toy tokenizer with the family's real video processor at its default resolution."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(families.model_dir(family, "target"), local_files_only=True)
+    vp = type(processor.video_processor)
+    if family == "qwen2_5_vl":
+        processor.video_processor = vp(patch_size=14, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=True,
+                                       size={"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28})
+    else:
+        processor.video_processor = vp(size={"height": 384, "width": 384})
+        processor.num_image_tokens = (384 // 14) ** 2
+    return processor
+
+
+def video_rows(processor, n: int, frames: int, side: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    text = families.chat_text(processor, PROMPT)
+    return [processor(text=[text], videos=[torch.randint(0, 256, (frames, side, side, 3), generator=g,
+                                                         dtype=torch.uint8).numpy()], return_tensors="pt")
+            for _ in range(n)]
+
+
+def record(args) -> None:
+    """Accepted drafts per cycle of the toy pairs (sd and the calibrated lvspec), traced."""
+    from lvspec.config import shipped_settings
+    from toyworld import grammar
+    from toyworld.families import engine_rows, load_pair, render_videos
+
+    out = {"videos": args.videos, "seed": args.seed, "k": args.k, "date": datetime.date.today().isoformat(),
+           "families": {}}
+    for family in families.FAMILIES:
+        processor, target, draft = load_pair(family)
+        _, _, frames = render_videos(args.videos, args.seed)
+        rows = engine_rows(processor, frames, grammar.PROMPT)
+        lv = SpecConfig(mode="lvspec", k=args.k, max_new_tokens=48, **shipped_settings(families.model_dir(family, "target")))
+        modes = {}
+        for mode, cfg in {"sd": SpecConfig(mode="sd", k=args.k, max_new_tokens=48), "lvspec": lv}.items():
+            res = [r for lo in range(0, len(rows), 25) for r in generate(target, draft, rows[lo:lo + 25], cfg, trace=True)]
+            modes[mode] = [r.accepted_per_cycle for r in res]
+            print(f"[{family}] {mode}: mean accepted drafts per cycle {Replay(modes[mode]).mean_accepted():.2f}")
+        out["families"][family] = modes
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out) + "\n")
+    print(f"wrote {args.out}")
+
+
+def regroup(records: list[list[int]], rows: int) -> list[list[int]]:
+    """All recorded cycles dealt out to `rows` rows, so every batch size replays the same cycles."""
+    groups = [[] for _ in range(rows)]
+    for i, record in enumerate(records):
+        groups[i % rows].extend(record)
+    return groups
+
+
+def kv_bytes(decoder: TextDecoder, ctx: int, rows: int) -> int:
+    """Bytes of keys and values one forward reads for `rows` rows holding `ctx` tokens each."""
+    itemsize = torch.finfo(decoder.dtype).bits // 8
+    return rows * ctx * len(decoder.layers) * decoder.kv_heads * decoder.head_dim * 2 * itemsize
+
+
+def floor_ms(decoder: TextDecoder, ctx: int, rows: int) -> float:
+    """The fewest milliseconds a decoding forward can take: its weights and KV once through HBM."""
+    return (decoder.weight_bytes() + kv_bytes(decoder, ctx, rows)) / HBM_BYTES_PER_S * 1e3
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Milliseconds per replay of `fn` captured as one CUDA graph (after a warm-up run)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    return _events_ms(graph.replay, reps)
+
+
+def eager_ms(fn, reps: int = 5) -> float:
+    for _ in range(2):
+        fn()
+    return _events_ms(fn, reps)
+
+
+def _events_ms(fn, reps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@torch.inference_mode()
+def steps(args) -> dict:
+    """Per-forward cost of the engine's decoder on random real-size weights: eager and captured,
+    1 token (a draft or ar step) and K+1 = 11 (a verify forward, with and without the relevance
+    probe on 4 layers), both attention paths, against the bandwidth floor."""
+    from lvspec.relevance import RelevanceProbe
+
+    out = {"ctx": args.ctx, "rows": []}
+    for spec in args.size:
+        family, size = spec.split(":")
+        model = build(family, size, "cuda")
+        decoder = TextDecoder(model, text_config(model).vocab_size)
+        layers = len(decoder.layers)
+        for bs in args.batch_sizes:
+            cache = decoder.new_cache(bs, -(-(args.ctx + 32) // 128) * 128)
+            cache.k.normal_()
+            cache.v.normal_()
+            cache.length.fill_(args.ctx)
+            video = torch.zeros(bs, cache.capacity, dtype=torch.bool, device="cuda")
+            video[:, 20:args.ctx - 20] = True
+            heads = dict.fromkeys(sorted({0, layers // 3, 2 * layers // 3, layers - 1}))
+            for q, probed in ((1, False), (11, False), (11, True)):
+                tokens = torch.randint(0, 1000, (bs, q), device="cuda")
+                for attention in ("sdpa", "matmul"):
+                    decoder.attention = attention
+
+                    def fn():
+                        probe = RelevanceProbe(heads, video) if probed else None
+                        decoder.forward(cache, tokens, probe=probe)
+                        if probe is not None:
+                            probe.result()
+
+                    row = {"model": f"{family}-{size}", "batch": bs, "q": q, "probe": probed, "attention": attention,
+                           "eager_ms": round(eager_ms(fn), 3), "graph_ms": round(graph_ms(fn), 3),
+                           "floor_ms": round(floor_ms(decoder, args.ctx, bs), 3)}
+                    out["rows"].append(row)
+                    print(row, flush=True)
+            decoder.attention = "auto"
+            cache = None
+        decoder = model = None  # free this size before building the next
+        torch.cuda.empty_cache()
+    return out
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Median and spread ((max - min) / median) of repeated measurements."""
+    mid = statistics.median(values)
+    return mid, (max(values) - min(values)) / mid if mid else 0.0
+
+
+def _hf_rows(processor, rows_all: list[dict], bs: int, device) -> dict:
+    """The first `bs` videos as one left-padded HF batch."""
+    pad = processor.tokenizer.pad_token_id or 0
+    batch = {"input_ids": left_pad_rows(rows_all[:bs], "input_ids", pad),
+             "attention_mask": left_pad_rows(rows_all[:bs], "attention_mask", 0)}
+    if "mm_token_type_ids" in rows_all[0]:
+        batch["mm_token_type_ids"] = left_pad_rows(rows_all[:bs], "mm_token_type_ids", 0)
+    for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        if key in rows_all[0]:
+            values = [torch.as_tensor(r[key]) for r in rows_all[:bs]]
+            batch[key] = torch.cat([v.reshape(-1) if v.ndim == 0 else v for v in values])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def hf_generate(target, processor, rows_all, bs: int, new_tokens: int, repeats: int, log) -> dict:
+    """`transformers` generate, greedy, its defaults: what a user gets today. Decode tokens/s from
+    a run of `new_tokens` minus a run of 1 (the prefill), each repeated."""
+    inputs = _hf_rows(processor, rows_all, bs, target.device)
+    sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
+
+    def seconds(n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        target.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        sync()
+        return time.perf_counter() - t0
+
+    seconds(new_tokens)  # warm-up at full length: cuDNN attention plans every key length once
+    runs = []
+    for _ in range(repeats):
+        runs.append(bs * (new_tokens - 1) / (seconds(new_tokens) - seconds(1)))
+        log(f"    hf generate bs {bs}: {runs[-1]:.1f} tok/s")
+    tps, spread = _stats(runs)
+    return {"batch_size": bs, "mode": "hf_generate", "decode_tokens_per_s": tps, "spread": spread,
+            "runs_tokens_per_s": runs}
+
+
+_HF_DONE: dict[tuple, dict] = {}
+
+
+@torch.inference_mode()
+def run_pair(args, family: str, target_size: str, draft_size: str, patterns: dict, target=None, log=print) -> dict:
+    """Our ar / sd / lvspec (replayed acceptance) and HF generate for one pair, every batch size."""
+    processor = real_processor(family)
+    t0 = time.perf_counter()
+    target = target if target is not None else build(family, target_size, args.device)
+    draft = build(family, draft_size, args.device)
+    log(f"[{family} {target_size}/{draft_size}] built in {time.perf_counter() - t0:.0f} s"
+        + (f"; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB" if args.device == "cuda" else ""))
+    T = TextDecoder(target, text_config(target).vocab_size)
+    D = TextDecoder(draft, text_config(draft).vocab_size)
+    layers = len(T.layers)
+    probe = tuple(sorted({0, layers // 3, 2 * layers // 3, layers - 1}))  # a calibrated gate reads a few layers
+    rows_all = video_rows(processor, max(args.batch_sizes), args.frames, args.side)
+    prompt_tokens = int(rows_all[0]["input_ids"].shape[1])
+    ctx = prompt_tokens + args.new_tokens // 2  # mean tokens in the cache while decoding
+    result = {"target": f"{family}-{target_size}", "draft": f"{family}-{draft_size}", "setting": args.setting,
+              "frames": args.frames, "video_tokens": int((rows_all[0]["input_ids"] == target.config.video_token_id).sum()),
+              "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "k": args.k,
+              "target_weight_gb": T.weight_bytes() / 1e9, "draft_weight_gb": D.weight_bytes() / 1e9,
+              "relevance_layers": list(probe), "runs": []}
+    for bs in args.batch_sizes:
+        rows = rows_all[:bs]
+        ar_tps = None
+        for mode in ("ar", "sd", "lvspec"):
+            cfg = SpecConfig(mode=mode, k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
+                             relevance_layers=probe if mode == "lvspec" else None, cuda_graphs=not args.eager)
+            engine = Engine(target, draft if mode != "ar" else None, cfg, slots=bs)
+            replay = Replay(regroup(patterns[mode], bs)) if mode != "ar" else None
+            engine.generate(rows, replay=replay)  # warm-up: captures the stages (and measures costs for k=auto)
+            runs = []
+            for _ in range(args.repeats):
+                outs = engine.generate(rows, replay=replay)
+                t = engine.timing
+                tokens = sum(o.stats.num_tokens - 1 for o in outs)  # the prefill's token is not decoding
+                runs.append({"tps": tokens / t["decode_s"], "prefill_s": t["prefill_s"],
+                             "tau": tokens / sum(o.stats.num_cycles for o in outs),
+                             "ms_draft_step": 1e3 * t["draft_s"] / t["draft_steps"] if t["draft_steps"] else None,
+                             "ms_verify": 1e3 * t["verify_s"] / t["verifies"], "k": statistics.median(t["k"]),
+                             "cycles": t["cycles"], "draft_steps": t["draft_steps"], "decode_s": t["decode_s"]})
+            tps, spread = _stats([r["tps"] for r in runs])
+            mid = sorted(runs, key=lambda r: r["tps"])[len(runs) // 2]
+            ar_tps = tps if mode == "ar" else ar_tps
+            # Weights and KV that the batch's forwards must read, over the decode time (gpt-fast's figure).
+            read = mid["cycles"] * (T.weight_bytes() + kv_bytes(T, ctx, bs)) \
+                + mid["draft_steps"] * (D.weight_bytes() + kv_bytes(D, ctx, bs))
+            run = {"batch_size": bs, "mode": mode, "k": mid["k"] if mode != "ar" else 0, "decode_tokens_per_s": tps,
+                   "spread": spread, "runs_tokens_per_s": [r["tps"] for r in runs],
+                   "speedup_over_ar": tps / ar_tps, "tau": mid["tau"], "prefill_s": mid["prefill_s"],
+                   "ms_per_verify": mid["ms_verify"], "ms_per_draft_step": mid["ms_draft_step"],
+                   "verify_floor_ms": floor_ms(T, ctx, bs), "draft_step_floor_ms": floor_ms(D, ctx, bs),
+                   "cycle_ms": 1e3 * mid["decode_s"] / mid["cycles"], "achieved_gb_per_s": read / mid["decode_s"] / 1e9}
+            run["bandwidth_fraction"] = run["achieved_gb_per_s"] * 1e9 / HBM_BYTES_PER_S
+            result["runs"].append(run)
+            ms_d = f"{run['ms_per_draft_step']:.2f}" if run["ms_per_draft_step"] else "-"
+            log(f"[{family} {target_size}/{draft_size}] bs {bs:3d} {mode:6s}: {tps:8.1f} tok/s (spread {spread:.1%}, "
+                f"x{run['speedup_over_ar']:.2f} vs ar), tau {run['tau']:.2f}, K {run['k']}, verify "
+                f"{run['ms_per_verify']:.2f} ms (floor {run['verify_floor_ms']:.2f}), draft step {ms_d} ms, "
+                f"{run['achieved_gb_per_s']:.0f} GB/s")
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
+        if bs in args.hf_batch_sizes:
+            key = (family, target_size, bs, args.frames, args.side, args.new_tokens)
+            if key not in _HF_DONE:  # pairs that share a target share its HF figure
+                _HF_DONE[key] = hf_generate(target, processor, rows_all, bs, args.new_tokens, args.repeats, log)
+            hf = dict(_HF_DONE[key])
+            result["runs"].append(hf)
+            for run in result["runs"]:
+                if run["batch_size"] == bs and run["mode"] != "hf_generate":
+                    run["speedup_over_hf_generate"] = run["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+            log(f"[{family} {target_size}/{draft_size}] bs {bs:3d} hf generate: {hf['decode_tokens_per_s']:.1f} tok/s")
+    del draft, D
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _probe_ms(probe: dict | None, model: str, bs: int, q: int) -> float | None:
+    """The reference probe's graph figure for a model size (e.g. '7B') at batch bs and q tokens."""
+    if not probe:
+        return None
+    for shape in probe.get("shapes", [probe]):
+        row = shape.get(f"{model}_bs{bs}")
+        if row and f"graph_q{q}_ms" in row:
+            return row[f"graph_q{q}_ms"]
+    return None
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}  ",
+             f"Replayed acceptance: {report['patterns']}  ",
+             f"Each row: median of {report.get('repeats', 3)} runs (spread = (max - min) / median); decode tokens/s excludes the "
+             "prefill; ms per verify / draft step are the captured stages' GPU times; floor = weights + KV "
+             "at 4.8 TB/s; probe = `../shared/probes/gpu_steps.py` graph replay, same machine and sitting.", ""]
+    for r in report["pairs"]:
+        size = lambda name: name.split("-")[1].upper()  # noqa: E731
+        lines += [f"#### {r['target']} target / {r['draft']} draft, {r['setting']} setting (random weights, bf16; "
+                  f"{r['frames']} frames = {r['video_tokens']} video tokens, prompt {r['prompt_tokens']} tokens, "
+                  f"{r['new_tokens']} new tokens per row, K={r['k']}; weights {r['target_weight_gb']:.1f} GB + "
+                  f"{r['draft_weight_gb']:.1f} GB)", "",
+                  "| batch | mode | K (median) | tau (replay) | decode tokens/s | spread | x our ar | x HF generate | "
+                  "ms per verify (floor / probe) | ms per draft step (floor / probe) | GB/s (share of 4.8 TB/s) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        probe = report.get("probe")
+        for x in r["runs"]:
+            bs = x["batch_size"]
+            if x["mode"] == "hf_generate":
+                lines.append(f"| {bs} | HF generate | - | 1.00 | {x['decode_tokens_per_s']:.1f} | {x['spread']:.1%} | "
+                             f"- | 1.00 | - | - | - |")
+                continue
+            q = 1 if x["mode"] == "ar" else 11
+            pv = _probe_ms(probe, size(r["target"]), bs, q)
+            pd = _probe_ms(probe, size(r["draft"]), bs, 1)
+            verify = f"{x['ms_per_verify']:.2f} ({x['verify_floor_ms']:.2f} / {pv if pv else '-'})"
+            draft = (f"{x['ms_per_draft_step']:.2f} ({x['draft_step_floor_ms']:.2f} / {pd if pd else '-'})"
+                     if x.get("ms_per_draft_step") else "-")
+            hf = f"{x['speedup_over_hf_generate']:.2f}" if "speedup_over_hf_generate" in x else "-"
+            lines.append(f"| {bs} | {x['mode']} | {x['k']:g} | {x['tau']:.2f} | {x['decode_tokens_per_s']:.1f} | "
+                         f"{x['spread']:.1%} | {x['speedup_over_ar']:.2f} | {hf} | {verify} | {draft} | "
+                         f"{x['achieved_gb_per_s']:.0f} ({x['bandwidth_fraction']:.0%}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pairs(specs: list[str]) -> list[tuple[str, str, str]]:
+    pairs = []
+    for spec in specs:  # check every pair before building anything
+        family, t, d = (spec.split(":") + ["", ""])[:3]
+        if family not in TEXT or t not in TEXT[family] or d not in TEXT[family]:
+            raise SystemExit(f"--pair {spec!r}: want family:target:draft with family in {list(TEXT)} and sizes in "
+                             f"{ {f: list(s) for f, s in TEXT.items()} }")
+        pairs.append((family, t, d))
+    return pairs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="record toy acceptance patterns (CPU is fine)")
+    rec.add_argument("--videos", type=int, default=64)
+    rec.add_argument("--seed", type=int, default=1234)
+    rec.add_argument("--k", type=int, default=10)
+    rec.add_argument("--out", default="bench/replay_patterns.json")
+    st = sub.add_parser("steps", help="per-forward cost of the decoder, eager and captured (GPU)")
+    st.add_argument("--size", action="append", required=True, help="family:size, e.g. qwen2_5_vl:7b")
+    st.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    st.add_argument("--ctx", type=int, default=1200)
+    st.add_argument("--json", required=True)
+    run = sub.add_parser("run", help="time random-weight real-size pairs with replayed acceptance (GPU)")
+    run.add_argument("--pair", action="append", required=True, help="family:target_size:draft_size, e.g. qwen2_5_vl:32b:7b")
+    run.add_argument("--patterns", default="bench/replay_patterns.json")
+    run.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    run.add_argument("--hf-batch-sizes", type=int, nargs="*", default=[1, 8], help="also time HF generate at these")
+    run.add_argument("--new-tokens", type=int, default=128)
+    run.add_argument("--frames", type=int, default=16)
+    run.add_argument("--side", type=int, default=336)
+    run.add_argument("--k", default="auto", help="draft length: auto or an integer")
+    run.add_argument("--repeats", type=int, default=3)
+    run.add_argument("--setting", default="default", help="a label for this run's shape (e.g. paper)")
+    run.add_argument("--eager", action="store_true", help="no CUDA graphs (to measure what they buy)")
+    run.add_argument("--probe", help="the reference probe's JSON from the same sitting (gpu_steps.py output)")
+    run.add_argument("--device", default="cuda", help="cpu: a smoke run of the benchmark code only")
+    run.add_argument("--json", required=True)
+    rep = sub.add_parser("report", help="merge run JSONs (and probe JSONs) into one report and its markdown")
+    rep.add_argument("--json", nargs="+", required=True, help="run JSONs, in order")
+    rep.add_argument("--probe", nargs="*", default=[], help="gpu_steps.py JSONs of the same sitting")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--markdown")
+    args = ap.parse_args(argv)
+    if args.command == "record":
+        return record(args)
+    if args.command == "report":
+        return report_cmd(args)
+    if getattr(args, "device", "cuda") == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench.realsize {args.command} needs a CUDA GPU")
+    if args.command == "steps":
+        result = {**steps(args), **run_info("bench.realsize", argv)}
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return
+
+    args.k = int(args.k) if str(args.k).isdigit() else args.k
+    pairs = _pairs(args.pair)
+    recorded = json.loads(Path(args.patterns).read_text())
+    report = {**run_info("bench.realsize", argv), "repeats": args.repeats,
+              "patterns": f"{args.patterns} (toy pairs, {recorded['videos']} videos of seed {recorded['seed']}, "
+                          f"K={recorded['k']}, recorded {recorded['date']})", "pairs": []}
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    target, target_key = None, None
+    for family, t, d in pairs:
+        if target_key != (family, t):  # pairs that share a target build it once
+            target = None
+            target, target_key = build(family, t, args.device), (family, t)
+        report["pairs"].append(run_pair(args, family, t, d, recorded["families"][family], target=target, log=log))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(report))
+    print(f"wrote {args.json}")
+
+
+def report_cmd(args) -> None:
+    runs = [json.loads(Path(p).read_text()) for p in args.json]
+    report = {"command": " ; ".join(r["command"] for r in runs), "machine": runs[0]["machine"],
+              "repeats": runs[0].get("repeats", 3),
+              "date": runs[0]["date"], "patterns": runs[0]["patterns"],
+              "probe": {"shapes": [json.loads(Path(p).read_text()) for p in args.probe]} if args.probe else None,
+              "pairs": [p for r in runs for p in r["pairs"]]}
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        write_markdown_section(Path(args.markdown), markdown(report), tag="realsize-bench",
+                               title="Real size: random-weight models, replayed acceptance")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
