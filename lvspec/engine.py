@@ -229,8 +229,7 @@ class Engine:
             if self.D is None:
                 k = 0
             elif chooser is not None:
-                reached, kept = self._seen(status)
-                k = chooser.choose(reached, kept, budget=remaining)
+                k = chooser.choose(*self._seen(status), budget=remaining)
             else:
                 k = max(1, min(self.k_max, remaining))
             ks.append(k)
