@@ -272,7 +272,17 @@ class Engine:
             self._state = st = None  # free the old caches before allocating new ones
             capacity = -(-need // 128) * 128  # similar prompt lengths share a state (and its graphs)
             st = self._state = _State(self, slots, capacity)
+            self._capture_all(st)
         return st
+
+    def _capture_all(self, st: _State) -> None:
+        """Capture every stage a cycle may run (each K up to k_max: the budget and k=auto choose
+        any), so that no batch stalls mid-decode on a capture."""
+        for k in range(1, self.k_max + 1) if self.k_max else [0]:
+            if k:
+                st.stages.capture(("draft", k), lambda: self._draft(st, k))
+            st.stages.capture(("verify", k), lambda: self._verify(st, k))
+            st.stages.capture(("commit", k), lambda: self._commit(st, k))
 
     def _chooser(self, st: _State) -> DraftLength | None:
         if self.D is None or self.cfg.k != "auto":

@@ -29,10 +29,13 @@ class Stages:
         if not self.enabled:
             stage()
             return
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self.graphs[key] = self._capture(stage)
-        graph.replay()
+        self.capture(key, stage)
+        self.graphs[key].replay()
+
+    def capture(self, key: Hashable, stage: Callable[[], None]) -> None:
+        """Capture `stage` under `key` now (if graphs are on and it is not captured yet)."""
+        if self.enabled and key not in self.graphs:
+            self.graphs[key] = self._capture(stage)
 
     def _capture(self, stage: Callable[[], None]) -> torch.cuda.CUDAGraph:
         restore = self.snapshot()
