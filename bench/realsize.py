@@ -360,23 +360,24 @@ def run_pair(args, family: str, target_size: str, draft_size: str, patterns: dic
     return result
 
 
-def _probe_ms(probe: dict | None, model: str, bs: int, q: int) -> float | None:
-    """The reference probe's graph figure for a model size (e.g. '7B') at batch bs and q tokens."""
-    if not probe:
+def _probe_ms(probe: dict | None, model: str, bs: int, q: int, ctx: int) -> float | None:
+    """The reference probe's graph figure for a model size (e.g. '7B') at batch bs and q tokens,
+    from the probe run whose context is nearest `ctx`."""
+    runs = [shape for shape in (probe or {}).get("shapes", []) if f"{model}_bs{bs}" in shape]
+    if not runs:
         return None
-    for shape in probe.get("shapes", [probe]):
-        row = shape.get(f"{model}_bs{bs}")
-        if row and f"graph_q{q}_ms" in row:
-            return row[f"graph_q{q}_ms"]
-    return None
+    nearest = min(runs, key=lambda shape: abs(shape["ctx"] - ctx))
+    return nearest[f"{model}_bs{bs}"].get(f"graph_q{q}_ms")
 
 
 def markdown(report: dict) -> str:
     lines = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}  ",
              f"Replayed acceptance: {report['patterns']}  ",
              f"Each row: median of {report.get('repeats', 3)} runs (spread = (max - min) / median); decode tokens/s excludes the "
-             "prefill; ms per verify / draft step are the captured stages' GPU times; floor = weights + KV "
-             "at 4.8 TB/s; probe = `../shared/probes/gpu_steps.py` graph replay, same machine and sitting.", ""]
+             "prefill; ms per verify / draft step are the captured stages' GPU times (a verify forward runs "
+             "K+1 tokens, an ar step 1); floor = weights + KV at 4.8 TB/s; probe = "
+             "`../shared/probes/gpu_steps.py` graph replay (1 token; 11 for a verify), same machine and "
+             "sitting, at the context nearest the prompt.", ""]
     for r in report["pairs"]:
         size = lambda name: name.split("-")[1].upper()  # noqa: E731
         lines += [f"#### {r['target']} target / {r['draft']} draft, {r['setting']} setting (random weights, bf16; "
@@ -394,8 +395,8 @@ def markdown(report: dict) -> str:
                              f"- | 1.00 | - | - | - |")
                 continue
             q = 1 if x["mode"] == "ar" else 11
-            pv = _probe_ms(probe, size(r["target"]), bs, q)
-            pd = _probe_ms(probe, size(r["draft"]), bs, 1)
+            pv = _probe_ms(probe, size(r["target"]), bs, q, r["prompt_tokens"])
+            pd = _probe_ms(probe, size(r["draft"]), bs, 1, r["prompt_tokens"])
             verify = f"{x['ms_per_verify']:.2f} ({x['verify_floor_ms']:.2f} / {pv if pv else '-'})"
             draft = (f"{x['ms_per_draft_step']:.2f} ({x['draft_step_floor_ms']:.2f} / {pd if pd else '-'})"
                      if x.get("ms_per_draft_step") else "-")
