@@ -36,7 +36,7 @@ import torch
 from bench.report import run_info, write_markdown_section
 from lvspec import Engine, Replay, SpecConfig, generate
 from lvspec.adapter import left_pad_rows, text_config
-from lvspec.decoder import TextDecoder
+from lvspec.decoder import ATTENTION, TextDecoder
 from toyworld import families
 
 # Text shapes of the real checkpoints' configs (hidden, intermediate, layers, heads, kv heads, vocab).
@@ -195,7 +195,7 @@ def _events_ms(fn, reps: int) -> float:
 def steps(args) -> dict:
     """Per-forward cost of the engine's decoder on random real-size weights: eager and captured,
     1 token (a draft or ar step) and K+1 = 11 (a verify forward, with and without the relevance
-    probe on 4 layers), both attention paths, against the bandwidth floor."""
+    probe on 4 layers), every attention path, against the bandwidth floor."""
     from lvspec.relevance import RelevanceProbe
 
     out = {"ctx": args.ctx, "rows": []}
@@ -214,8 +214,8 @@ def steps(args) -> dict:
             heads = dict.fromkeys(sorted({0, layers // 3, 2 * layers // 3, layers - 1}))
             for q, probed in ((1, False), (11, False), (11, True)):
                 tokens = torch.randint(0, 1000, (bs, q), device="cuda")
-                for attention in ("sdpa", "matmul"):
-                    decoder.attention = attention
+                for attention in ATTENTION:
+                    decoder.attention = {"step": attention, "verify": attention}
 
                     def fn():
                         probe = RelevanceProbe(heads, video) if probed else None
@@ -228,7 +228,7 @@ def steps(args) -> dict:
                            "floor_ms": round(floor_ms(decoder, args.ctx, bs), 3)}
                     out["rows"].append(row)
                     print(row, flush=True)
-            decoder.attention = "auto"
+            decoder.attention = {"step": None, "verify": None}
             cache = None
         decoder = model = None  # free this size before building the next
         torch.cuda.empty_cache()

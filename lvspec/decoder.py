@@ -83,12 +83,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
-class TextDecoder:
-    """Decoding forwards of one model over a `StaticCache`."""
+ATTENTION = ("matmul", "sdpa", "sdpa_gqa")
 
-    # How attention runs where no relevance is probed: "sdpa" (fused kernel) or "matmul" (scores,
-    # softmax, product: three well-parallelised kernels; faster when slots x kv heads is small).
-    attention = "auto"
+
+class TextDecoder:
+    """Decoding forwards of one model over a `StaticCache`.
+
+    Attention runs one of three ways, chosen per forward size ("step": 1-2 tokens, "verify":
+    more) by `attention` (the engine times them on each new state; None: a default rule):
+    "matmul" (scores, softmax, product: batched GEMMs parallel over the whole cache), "sdpa"
+    (the fused kernel with the query group folded into the query length: each kv head read
+    once), "sdpa_gqa" (the fused kernel with its own grouped-query support: more blocks in flight,
+    which long caches at larger batches need).
+    """
 
     def __init__(self, model, vocab: int):
         cfg = text_config(model)
@@ -102,6 +109,7 @@ class TextDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
+        self.attention: dict[str, str | None] = {"step": None, "verify": None}
         theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         # As HF computes it: float32 on the host, then moved.
         self.inv_freq = (1.0 / theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim)).to(self.device)
@@ -136,12 +144,13 @@ class TextDecoder:
         sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt)[:, :, None]
         keys = torch.arange(cache.capacity, device=dev)
         visible = (keys >= cache.pad[:, None, None]) & (keys <= slot[..., None])  # [S, q, capacity]
-        bias = torch.zeros(visible.shape, dtype=dt, device=dev).masked_fill_(~visible, -math.inf)
-        # Grouped-query attention with the group folded into the query length: each kv head's keys are
-        # read once for all of its query heads. Folded row g * q + j is query j of group head g.
-        bias = bias[:, None].expand(S, group, q, cache.capacity).reshape(S, 1, group * q, cache.capacity)
+        bias = torch.zeros(visible.shape, dtype=dt, device=dev).masked_fill_(~visible, -math.inf)[:, None]
+        mode = self.attention["step" if q <= 2 else "verify"] or ("matmul" if S * kvh < 32 else "sdpa")
+        if mode != "sdpa_gqa" or probe is not None:
+            # The query group folded into the query length: each kv head's keys are read once for all
+            # of its query heads. Folded row g * q + j is query j of group head g.
+            folded = bias.expand(S, group, q, cache.capacity).reshape(S, 1, group * q, cache.capacity)
         where = slot[:, None, :, None].expand(S, kvh, q, hd)
-        matmul = self.attention == "matmul" or (self.attention == "auto" and S * kvh < 32)
 
         x = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
@@ -150,17 +159,22 @@ class TextDecoder:
             qk = _rotate(qkv[:, :, : nh + kvh], cos, sin)
             cache.k[i].scatter_(2, where, qk[:, :, nh:].transpose(1, 2))
             cache.v[i].scatter_(2, where, qkv[:, :, nh + kvh:].transpose(1, 2))
-            query = qk[:, :, :nh].reshape(S, q, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(S, kvh, group * q, hd)
             probed = probe is not None and i in probe.layers
-            if probed or matmul:
-                scores = torch.matmul(query, cache.k[i].transpose(-1, -2)).mul_(self.scale).add_(bias)
-                probs = scores.softmax(-1, dtype=torch.float32)
-                if probed:
-                    probe.add(i, probs, group, q)
-                out = torch.matmul(probs.to(dt), cache.v[i])
+            if mode == "sdpa_gqa" and not probed:
+                out = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), cache.k[i], cache.v[i],
+                                                     attn_mask=bias, scale=self.scale, enable_gqa=True)
+                out = out.transpose(1, 2).reshape(S * q, nh * hd)
             else:
-                out = F.scaled_dot_product_attention(query, cache.k[i], cache.v[i], attn_mask=bias, scale=self.scale)
-            out = out.view(S, kvh, group, q, hd).permute(0, 3, 1, 2, 4).reshape(S * q, nh * hd)
+                query = qk[:, :, :nh].reshape(S, q, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(S, kvh, group * q, hd)
+                if probed or mode == "matmul":
+                    scores = torch.matmul(query, cache.k[i].transpose(-1, -2)).mul_(self.scale).add_(folded)
+                    probs = scores.softmax(-1, dtype=torch.promote_types(dt, torch.float32))
+                    if probed:
+                        probe.add(i, probs, group, q)
+                    out = torch.matmul(probs.to(dt), cache.v[i])
+                else:
+                    out = F.scaled_dot_product_attention(query, cache.k[i], cache.v[i], attn_mask=folded, scale=self.scale)
+                out = out.view(S, kvh, group, q, hd).permute(0, 3, 1, 2, 4).reshape(S * q, nh * hd)
             x = torch.addmm(x.view(S * q, H), out, layer.o.t()).view(S, q, H)
             gate, up = F.linear(F.rms_norm(x, (H,), layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
             x = torch.addmm(x.view(S * q, H), (F.silu(gate) * up).view(S * q, -1), layer.down.t()).view(S, q, H)

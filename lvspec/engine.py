@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lvspec.adapter import Prompt, adapter_for, check_pair, shared_vocab, text_config
 from lvspec.config import SpecConfig
-from lvspec.decoder import TextDecoder
+from lvspec.decoder import ATTENTION, TextDecoder
 from lvspec.draft_length import Costs, DraftLength
 from lvspec.graphs import Stages
 from lvspec.relevance import RelevanceProbe, relevance_heads
@@ -185,6 +185,7 @@ class Engine:
         # every call: a new batch starts from what this pair accepted lately, not from nothing.
         self._history = ([0.0] * self.k_max, [0.0] * self.k_max)
         self.timing: dict = {}  # of the latest call: prefill and decode seconds, stage costs, K per cycle
+        self.attention_timings: dict = {}  # (model, forward size) -> seconds per attention path, when tuned
 
     # ---- the batch API -------------------------------------------------------------------------
     def generate(self, rows: list[dict], tokenizer=None, trace: bool = False,
@@ -254,7 +255,8 @@ class Engine:
             "draft_s": sum(clock.seconds(a, b) for a, b, _, _ in marks),
             "draft_steps": sum(k for *_, k in marks),
             "verify_s": sum(clock.seconds(b, c) for _, b, c, _ in marks), "verifies": len(marks),
-            "costs": asdict(st.costs) if st.costs else None}
+            "costs": asdict(st.costs) if st.costs else None,
+            "attention": {"target": dict(self.T.attention), "draft": dict(self.D.attention) if self.D else None}}
         return self._results(st, B, tokenizer, traces, kept)
 
     def _seen(self, status: list[int]) -> tuple[list[float], list[float]]:
@@ -272,8 +274,28 @@ class Engine:
             self._state = st = None  # free the old caches before allocating new ones
             capacity = -(-need // 128) * 128  # similar prompt lengths share a state (and its graphs)
             st = self._state = _State(self, slots, capacity)
+            if self.graphs:
+                self._tune_attention(st)
             self._capture_all(st)
         return st
+
+    def _tune_attention(self, st: _State) -> None:
+        """Per decoder and forward size, keep the attention path that runs fastest on this state's
+        shapes (one captured forward each; the fresh state is reset before any prefill)."""
+        jobs = [("target", self.T, st.T, "step", 1)]
+        if self.D is not None:
+            jobs += [("target", self.T, st.T, "verify", self.k_max + 1), ("draft", self.D, st.D, "step", 2)]
+        for name, decoder, cache, size, q in jobs:
+            tokens = torch.zeros(st.slots, q, dtype=torch.long, device=self.device)
+            timed = {}
+            for mode in ATTENTION:
+                decoder.attention[size] = mode
+                try:
+                    timed[mode] = Stages.seconds(lambda: decoder.forward(cache, tokens))
+                except RuntimeError:  # a path this device or build cannot run: never chosen
+                    timed[mode] = float("inf")
+            decoder.attention[size] = min(timed, key=timed.get)
+            self.attention_timings[(name, size)] = timed
 
     def _capture_all(self, st: _State) -> None:
         """Capture every stage a cycle may run (each K up to k_max: the budget and k=auto choose

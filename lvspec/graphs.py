@@ -37,6 +37,27 @@ class Stages:
         if self.enabled and key not in self.graphs:
             self.graphs[key] = self._capture(stage)
 
+    @staticmethod
+    def seconds(fn: Callable[[], None], reps: int = 5) -> float:
+        """GPU seconds per replay of `fn` captured on its own (a throwaway graph; `fn` runs once
+        eagerly first, so it must be harmless to run)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps / 1e3
+
     def _capture(self, stage: Callable[[], None]) -> torch.cuda.CUDAGraph:
         restore = self.snapshot()
         side = torch.cuda.Stream()

@@ -32,13 +32,13 @@ class RelevanceProbe:
     def __init__(self, heads: dict[int, torch.Tensor | None], video: torch.Tensor):
         self.heads = heads
         self.layers = set(heads)
-        self.video = video.float()[:, None, :, None]  # [S, 1, capacity, 1]: 1 where a slot holds a video token
+        self.video = video[:, None, :, None]  # [S, 1, capacity, 1]: where a slot holds a video token
         self.by_head: dict[int, torch.Tensor] = {}  # layer -> [S, heads, q]
 
     def add(self, layer: int, probs: torch.Tensor, group: int, q: int) -> None:
-        """probs: [S, kv heads, group * q, capacity] (float32), folded as the decoder runs attention."""
+        """probs: [S, kv heads, group * q, capacity] (float32 or wider), folded as the decoder runs attention."""
         S, kvh = probs.shape[:2]
-        self.by_head[layer] = torch.matmul(probs, self.video).view(S, kvh * group, q)
+        self.by_head[layer] = torch.matmul(probs, self.video.to(probs.dtype)).view(S, kvh * group, q)
 
     def result(self) -> torch.Tensor:
         """Relevance [S, q]: video mass averaged over the chosen heads of the chosen layers."""

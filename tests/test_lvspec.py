@@ -9,9 +9,10 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText
 
-from lvspec import Replay, SpecConfig, generate
+from lvspec import Engine, Replay, SpecConfig, generate
 from toyworld import families, grammar
 from toyworld.families import load_pair, render_videos
 
@@ -267,3 +268,104 @@ def test_models_used_by_lvspec_still_generate_like_hf_afterwards(pair):
             ids = target.generate(**row, assistant_model=draft, max_new_tokens=48, do_sample=False,
                                   eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id)
             assert ids[0, row["input_ids"].shape[1]:].tolist() == want
+
+
+def test_every_attention_path_computes_the_same_forward(pair):
+    """The engine picks among three attention paths by speed on a GPU; they must agree exactly in
+    float64 (ragged slots, left padding, 1 and 6 new tokens)."""
+    from lvspec.decoder import ATTENTION, TextDecoder
+
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6])
+    for model in (target, draft):
+        decoder = TextDecoder(model, model.config.get_text_config().vocab_size)
+        cache = decoder.new_cache(3, 256)
+        torch.manual_seed(0)
+        cache.k.normal_()
+        cache.v.normal_()
+        cache.length.copy_(torch.tensor([100, 73, 120]))
+        cache.pad.copy_(torch.tensor([0, 20, 5]))
+        cache.offset.copy_(torch.tensor([3, -20, 0]))
+        for q in (1, 6):
+            tokens = torch.randint(0, 500, (3, q))
+            outs = {}
+            for mode in ATTENTION:
+                decoder.attention = {"step": mode, "verify": mode}
+                with torch.inference_mode():
+                    outs[mode] = decoder.forward(cache, tokens)
+            for mode in ATTENTION[1:]:
+                assert torch.allclose(outs[mode], outs[ATTENTION[0]], atol=1e-10), (mode, q)
+
+
+def test_a_held_engine_reuses_its_state_across_batches_with_idle_slots(pair):
+    """One engine, fixed slots, batches of 2, 4 and 3 rows: every batch decodes exactly like HF
+    greedy, whatever the earlier batches left in the cache, and the state is built once."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6, 8], seed=9)
+    expected = hf_greedy(processor, target, rows)
+    engine = Engine(target, draft, SpecConfig(mode="sd", k=4, max_new_tokens=48), slots=4)
+    first = engine.generate(rows[:2])
+    state = engine._state
+    assert [r.tokens for r in first] == expected[:2]
+    assert [r.tokens for r in engine.generate(rows)] == expected
+    assert [r.tokens for r in engine.generate(rows[1:])] == expected[1:]
+    assert engine._state is state
+    assert [r.tokens for r in engine.generate(rows * 2)] == expected * 2  # more rows than slots: in chunks
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on any op that makes the host wait for the device (or sizes a tensor from its data),
+    i.e. anything that a CUDA graph cannot capture."""
+
+    SYNCS = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS or func.overloadpacket in (torch.ops.aten._unique2, torch.ops.aten.unique_consecutive):
+            raise AssertionError(f"{func} waits on the host")
+        if func.overloadpacket is torch.ops.aten.index and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            raise AssertionError("boolean indexing sizes its result from data")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["ar", "sd", "lvspec"])
+def test_a_decoding_cycle_never_waits_on_the_host(pair, mode):
+    """Draft loop, verify forward (relevance probe and acceptance rule included) and commit run
+    without one host synchronisation: what lets them be captured as CUDA graphs."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 6])
+    engine = Engine(target, draft, SpecConfig(mode=mode, k=4, theta=0.45, max_new_tokens=48))
+    engine.generate(rows)  # builds the decode state
+    st = engine._state
+    with torch.inference_mode():
+        st.reset()
+        engine._prefill(st, engine.adapter.prompt(target, rows),
+                        engine.adapter.prompt(draft, rows) if engine.D is not None else None)
+        with _NoHostSync():
+            for k in ([0, 0] if mode == "ar" else [4, 1, 3]):
+                if k:
+                    engine._draft(st, k)
+                engine._verify(st, k)
+                engine._commit(st, k)
+    assert int(st.count[0].min()) > 1  # the cycles emitted tokens
+
+
+def test_the_draft_length_pays_for_itself():
+    """k=auto: a small K when drafting costs about what verifying does, a large one when drafting
+    is cheap; more acceptance, longer drafts; never past k_max or the remaining budget."""
+    from lvspec.draft_length import Costs, DraftLength
+
+    reached, kept = [100] * 10, [90] * 10  # each slot kept 90 % of the time it was reached
+    dear = DraftLength(10, Costs(draft_step=0.020, verify_1=0.021, verify_max=0.023))
+    cheap = DraftLength(10, Costs(draft_step=0.001, verify_1=0.021, verify_max=0.023))
+    assert dear.choose(reached, kept) <= 2
+    assert cheap.choose(reached, kept) >= 8
+    mid = DraftLength(10, Costs(draft_step=0.006, verify_1=0.021, verify_max=0.023))
+    rarely, often = mid.choose([100] * 10, [50] * 10), mid.choose([100] * 10, [95] * 10)
+    assert 1 <= rarely < often <= 10
+    assert cheap.choose(reached, kept, budget=3) == 3
+    assert all(1 <= DraftLength(4, Costs(d, 0.02, 0.03)).choose([], []) <= 4 for d in (1e-4, 0.01, 1.0))
+    # Expected tokens follow the prefix walk: 1 + S(1) + ... + S(K).
+    s = mid.survival([10, 10], [5, 5])
+    assert mid.expected_tokens(2, s) == pytest.approx(1 + s[0] + s[0] * (s[1] / s[0]))
