@@ -20,26 +20,7 @@ import torch
 
 from bench.report import merge_previous, run_info, write_markdown_section
 from toyworld import families, grammar, score
-from toyworld.families import load_pair, render_videos
-
-
-def greedy_captions(processor, model, frames, prompt: str, batch_size: int = 32, max_new_tokens: int = 48):
-    """Greedy captions with HF generate, batched; returns (texts, token id lists incl. EOS)."""
-    texts, token_ids = [], []
-    tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    for lo in range(0, len(frames), batch_size):
-        chunk = frames[lo:lo + batch_size]
-        inputs = processor(text=[families.chat_text(processor, prompt)] * len(chunk), videos=chunk,
-                           return_tensors="pt", padding=True, padding_side="left")
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-            row = row[:row.index(eos) + 1] if eos in row else row
-            token_ids.append(row)
-            texts.append(tok.decode(row, skip_special_tokens=True))
-    return texts, token_ids
+from toyworld.families import greedy_captions, load_pair, render_videos
 
 
 @torch.inference_mode()

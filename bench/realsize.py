@@ -333,14 +333,17 @@ def run_pair(args, family: str, target_size: str, draft_size: str, patterns: dic
                    "speedup_over_ar": tps / ar_tps, "tau": mid["tau"], "prefill_s": mid["prefill_s"],
                    "ms_per_verify": mid["ms_verify"], "ms_per_draft_step": mid["ms_draft_step"],
                    "verify_floor_ms": floor_ms(T, ctx, bs), "draft_step_floor_ms": floor_ms(D, ctx, bs),
-                   "cycle_ms": 1e3 * mid["decode_s"] / mid["cycles"], "achieved_gb_per_s": read / mid["decode_s"] / 1e9}
+                   "cycle_ms": 1e3 * mid["decode_s"] / mid["cycles"], "achieved_gb_per_s": read / mid["decode_s"] / 1e9,
+                   "attention": engine.timing.get("attention"),
+                   "attention_ms": {f"{m}/{size}": {k: round(v * 1e3, 3) for k, v in t.items()}
+                                    for (m, size), t in engine.attention_timings.items()}}
             run["bandwidth_fraction"] = run["achieved_gb_per_s"] * 1e9 / HBM_BYTES_PER_S
             result["runs"].append(run)
             ms_d = f"{run['ms_per_draft_step']:.2f}" if run["ms_per_draft_step"] else "-"
             log(f"[{family} {target_size}/{draft_size}] bs {bs:3d} {mode:6s}: {tps:8.1f} tok/s (spread {spread:.1%}, "
                 f"x{run['speedup_over_ar']:.2f} vs ar), tau {run['tau']:.2f}, K {run['k']}, verify "
                 f"{run['ms_per_verify']:.2f} ms (floor {run['verify_floor_ms']:.2f}), draft step {ms_d} ms, "
-                f"{run['achieved_gb_per_s']:.0f} GB/s")
+                f"{run['achieved_gb_per_s']:.0f} GB/s; attention {run['attention']}")
             del engine
             gc.collect()
             torch.cuda.empty_cache()

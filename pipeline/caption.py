@@ -1,7 +1,9 @@
 """Caption stage (GPU actors; CPU with num_gpus=0): one replica = target + draft running lvspec.
 
-Rows that arrive with an error pass through; a row the engine cannot caption gets an error of its
-own without failing its batch.
+The actor holds one `lvspec.Engine` with as many slots as a caption batch, so its decode state
+and captured CUDA graphs are built once and reused for every batch. Rows that arrive with an
+error pass through; a row the engine cannot caption gets an error of its own without failing
+its batch.
 """
 
 from __future__ import annotations
@@ -15,21 +17,23 @@ from pipeline.config import GenerationConfig, spec_config
 from pipeline.decode import DECODED
 
 STATS = ("num_cycles", "target_forwards", "draft_forwards", "accepted_exact", "accepted_loose",
-         "accepted_shift", "corrections", "bonus", "rejected_anchor")
+         "accepted_shift", "corrections", "bonus", "rejected_anchor", "drafted")
 CAPTIONED = pa.schema(
     [f for f in DECODED if f.name != "inputs"]
     + [("caption", pa.string()), ("num_tokens", pa.int32()), ("mode", pa.string()), ("target_model", pa.string()),
-       ("draft_model", pa.string()), ("mean_accepted_length", pa.float64()), ("finished_by", pa.string())]
+       ("draft_model", pa.string()), ("mean_accepted_length", pa.float64()), ("mean_draft_length", pa.float64()),
+       ("finished_by", pa.string())]
     + [(name, pa.int32()) for name in STATS]
     + [("generate_ms", pa.float64()), ("batch_rows", pa.int32()), ("config_hash", pa.string()), ("job_id", pa.string())]
 )
 
 class CaptionStage:
     def __init__(self, target: str, draft: str | None, dtype: str, cache_dir: str, storage_options: dict,
-                 generation: GenerationConfig, job_id: str, config_hash: str, num_cpus: float):
+                 generation: GenerationConfig, job_id: str, config_hash: str, num_cpus: float, batch_size: int):
         import torch
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+        from lvspec import Engine
         from pipeline.models import resolve
 
         torch.set_num_threads(max(1, int(num_cpus)))
@@ -43,20 +47,19 @@ class CaptionStage:
         self.target = load(target)
         self.draft = load(draft) if draft and generation.mode != "ar" else None
         self.spec = spec_config(generation, shipped_settings(target_dir))
+        self.engine = Engine(self.target, self.draft, self.spec, slots=batch_size)
         self.fixed = {"mode": generation.mode, "target_model": target, "draft_model": draft if self.draft else None,
                       "config_hash": config_hash, "job_id": job_id}
 
     def _generate(self, inputs: list[dict]):
         """Generate for the batch; if the batch fails, row by row, so one bad row fails alone."""
-        from lvspec import generate
-
         try:
-            return generate(self.target, self.draft, inputs, self.spec, tokenizer=self.tokenizer)
+            return self.engine.generate(inputs, tokenizer=self.tokenizer)
         except Exception:
             results = []
             for row in inputs:
                 try:
-                    results += generate(self.target, self.draft, [row], self.spec, tokenizer=self.tokenizer)
+                    results += self.engine.generate([row], tokenizer=self.tokenizer)
                 except Exception as e:
                     results.append(e)
             return results
@@ -74,7 +77,8 @@ class CaptionStage:
                 row["error"] = f"caption: {type(res).__name__}: {str(res).splitlines()[0][:300] if str(res) else ''}"
                 continue
             row.update(caption=res.text, num_tokens=res.stats.num_tokens, finished_by=res.finished_by,
-                       mean_accepted_length=res.stats.mean_accepted_length, generate_ms=share,
+                       mean_accepted_length=res.stats.mean_accepted_length,
+                       mean_draft_length=res.stats.mean_draft_length, generate_ms=share,
                        batch_rows=len(ready), **{k: getattr(res.stats, k) for k in STATS})
         for row in rows:
             row.pop("inputs")

@@ -59,7 +59,8 @@ class ModelConfig:
 @dataclass
 class GenerationConfig:
     mode: str = "lvspec"
-    k: int = 10
+    k: str = "auto"  # draft tokens per cycle: "auto" (chosen per cycle from measured costs and acceptance) or N
+    k_max: int = 10  # the longest draft "auto" may choose
     theta: float | None = None  # None: the target's lvspec.json if it ships one, else lvspec's default
     alpha: float = 0.25
     top_k: int = 0
@@ -67,6 +68,7 @@ class GenerationConfig:
     relevance_layers: list[int] | None = None  # None: from lvspec.json, else all layers
     relevance_heads: list[list[int]] | None = None  # [[layer, head], ...] instead of whole layers
     max_new_tokens: int = 64
+    cuda_graphs: bool = True  # on GPUs, capture the decoding stages as CUDA graphs (off: eager, for debugging)
 
 
 @dataclass
@@ -171,8 +173,10 @@ def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfi
     if all(v is None for v in relevance.values()):
         relevance = {key: shipped.get(key) for key in relevance}
     theta = gen.theta if gen.theta is not None else shipped.get("theta", SpecConfig.theta)
-    return SpecConfig(mode=gen.mode, k=gen.k, theta=theta, alpha=gen.alpha, top_k=gen.top_k,
-                      shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens, **relevance)
+    k = int(gen.k) if str(gen.k).strip().isdigit() else gen.k
+    return SpecConfig(mode=gen.mode, k=k, k_max=gen.k_max, theta=theta, alpha=gen.alpha, top_k=gen.top_k,
+                      shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens, cuda_graphs=gen.cuda_graphs,
+                      **relevance)
 
 
 def local_path(uri: str) -> str:

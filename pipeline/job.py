@@ -126,7 +126,7 @@ def build(cfg: JobConfig, admission):
         fn_constructor_kwargs=dict(
             target=cfg.model.target, draft=cfg.model.draft, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
             storage_options=cfg.model.storage_options, generation=cfg.generation, job_id=cfg.job_id,
-            config_hash=config_hash(cfg), num_cpus=cfg.caption.num_cpus))
+            config_hash=config_hash(cfg), num_cpus=cfg.caption.num_cpus, batch_size=cfg.caption.batch_size))
 
 
 def start_ray(cfg: JobConfig) -> None:
@@ -207,7 +207,8 @@ def summarize(table: pa.Table | None, wall_s: float) -> dict:
         "decode": {"frames": frames, "busy_s": round(decode_s, 3), "frames_per_s_per_core": frames / max(decode_s, 1e-9)},
         "caption": {"tokens": tokens, "busy_s": round(generate_s, 3), "tokens_per_s_wall": tokens / wall_s,
                     "tokens_per_s_engine": tokens / max(generate_s, 1e-9),
-                    "mean_accepted_length": (tokens - len(ok)) / max(cycles, 1), "shares": shares},
+                    "mean_accepted_length": (tokens - len(ok)) / max(cycles, 1),
+                    "mean_draft_length": sum(r["drafted"] or 0 for r in ok) / max(cycles, 1), "shares": shares},
         "mode": rows[0]["mode"],
     }
 
@@ -222,7 +223,7 @@ def human_summary(s: dict) -> str:
             f"  decode : {d['frames']} frames, {d['frames_per_s_per_core']:.0f} frames/s per core",
             f"  caption: {c['tokens']} tokens, {c['tokens_per_s_wall']:.1f} tokens/s end to end "
             f"({c['tokens_per_s_engine']:.1f} in the engine), mode {s['mode']}, mean accepted length "
-            f"{c['mean_accepted_length']:.2f}",
+            f"{c['mean_accepted_length']:.2f} of {c['mean_draft_length']:.1f} drafted",
             f"  tokens : {sh['accepted_exact']:.0%} exact, {sh['accepted_loose']:.0%} loose, "
             f"{sh['accepted_shift']:.0%} shift, {sh['corrections']:.0%} corrections, {sh['bonus']:.0%} bonus",
         ]

@@ -276,7 +276,6 @@ def test_every_attention_path_computes_the_same_forward(pair):
     from lvspec.decoder import ATTENTION, TextDecoder
 
     _, processor, target, draft = pair
-    rows = make_rows(processor, [8, 4, 6])
     for model in (target, draft):
         decoder = TextDecoder(model, model.config.get_text_config().vocab_size)
         cache = decoder.new_cache(3, 256)

@@ -159,13 +159,14 @@ def test_rows_carry_the_documented_columns_and_consistent_counters(e2e):
     required = {"video_id", "source_uri", "shard", "caption", "num_tokens", "mode", "target_model", "draft_model",
                 "num_cycles", "target_forwards", "draft_forwards", "mean_accepted_length", "accepted_exact",
                 "accepted_loose", "accepted_shift", "rejected_anchor", "num_frames", "decode_ms", "generate_ms",
-                "error", "config_hash", "job_id"}
+                "error", "config_hash", "job_id", "drafted", "mean_draft_length"}
     for r in rows:
         assert required <= r.keys() and r["job_id"] == "e2e" and r["mode"] == "lvspec"
         if r["error"] is None:
             assert r["num_frames"] == 8 and r["target_forwards"] == r["num_cycles"] + 1
             parts = r["accepted_exact"] + r["accepted_loose"] + r["accepted_shift"] + r["corrections"] + r["bonus"]
             assert parts == r["num_tokens"] > 0
+            assert r["draft_forwards"] == 1 + r["drafted"] and 1 <= r["mean_draft_length"] <= 10  # k=auto, k_max 10
             assert r["shard"].startswith("s3://videos/e2e/shard-") and r["source_uri"].startswith(r["shard"] + "#")
 
 
@@ -224,7 +225,7 @@ def test_manifest_and_plain_files_sources_with_a_missing_object(s3, ray_cluster)
     assert sorted(files) == ["cam0/clip", "cam1/clip", "cam2/clip"] and all(r["caption"] for r in files.values())
 
 
-def test_a_killed_job_resumes_without_duplicates_or_losses(s3):
+def test_a_killed_job_resumes_without_duplicates_or_losses(s3, tmp_path):
     import s3fs
 
     videos = 24
@@ -233,14 +234,16 @@ def test_a_killed_job_resumes_without_duplicates_or_losses(s3):
             *base_overrides(s3, "s3://videos/resume", "s3://captions/resume", "resume"), "caption.batch_size=2",
             "output.rows_per_file=2"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    log = tmp_path / "first_run.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     fs = s3fs.S3FileSystem(**s3, skip_instance_cache=True, use_listings_cache=False)
     deadline = time.time() + 600
     while time.time() < deadline and job.poll() is None:
         if any(p.endswith(".parquet") for p in fs.find("captions/resume/resume")):
             break  # the first committed file: kill now, mid-run
         time.sleep(0.1)
+    assert job.poll() is None, f"the first run ended by itself (rc {job.returncode}):\n{log.read_text()[-3000:]}"
     os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
     job.wait()
     first = read_output(s3, "s3://captions/resume/resume")
@@ -275,6 +278,9 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("generation.theta=1.5", "generation.theta"),
     ("caption.replicas=0", "caption.replicas"),
     ("generation.relevance_heads=[[0,1,2]]", "generation.relevance_heads"),
+    ("generation.k=fast", "generation.k"),
+    ("generation.k=0", "generation.k"),
+    ("generation.k_max=0", "generation.k_max"),
 ])
 def test_a_bad_config_fails_before_ray_starts_naming_the_key(override, key):
     out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml", override],

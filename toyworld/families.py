@@ -215,3 +215,24 @@ def engine_rows(processor, frames, prompt: str) -> list[dict]:
     """One processor output per video: the rows lvspec.generate takes."""
     text = chat_text(processor, prompt)
     return [processor(text=[text], videos=[f], return_tensors="pt") for f in frames]
+
+
+def greedy_captions(processor, model, frames, prompt: str, batch_size: int = 32, max_new_tokens: int = 48):
+    """Greedy captions with HF generate, batched; returns (texts, token id lists incl. EOS)."""
+    import torch
+
+    texts, token_ids = [], []
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    for lo in range(0, len(frames), batch_size):
+        chunk = frames[lo:lo + batch_size]
+        inputs = processor(text=[chat_text(processor, prompt)] * len(chunk), videos=chunk,
+                           return_tensors="pt", padding=True, padding_side="left")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+            row = row[:row.index(eos) + 1] if eos in row else row
+            token_ids.append(row)
+            texts.append(tok.decode(row, skip_special_tokens=True))
+    return texts, token_ids
