@@ -1,8 +1,9 @@
 #!/bin/bash
 # One part of the real-size benchmark sitting on a lent GPU machine (device tool), writing under $OUT:
-#   bench/gpu_realsize.sh qwen7   # graph-vs-eager toy test; Qwen2.5-VL 32B/7B, batch 1 8 32, + HF generate at 1 8
+#   bench/gpu_realsize.sh llava   # graph-vs-eager toy test; LLaVA-OV 7B/0.5B, batch 1 8 32, + HF generate at 1 8;
+#                                 # the reference probe at both contexts
+#   bench/gpu_realsize.sh qwen7   # Qwen2.5-VL 32B/7B, same
 #   bench/gpu_realsize.sh qwen3   # Qwen2.5-VL 32B/3B, same
-#   bench/gpu_realsize.sh llava   # LLaVA-OV 7B/0.5B, same; the reference probe at both contexts
 #   bench/gpu_realsize.sh paper   # 32B/7B in the paper's setting: 64 frames, 256 new tokens, batch 1 8
 # Needs the transformers wheel in .whl/ and ../shared/probes/gpu_steps.py copied to .scratch/probes/.
 set -o pipefail
@@ -12,10 +13,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,no
 quiet() { grep --line-buffered -v "Warning\|warn(\|warnings.warn"; }
 case "$1" in
   qwen7|qwen3)
-    [ "$1" = qwen7 ] && python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -3 | tee $OUT/test_gpu.log
     python3 -m bench.realsize run --pair qwen2_5_vl:32b:${1#qwen}b --batch-sizes 1 8 32 --hf-batch-sizes 1 8 \
       --json $OUT/$1.json 2>&1 | quiet | tee $OUT/$1.log | grep "^\[" ;;
   llava)
+    python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -3 | tee $OUT/test_gpu.log
     python3 -m bench.realsize run --pair llava_onevision:7b:0.5b --batch-sizes 1 8 32 --hf-batch-sizes 1 8 \
       --json $OUT/llava.json 2>&1 | quiet | tee $OUT/llava.log | grep "^\["
     mkdir -p $OUT/p1200 $OUT/p3200
