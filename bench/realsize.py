@@ -374,7 +374,8 @@ def _probe_ms(probe: dict | None, model: str, bs: int, q: int, ctx: int) -> floa
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}  ",
+    lines = ([f"{report['note']}", ""] if report.get("note") else []) + [
+             f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}  ",
              f"Replayed acceptance: {report['patterns']}  ",
              f"Each row: median of {report.get('repeats', 3)} runs (spread = (max - min) / median); decode tokens/s excludes the "
              "prefill; ms per verify / draft step are the captured stages' GPU times (a verify forward runs "
@@ -455,6 +456,9 @@ def main(argv=None):
     rep.add_argument("--probe", nargs="*", default=[], help="gpu_steps.py JSONs of the same sitting")
     rep.add_argument("--out", required=True)
     rep.add_argument("--markdown")
+    rep.add_argument("--tag", default="realsize-bench", help="the generated block of the markdown file to rewrite")
+    rep.add_argument("--title", default="Real size: random-weight models, replayed acceptance")
+    rep.add_argument("--note", default="", help="a line about this sitting (what code, what it shows)")
     args = ap.parse_args(argv)
     if args.command == "record":
         return record(args)
@@ -489,14 +493,13 @@ def main(argv=None):
 def report_cmd(args) -> None:
     runs = [json.loads(Path(p).read_text()) for p in args.json]
     report = {"command": " ; ".join(r["command"] for r in runs), "machine": runs[0]["machine"],
-              "repeats": runs[0].get("repeats", 3),
+              "repeats": runs[0].get("repeats", 3), "note": args.note,
               "date": runs[0]["date"], "patterns": runs[0]["patterns"],
               "probe": {"shapes": [json.loads(Path(p).read_text()) for p in args.probe]} if args.probe else None,
               "pairs": [p for r in runs for p in r["pairs"]]}
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if args.markdown:
-        write_markdown_section(Path(args.markdown), markdown(report), tag="realsize-bench",
-                               title="Real size: random-weight models, replayed acceptance")
+        write_markdown_section(Path(args.markdown), markdown(report), tag=args.tag, title=args.title)
     print(markdown(report))
 
 
