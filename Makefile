@@ -8,7 +8,11 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 
-.PHONY: venv run test bench toymodels clean
+# checkov pins boto3 and packaging versions that ray and aiobotocore reject: it gets its own venv.
+CHECKOV_ENV := $(VENV)/tools/checkov
+export CHECKOV := $(abspath $(CHECKOV_ENV))/bin/checkov
+
+.PHONY: venv run test lint bench toymodels clean
 
 venv: $(STAMP)
 
@@ -25,8 +29,16 @@ run: $(STAMP)
 	@test -d $(TOY_DATA) || $(PY) -m toyworld.shards --uri $(TOY_DATA) --videos 32 --seed 7 --shard-size 8
 	$(PY) -m jobs.caption --config jobs/configs/local.yaml job_id=toy-local-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+$(CHECKOV): $(STAMP)
+	@echo "== installing checkov into $(CHECKOV_ENV) (first run only) =="
+	$(VENV)/bin/uv venv -q --python $(PYTHON) $(CHECKOV_ENV)
+	$(VENV)/bin/uv pip install -q --python $(CHECKOV_ENV)/bin/python checkov==3.3.30
+
+test: $(STAMP) $(CHECKOV)
 	$(PY) -m pytest -x -q
+
+lint: $(STAMP) $(CHECKOV)
+	$(PY) infra/validate.py
 
 bench: $(STAMP)
 	$(PY) -m bench.evaluate --all --videos 200 --seed 1234 --filler-entropy default 0 --json bench/toyworld_eval.json --markdown BENCHMARKS.md

@@ -7,9 +7,11 @@ Unknown keys, wrong types and bad values fail here with a message naming the key
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ class DecodeConfig:
     max_frames: int = 32
     max_side: int = 1024  # frames are scaled down while decoding, so huge videos stay small in memory
     max_bytes: int = 2 * 1024**3  # larger files fail as rows instead of filling memory
-    actors: int = 1
+    actors: Any = 1  # decode actors: N, or {min: N, max: M} for a pool that grows with the backlog
     num_cpus: float = 1.0
     batch_size: int = 8
 
@@ -73,7 +75,7 @@ class GenerationConfig:
 
 @dataclass
 class CaptionConfig:
-    replicas: int = 1  # GPU actors, each one target + draft
+    replicas: Any = 1  # GPU actors, each one target + draft: N, or {min: N, max: M} (autoscaling)
     num_gpus: float = 0.0  # per replica; 0 runs on CPU
     num_cpus: float = 1.0
     batch_size: int = 8
@@ -84,6 +86,18 @@ class OutputConfig:
     uri: str = MISSING  # rows go to <uri>/<job_id>/*.parquet, the summary to <uri>/<job_id>/_summary.json
     storage_options: dict[str, Any] = field(default_factory=dict)
     rows_per_file: int = 256  # rows are committed a file at a time: a crash redoes at most this many
+
+
+@dataclass
+class NightlyConfig:
+    """What only `jobs.nightly` reads (see pipeline/nightly.py)."""
+
+    dataset: str | None = None  # the dataset's name in the output store; None: the source URI's last path part
+    run_date: str | None = None  # YYYY-MM-DD of this run's partition; None: today (UTC)
+    max_failed_fraction: float = 0.05  # exit non-zero when more of this night's videos failed (alerting)
+    retry_failed: bool = False  # caption again the videos whose earlier row carries an error
+    heartbeat_s: float = 30.0  # a running night refreshes its lease this often
+    stale_after_s: float = 600.0  # a lease older than this marks its night as crashed
 
 
 @dataclass
@@ -101,6 +115,7 @@ class JobConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -141,8 +156,10 @@ def check(job: JobConfig) -> None:
         raise ConfigError(f"config key 'source.format' must be one of {SOURCE_FORMATS}, got {job.source.format!r}")
     if job.source.limit is not None:
         _positive(job.source.limit, "source.limit")
-    for key in ("num_frames", "max_frames", "max_side", "max_bytes", "actors", "batch_size", "num_cpus"):
+    for key in ("num_frames", "max_frames", "max_side", "max_bytes", "batch_size", "num_cpus"):
         _positive(getattr(job.decode, key), f"decode.{key}")
+    job.decode.actors = pool_size(job.decode.actors, "decode.actors")
+    job.caption.replicas = pool_size(job.caption.replicas, "caption.replicas")
     if job.decode.fps is not None:
         _positive(job.decode.fps, "decode.fps")
     if job.model.dtype not in DTYPES:
@@ -155,11 +172,42 @@ def check(job: JobConfig) -> None:
         spec_config(job.generation)
     except ValueError as e:
         raise ConfigError(f"config key 'generation.{str(e).split()[0]}': {e}") from None
-    for key in ("replicas", "batch_size"):
-        _positive(getattr(job.caption, key), f"caption.{key}")
+    _positive(job.caption.batch_size, "caption.batch_size")
+    n = job.nightly
+    if n.dataset is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n.dataset):
+        raise ConfigError(f"config key 'nightly.dataset' must be a plain name (letters, digits, . _ -), got {n.dataset!r}")
+    if n.run_date is not None:
+        try:
+            datetime.date.fromisoformat(n.run_date)
+        except ValueError:
+            raise ConfigError(f"config key 'nightly.run_date' must be YYYY-MM-DD, got {n.run_date!r}") from None
+    if not 0.0 <= n.max_failed_fraction <= 1.0:
+        raise ConfigError(f"config key 'nightly.max_failed_fraction' must be in [0, 1], got {n.max_failed_fraction!r}")
+    _positive(n.heartbeat_s, "nightly.heartbeat_s")
+    if n.stale_after_s <= n.heartbeat_s:
+        raise ConfigError(f"config key 'nightly.stale_after_s' must exceed nightly.heartbeat_s ({n.heartbeat_s}), "
+                          f"got {n.stale_after_s!r}")
     _positive(job.output.rows_per_file, "output.rows_per_file")
     _positive(job.caption.num_gpus, "caption.num_gpus", allow_zero=True)
     _positive(job.caption.num_cpus, "caption.num_cpus", allow_zero=True)
+
+
+def pool_size(value, key: str) -> dict:
+    """An actor pool's size as {min, max}: from N (fixed) or a {min, max} mapping (autoscaling)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be an integer or {{min: N, max: M}}, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {value!r}")
+        value = {"min": value, "max": value}
+    if not isinstance(value, dict) or set(value) != {"min", "max"}:
+        raise ConfigError(f"config key {key!r} must be an integer or {{min: N, max: M}}, got {value!r}")
+    lo, hi = value["min"], value["max"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or lo < 1:
+        raise ConfigError(f"config key {key!r}: min and max must be integers >= 1, got {value!r}")
+    if lo > hi:
+        raise ConfigError(f"config key {key!r}: min ({lo}) must not exceed max ({hi})")
+    return {"min": lo, "max": hi}
 
 
 def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfig:
@@ -188,9 +236,16 @@ def local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
+# Keys that decide how fast or where a job runs, never what a caption says.
+OPERATIONAL = {"decode": ("actors", "num_cpus", "batch_size"), "model": ("storage_options", "cache_dir"),
+               "generation": ("cuda_graphs",)}
+
+
 def config_hash(job: JobConfig) -> str:
-    """Hash of what decides the captions (not where they go), for the Parquet rows."""
+    """Hash of what decides the captions (not where they go or how fast), for the Parquet rows and
+    the nightly series."""
     keep = {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(job)).items()
             if k in ("decode", "model", "generation")}
-    keep["model"] = {k: v for k, v in keep["model"].items() if k not in ("storage_options", "cache_dir")}
+    for section, keys in OPERATIONAL.items():
+        keep[section] = {k: v for k, v in keep[section].items() if k not in keys}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

@@ -25,7 +25,7 @@ def output_dir(cfg: JobConfig):
     return fs, f"{root.rstrip('/')}/{cfg.job_id}"
 
 
-def preflight(cfg: JobConfig) -> None:
+def preflight(cfg: JobConfig, out: str | None = None) -> None:
     """Checks that need storage but no cluster: the source exists, the output takes writes."""
     fs, root = sources.filesystem(cfg.source.uri, cfg.source.storage_options)
     try:
@@ -34,7 +34,8 @@ def preflight(cfg: JobConfig) -> None:
         raise ConfigError(f"config key 'source.uri': cannot read {cfg.source.uri!r}: {e}") from None
     if not exists:
         raise ConfigError(f"config key 'source.uri': {cfg.source.uri!r} does not exist")
-    fs, out = output_dir(cfg)
+    fs, default = output_dir(cfg)
+    out = out or default
     probe = f"{out}/_write_probe_{uuid.uuid4().hex}"
     try:
         fs.makedirs(out, exist_ok=True)
@@ -52,18 +53,25 @@ def _parquet_files(fs, out: str) -> list[str]:
 
 
 def written_ids(cfg: JobConfig, log=print) -> np.ndarray:
-    """video_ids already in this job's output. Unreadable (partly written) files are removed: their
-    rows were never committed, so this run redoes them."""
+    """video_ids already in this job's output (see `committed_rows`)."""
     fs, out = output_dir(cfg)
-    ids = []
-    for path in _parquet_files(fs, out):
+    table = committed_rows(fs, _parquet_files(fs, out), ["video_id"], log)
+    return np.unique(table.column("video_id").to_numpy(zero_copy_only=False)) if table is not None \
+        else np.array([], dtype=object)
+
+
+def committed_rows(fs, paths: list[str], columns: list[str] | None = None, log=print) -> pa.Table | None:
+    """The rows of these Parquet files. Unreadable (partly written) files are removed: their rows
+    were never committed, so this run redoes them."""
+    tables = []
+    for path in paths:
         try:
             with fs.open(path, "rb") as f:
-                ids.append(pq.read_table(f, columns=["video_id"]).column("video_id").to_numpy(zero_copy_only=False))
+                tables.append(pq.read_table(f, columns=columns))
         except Exception as e:
             log(f"removing unreadable partial output {path} ({type(e).__name__}); its rows will be redone")
             fs.rm(path)
-    return np.unique(np.concatenate(ids)) if ids else np.array([], dtype=object)
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
 def _admission_actor():
@@ -105,15 +113,21 @@ def _admit(batch: pa.Table, admission) -> pa.Table:
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
+def _pool(size: dict):
+    """Ray Data's actor pool for a {min, max} size: fixed when they agree, autoscaling between them."""
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(min_size=size["min"], max_size=size["max"])
+
+
 def build(cfg: JobConfig, admission):
     """The whole graph, source to captions (a lazy Ray Dataset)."""
-    from ray.data import ActorPoolStrategy
 
     ds = sources.read(cfg.source, cfg.decode.max_bytes)
     ds = ds.map_batches(_admit, fn_kwargs={"admission": admission}, batch_format="pyarrow", num_cpus=0.1)
     ds = ds.map_batches(
         DecodeStage, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
-        compute=ActorPoolStrategy(size=cfg.decode.actors), num_cpus=cfg.decode.num_cpus,
+        compute=_pool(cfg.decode.actors), num_cpus=cfg.decode.num_cpus,
         fn_constructor_kwargs=dict(
             model_uri=cfg.model.target, cache_dir=cfg.model.cache_dir, model_storage_options=cfg.model.storage_options,
             prompt=cfg.model.prompt, num_frames=cfg.decode.num_frames, fps=cfg.decode.fps,
@@ -121,7 +135,7 @@ def build(cfg: JobConfig, admission):
             source_storage_options=cfg.source.storage_options))
     return ds.map_batches(
         CaptionStage, batch_format="pyarrow", batch_size=cfg.caption.batch_size,
-        compute=ActorPoolStrategy(size=cfg.caption.replicas), num_gpus=cfg.caption.num_gpus,
+        compute=_pool(cfg.caption.replicas), num_gpus=cfg.caption.num_gpus,
         num_cpus=cfg.caption.num_cpus,
         fn_constructor_kwargs=dict(
             target=cfg.model.target, draft=cfg.model.draft, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
@@ -143,17 +157,22 @@ def start_ray(cfg: JobConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
 
 
-def run(cfg: JobConfig, log=None, quality=None) -> dict:
+def run(cfg: JobConfig, log=None, quality=None, out: str | None = None, done: np.ndarray | None = None) -> dict:
     """Caption what is missing from the job's output; returns the run summary (also written as JSON).
 
     `quality(table)`, if given, adds its dict to the summary (e.g. accuracy against known truth).
+    `out` (a path on the output filesystem) and `done` (video_ids to skip) default to the job's own
+    directory `<output.uri>/<job_id>` and what it already holds; `jobs.nightly` passes its run
+    partition and what its series holds.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    preflight(cfg)
+    preflight(cfg, out)
     start_ray(cfg)
-    fs, out = output_dir(cfg)
+    fs, default = output_dir(cfg)
+    out = out or default
+    done = written_ids(cfg, log) if done is None else done
     before = set(_parquet_files(fs, out))
-    admission = _admission_actor().remote(written_ids(cfg, log))
+    admission = _admission_actor().remote(done)
     t0 = time.perf_counter()
     build(cfg, admission).write_parquet(out, filesystem=sources.arrow_filesystem(fs),
                                         min_rows_per_file=cfg.output.rows_per_file,
@@ -163,7 +182,7 @@ def run(cfg: JobConfig, log=None, quality=None) -> dict:
     new = [p for p in _parquet_files(fs, out) if p not in before]
     import ray
 
-    table = _read(fs, new)
+    table = committed_rows(fs, new, log=log)
     summary = summarize(table, wall) | ray.get(admission.report.remote())
     if quality is not None and table is not None:
         summary |= quality(table)
@@ -172,14 +191,6 @@ def run(cfg: JobConfig, log=None, quality=None) -> dict:
     with fs.open(f"{out}/_summary.json", "w") as f:
         json.dump(summary, f, indent=1)
     return summary
-
-
-def _read(fs, paths: list[str]) -> pa.Table | None:
-    tables = []
-    for p in paths:
-        with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f))
-    return pa.concat_tables(tables) if tables else None
 
 
 def summarize(table: pa.Table | None, wall_s: float) -> dict:

@@ -100,8 +100,11 @@ def read(cfg: SourceConfig, max_bytes: int):
     """The source as a Ray Dataset of normalised rows (see module docstring)."""
     import ray
 
-    fmt = detect_format(cfg)
     fs, root = filesystem(cfg.uri, cfg.storage_options)
+    # fsspec shares filesystem instances and their listings within a process: a driver that runs
+    # another job (a later night) must see the source as it is now.
+    fs.invalidate_cache()
+    fmt = detect_format(cfg)
     arrow_fs = arrow_filesystem(fs)
     args = dict(filesystem=arrow_fs, ray_remote_args={"num_cpus": cfg.num_cpus})
     if fmt == "manifest":

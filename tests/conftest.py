@@ -1,6 +1,69 @@
+"""Shared by the test modules: the environment, a moto S3 server and one in-process Ray cluster.
+
+Module order matters for one thing: tests/test_cluster.py starts and stops Ray clusters of its own
+with the `ray` CLI (`ray stop` ends every local Ray process), so it runs first, before any test
+here starts the session's in-process cluster.
+"""
+
 import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 # Nothing may come from a hub: every model is a local toy checkpoint.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's console scripts: ray, moto_server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 protocol endpoint on 127.0.0.1 (moto server), with buckets `videos` and `captions`."""
+    import s3fs
+
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    fs = s3fs.S3FileSystem(**options)
+    for _ in range(100):
+        try:
+            fs.ls("")
+            break
+        except Exception:
+            time.sleep(0.1)
+    for bucket in ("videos", "captions"):
+        fs.mkdir(bucket)
+    yield options
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def base_overrides(options: dict, source: str, output: str, job_id: str) -> list[str]:
+    opts = [f"{side}.storage_options.{k}={v}" for side in ("source", "output") for k, v in options.items()]
+    return [f"job_id={job_id}", f"source.uri={source}", f"output.uri={output}", *opts,
+            "caption.batch_size=4", "decode.batch_size=4", "generation.max_new_tokens=40", "decode.max_side=256"]
+
+

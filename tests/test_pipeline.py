@@ -8,68 +8,22 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import ROOT, base_overrides
 from pipeline.config import ConfigError, load_config
 from toyworld.scene import encode_mp4, make_clip, render, sample_scene
 from toyworld.score import parse_caption
 from toyworld.shards import write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
 GOOD = 8  # toy videos in the two good shards
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3():
-    """A real S3 protocol endpoint on 127.0.0.1 (moto server), with buckets `videos` and `captions`."""
-    import s3fs
-
-    port = _free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    fs = s3fs.S3FileSystem(**options)
-    for _ in range(100):
-        try:
-            fs.ls("")
-            break
-        except Exception:
-            time.sleep(0.1)
-    for bucket in ("videos", "captions"):
-        fs.mkdir(bucket)
-    yield options
-    server.terminate()
-    server.wait()
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-def base_overrides(options: dict, source: str, output: str, job_id: str) -> list[str]:
-    opts = [f"{side}.storage_options.{k}={v}" for side in ("source", "output") for k, v in options.items()]
-    return [f"job_id={job_id}", f"source.uri={source}", f"output.uri={output}", *opts,
-            "caption.batch_size=4", "decode.batch_size=4", "generation.max_new_tokens=40", "decode.max_side=256"]
 
 
 def read_output(options: dict, uri: str) -> list[dict]:
@@ -281,6 +235,11 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("generation.k=fast", "generation.k"),
     ("generation.k=0", "generation.k"),
     ("generation.k_max=0", "generation.k_max"),
+    ("caption.replicas={min: 4, max: 2}", "caption.replicas"),
+    ("decode.actors=-1", "decode.actors"),
+    ("decode.actors={min: 1, most: 3}", "decode.actors"),
+    ("nightly.every=1", "nightly.every"),
+    ("nightly.stale_after_s=1", "nightly.stale_after_s"),
 ])
 def test_a_bad_config_fails_before_ray_starts_naming_the_key(override, key):
     out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml", override],
