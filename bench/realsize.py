@@ -37,6 +37,7 @@ from bench.report import run_info, write_markdown_section
 from lvspec import Engine, Replay, SpecConfig, generate
 from lvspec.adapter import left_pad_rows, text_config
 from lvspec.decoder import ATTENTION, TextDecoder
+from lvspec.graphs import Stages
 from toyworld import families
 
 # Text shapes of the real checkpoints' configs (hidden, intermediate, layers, heads, kv heads, vocab).
@@ -161,17 +162,7 @@ def floor_ms(decoder: TextDecoder, ctx: int, rows: int) -> float:
 
 def graph_ms(fn, reps: int = 20) -> float:
     """Milliseconds per replay of `fn` captured as one CUDA graph (after a warm-up run)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    return _events_ms(graph.replay, reps)
+    return Stages.seconds(fn, reps) * 1e3
 
 
 def eager_ms(fn, reps: int = 5) -> float:
