@@ -23,17 +23,18 @@ class StaticCache:
         self.offset = torch.zeros(slots, dtype=torch.long, device=device)  # position id of slot s is s + offset
         self.capacity = capacity
 
-    def prefill_view(self, rows: int, pad: torch.Tensor) -> PrefillView:
-        """What HF's modules write the prompt of the first `rows` slots through."""
-        return PrefillView(self, rows, pad)
+    def prefill_view(self, slots: torch.Tensor, pad: torch.Tensor) -> PrefillView:
+        """What HF's modules write the prompts of rows placed in `slots` through."""
+        return PrefillView(self, slots, pad)
 
 
 class PrefillView:
     """Duck-types the one cache method HF attention layers call, `update`, for the prompt forward:
-    the prompt's keys go into the static cache and attention runs over the prompt alone."""
+    the prompt's keys go into the static cache (at the given slots) and attention runs over the
+    prompt alone."""
 
-    def __init__(self, cache: StaticCache, rows: int, pad: torch.Tensor):
-        self.cache, self.rows, self.pad = cache, rows, pad
+    def __init__(self, cache: StaticCache, slots: torch.Tensor, pad: torch.Tensor):
+        self.cache, self.slots, self.pad = cache, slots, pad
 
     def mask(self, width: int) -> torch.Tensor:
         """Causal band over the left-padded prompt, [rows, 1, width, width]; padding sees itself."""
@@ -45,8 +46,8 @@ class PrefillView:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         width = key.shape[2]
-        self.cache.k[layer_idx, : self.rows, :, :width] = key
-        self.cache.v[layer_idx, : self.rows, :, :width] = value
+        self.cache.k[layer_idx][self.slots, :, :width] = key
+        self.cache.v[layer_idx][self.slots, :, :width] = value
         return key, value
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

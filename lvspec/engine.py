@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -105,9 +106,10 @@ class _State:
         probed_heads = len(engine.heads) * text_config(engine.target).num_attention_heads if engine.probing else 0
         self.relevance_by_head = torch.zeros(slots, probed_heads, k + 1, device=dev)
         # What the host reads once per cycle: [any row active, largest remaining budget,
-        # cycles that reached draft slot j (k_max), cycles that kept it (k_max)].
-        self.status = torch.zeros(2 + 2 * k, **long)
-        self.reached, self.kept = self.status[2:2 + k], self.status[2 + k:]
+        # cycles that reached draft slot j (k_max), cycles that kept it (k_max), each slot's active flag].
+        self.status = torch.zeros(2 + 2 * k + slots, **long)
+        self.reached, self.kept = self.status[2:2 + k], self.status[2 + k:2 + 2 * k]
+        self.slot_active = self.status[2 + 2 * k:]
         self.stages = Stages(engine.graphs, _snapshot(self.small()))
         self.costs: Costs | None = None
 
@@ -187,77 +189,41 @@ class Engine:
         self.timing: dict = {}  # of the latest call: prefill and decode seconds, stage costs, K per cycle
         self.attention_timings: dict = {}  # (model, forward size) -> seconds per attention path, when tuned
 
-    # ---- the batch API -------------------------------------------------------------------------
+    # ---- the API ---------------------------------------------------------------------------------
     def generate(self, rows: list[dict], tokenizer=None, trace: bool = False,
                  replay: Replay | None = None) -> list[RowOutput]:
-        """Caption prepared video prompts (one processor output per row).
+        """Caption prepared video prompts (one processor output per row); outputs in row order.
 
         With `tokenizer`, outputs carry decoded text; with `trace`, every verified slot's relevance
         and tokens, and the drafts kept per cycle. With `replay` (speed measurement of
-        random-weight models), each cycle keeps the recorded number of drafts instead.
+        random-weight models), each cycle keeps the recorded number of drafts instead. More rows
+        than slots stream through them (see `stream`).
         """
-        if not rows:
-            return []
-        if self.slots and len(rows) > self.slots:
-            return [r for lo in range(0, len(rows), self.slots)
-                    for r in self.generate(rows[lo:lo + self.slots], tokenizer, trace, replay)]
-        with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
-            return self._generate(rows, tokenizer, trace, replay)
+        out: list[RowOutput | None] = [None] * len(rows)
+        for i, result in self.stream(rows, tokenizer, trace, replay):
+            out[i] = result
+        return out
 
-    def _generate(self, rows, tokenizer, trace, replay) -> list[RowOutput]:
-        cuda = self.device.type == "cuda"
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
-        start = time.perf_counter()
-        prompt = self.adapter.prompt(self.target, rows)
-        draft_prompt = self.adapter.prompt(self.draft, rows) if self.draft is not None else None
-        widths = [p.embeds.shape[1] for p in (prompt, draft_prompt) if p is not None]
-        st = self._state_for(len(rows), max(widths))
-        chooser = self._chooser(st)
-        st.reset()
-        self._prefill(st, prompt, draft_prompt)
-        status = st.status.tolist()
-        sync()
-        prefilled = time.perf_counter()
-        if replay is not None:
-            replay.start(st.slots, self.device)
-
-        B = len(rows)
-        traces: list[list[dict]] = [[] for _ in range(B)]
-        kept: list[list[int]] = [[] for _ in range(B)]
-        clock, marks, ks = _Clock(cuda), [], []
-        while status[0]:
-            remaining = status[1] - 1  # the target adds one token of its own
-            if self.D is None:
-                k = 0
-            elif chooser is not None:
-                k = chooser.choose(*self._seen(status), budget=remaining)
-            else:
-                k = max(1, min(self.k_max, remaining))
-            ks.append(k)
-            a = clock.mark()
-            if k:
-                st.stages.run(("draft", k), lambda: self._draft(st, k))
-            b = clock.mark()
-            st.stages.run(("verify", k), lambda: self._verify(st, k))
-            marks.append((a, b, clock.mark(), k))
-            if replay is not None and k:
-                self._replay(st, k, replay)
-            if trace and k:
-                _record(traces, kept, st, k, B, sorted(self.heads))
-            st.stages.run(("commit", k), lambda: self._commit(st, k))
-            status = st.status.tolist()  # the cycle's one host read
-        sync()
-        done = time.perf_counter()
-        if self.k_max:
-            self._history = tuple([0.5 * x for x in counts] for counts in self._seen(status))
-        self.timing = {
-            "prefill_s": prefilled - start, "decode_s": done - prefilled, "cycles": len(ks), "k": ks,
-            "draft_s": sum(clock.seconds(a, b) for a, b, _, _ in marks),
-            "draft_steps": sum(k for *_, k in marks),
-            "verify_s": sum(clock.seconds(b, c) for _, b, c, _ in marks), "verifies": len(marks),
-            "costs": asdict(st.costs) if st.costs else None,
-            "attention": {"target": dict(self.T.attention), "draft": dict(self.D.attention) if self.D else None}}
-        return self._results(st, B, tokenizer, traces, kept)
+    def stream(self, rows: Iterable[dict], tokenizer=None, trace: bool = False,
+               replay: Replay | None = None) -> Iterator[tuple[int, RowOutput]]:
+        """Continuous batching: each slot takes the next row the moment its row finishes (rows are
+        prefilled into free slots between cycles). Yields (index among `rows`, output) as rows
+        finish. Rows are read from `rows` only when a slot is free for them."""
+        slots = self.slots or (len(rows) if hasattr(rows, "__len__") else None)
+        if not slots:
+            if slots is None:
+                raise ValueError("streaming rows of unknown count needs Engine(..., slots=N)")
+            return
+        run = _Stream(self, rows, slots, tokenizer, trace, replay)
+        try:
+            while True:
+                with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
+                    finished = run.step()
+                if finished is None:
+                    break
+                yield from finished
+        finally:
+            run.close()
 
     def _seen(self, status: list[int]) -> tuple[list[float], list[float]]:
         """Cycles that reached / kept each draft slot: this call's counts plus the decayed history."""
@@ -266,11 +232,13 @@ class Engine:
                 [h + c for h, c in zip(self._history[1], status[2 + k:2 + 2 * k])])
 
     # ---- state ----------------------------------------------------------------------------------
-    def _state_for(self, rows: int, width: int) -> _State:
-        slots = self.slots or rows
+    def _fits(self, st: _State | None, slots: int, width: int) -> bool:
+        return st is not None and st.slots == slots and st.capacity >= width + self.cfg.max_new_tokens + self.k_max + 2
+
+    def _state_for(self, slots: int, width: int) -> _State:
         need = width + self.cfg.max_new_tokens + self.k_max + 2
         st = self._state
-        if st is None or st.slots != slots or st.capacity < need:
+        if not self._fits(st, slots, width):
             self._state = st = None  # free the old caches before allocating new ones
             capacity = -(-need // 128) * 128  # similar prompt lengths share a state (and its graphs)
             st = self._state = _State(self, slots, capacity)
@@ -340,39 +308,41 @@ class Engine:
         return Costs(draft_step=max(step, 1e-9), verify_1=v1, verify_max=vm)
 
     # ---- prefill (eager, HF modules) ----------------------------------------------------------
-    def _prefill(self, st: _State, prompt: Prompt, draft_prompt: Prompt | None) -> None:
-        B, width = prompt.embeds.shape[:2]
-        first = self._prompt_forward(self.target, self.T, st.T, prompt).argmax(-1)
-        st.video[:B, :width] = prompt.video_mask
-        st.last[:B] = first
-        st.tokens[:B, 0] = first
-        st.length[:B] = 1
+    def _prefill(self, st: _State, prompt: Prompt, draft_prompt: Prompt | None, slots: torch.Tensor) -> None:
+        """Place new rows in free `slots`: their prompts' keys into both caches, their first token."""
+        width = prompt.embeds.shape[1]
+        first = self._prompt_forward(self.target, self.T, st.T, prompt, slots).argmax(-1)
+        st.video[slots] = False
+        st.video[slots, :width] = prompt.video_mask
+        st.last[slots] = first
+        st.tokens[slots, 0] = first
+        st.length[slots] = 1
+        st.count[:, slots] = 0
         for name in ("num_tokens", "bonus", "target_forwards"):
-            st.count[C[name], :B] = 1
+            st.count[C[name], slots] = 1
         stop = (first[:, None] == self.stop).any(-1)
-        st.stopped[:B] = stop
-        st.active[:B] = ~stop & (self.cfg.max_new_tokens > 1)
+        st.stopped[slots] = stop
+        st.active[slots] = ~stop & (self.cfg.max_new_tokens > 1)
         if self.D is not None:
-            self._prompt_forward(self.draft, self.D, st.D, draft_prompt)
+            self._prompt_forward(self.draft, self.D, st.D, draft_prompt, slots)
             # The draft re-reads the prompt's last token with the first generated one: every draft
             # loop then starts from two known tokens, one shape for all slots.
-            st.D.length[:B] -= 1
-            st.prev[:B] = draft_prompt.last_token
-            st.count[C["draft_forwards"], :B] = 1
-        st.status[0] = st.active.any()
-        st.status[1] = self.cfg.max_new_tokens - 1
+            st.D.length[slots] -= 1
+            st.prev[slots] = draft_prompt.last_token
+            st.count[C["draft_forwards"], slots] = 1
+        self._publish(st)
 
     @staticmethod
-    def _prompt_forward(model, decoder: TextDecoder, cache, prompt: Prompt) -> torch.Tensor:
-        """The prompt through the HF modules, its keys into the static cache; logits of its end [B, V]."""
-        B, width = prompt.embeds.shape[:2]
-        view = cache.prefill_view(B, prompt.pad)
+    def _prompt_forward(model, decoder: TextDecoder, cache, prompt: Prompt, slots: torch.Tensor) -> torch.Tensor:
+        """The prompts through the HF modules, their keys into the cache's `slots`; logits of their end [B, V]."""
+        width = prompt.embeds.shape[1]
+        view = cache.prefill_view(slots, prompt.pad)
         hidden = model.model.language_model(
             inputs_embeds=prompt.embeds, attention_mask=view.mask(width), position_ids=prompt.position_ids,
             past_key_values=view, use_cache=True).last_hidden_state
-        cache.length[:B] = width
-        cache.pad[:B] = prompt.pad
-        cache.offset[:B] = prompt.next_position - width  # position id of slot s >= width is s + offset
+        cache.length[slots] = width
+        cache.pad[slots] = prompt.pad
+        cache.offset[slots] = prompt.next_position - width  # position id of slot s >= width is s + offset
         return F.linear(hidden[:, -1], decoder.head)
 
     # ---- the three stages of a cycle (fixed shapes, no host sync: captured as CUDA graphs) -------
@@ -444,8 +414,13 @@ class Engine:
             st.kept[:k] += ((n[:, None] > j) & active[:, None]).sum(0)
         st.last.copy_(st.next_token)
         st.active &= ~finished
+        self._publish(st)
+
+    def _publish(self, st: _State) -> None:
+        """Write what the host reads: any row active, the largest remaining budget, the slots' flags."""
         st.status[0] = st.active.any()
-        st.status[1] = (budget - st.length).masked_fill(~st.active, 0).max()
+        st.status[1] = (self.cfg.max_new_tokens - st.length).masked_fill(~st.active, 0).max()
+        st.slot_active.copy_(st.active)
 
     def _replay(self, st: _State, k: int, replay: Replay) -> None:
         v = Verdict(st.accepted, st.kind[:, :k], st.next_token, None, st.anchor_rejected, st.target_tokens[:, :k + 1])
@@ -456,19 +431,167 @@ class Engine:
         st.anchor_rejected.copy_(r.anchor_rejected)
 
     # ---- results --------------------------------------------------------------------------------
-    def _results(self, st: _State, rows: int, tokenizer, traces, kept) -> list[RowOutput]:
-        lengths, stopped = st.length[:rows].tolist(), st.stopped[:rows].tolist()
-        tokens, counts = st.tokens[:rows].tolist(), st.count[:, :rows].T.tolist()
+    def _outputs(self, st: _State, slots: list[int], tokenizer) -> list[RowOutput]:
+        """RowOutputs of finished rows in `slots` (traces are filled in by the stream)."""
+        index = torch.tensor(slots, device=self.device)
+        lengths, stopped = st.length[index].tolist(), st.stopped[index].tolist()
+        tokens, counts = st.tokens[index].tolist(), st.count[:, index].T.tolist()
         out = []
-        for i in range(rows):
+        for i in range(len(slots)):
             ids = tokens[i][: lengths[i]]
             stats = RowStats(**dict(zip(COUNTERS, counts[i])))
             if stats.num_cycles:
                 stats.mean_accepted_length = (stats.num_tokens - 1) / stats.num_cycles
                 stats.mean_draft_length = stats.drafted / stats.num_cycles
             text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
-            out.append(RowOutput(ids, text, stats, "stop" if stopped[i] else "length", traces[i], kept[i]))
+            out.append(RowOutput(ids, text, stats, "stop" if stopped[i] else "length"))
         return out
+
+
+class _Stream:
+    """The host's side of one stream: which row each slot holds, rows read but not yet placed,
+    traces, and the clock. `step` refills free slots, runs one cycle and returns the rows that
+    finished (None when every row is done)."""
+
+    def __init__(self, engine: Engine, rows: Iterable[dict], slots: int, tokenizer, trace: bool,
+                 replay: Replay | None):
+        self.engine, self.slots, self.tokenizer, self.trace, self.replay = engine, slots, tokenizer, trace, replay
+        self.rows = iter(enumerate(rows))
+        self.waiting: list[tuple[int, dict]] = []
+        self.exhausted = self.draining = False
+        self.st: _State | None = None
+        self.chooser: DraftLength | None = None
+        self.slot_row: list[int | None] = [None] * slots
+        self.traces: dict[int, list[dict]] = {}
+        self.kept: dict[int, list[int]] = {}
+        self.status: list[int] = []
+        self.cuda = engine.device.type == "cuda"
+        self.clock, self.marks, self.ks = _Clock(self.cuda), [], []
+        self.start, self.prefill_s, self.prefills, self.placed, self.peak = time.perf_counter(), 0.0, 0, 0, 0
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _take(self, n: int) -> list[tuple[int, dict]]:
+        group, self.waiting = self.waiting[:n], self.waiting[n:]
+        while len(group) < n and not self.exhausted:
+            try:
+                group.append(next(self.rows))
+            except StopIteration:
+                self.exhausted = True
+        return group
+
+    def _begin(self, st: _State) -> None:
+        """A (new or reused) state starts this stream: every slot free, counts from zero."""
+        e = self.engine
+        self.st = st
+        self.chooser = e._chooser(st)
+        st.reset()
+        self.slot_row = [None] * self.slots
+        if self.replay is not None:
+            self.replay.start(self.slots, e.device)
+
+    def _refill(self) -> None:
+        e = self.engine
+        in_flight = any(row is not None for row in self.slot_row)
+        if self.draining and in_flight:
+            return
+        self.draining = False
+        free = [s for s, row in enumerate(self.slot_row) if row is None]
+        group = self._take(len(free)) if free else []
+        if not group:
+            return
+        t0 = time.perf_counter()
+        rows = [row for _, row in group]
+        prompt = e.adapter.prompt(e.target, rows)
+        draft_prompt = e.adapter.prompt(e.draft, rows) if e.draft is not None else None
+        width = max(p.embeds.shape[1] for p in (prompt, draft_prompt) if p is not None)
+        if self.st is None or not e._fits(self.st, self.slots, width):
+            if in_flight:  # a longer prompt: finish the rows in flight, then grow the state
+                self.waiting, self.draining = group + self.waiting, True
+                return
+            self._begin(e._state_for(self.slots, width))
+            free = list(range(self.slots))
+        slots = free[:len(group)]
+        index = torch.tensor(slots, device=e.device)
+        e._prefill(self.st, prompt, draft_prompt, index)
+        if self.replay is not None:
+            self.replay.assign(index, [i for i, _ in group])
+        for slot, (i, _) in zip(slots, group):
+            self.slot_row[slot] = i
+            self.traces[i], self.kept[i] = [], []
+        self.status = self.st.status.tolist()
+        self._sync()
+        self.prefill_s += time.perf_counter() - t0
+        self.prefills += 1
+        self.placed += len(group)
+
+    def _finished(self) -> list[tuple[int, RowOutput]]:
+        """Rows whose slot went idle (at its prefill or in the last cycle); their slots free up."""
+        k = self.engine.k_max
+        flags = self.status[2 + 2 * k:]
+        self.peak = max(self.peak, sum(flags))
+        slots = [s for s, row in enumerate(self.slot_row) if row is not None and not flags[s]]
+        if not slots:
+            return []
+        out = []
+        for slot, result in zip(slots, self.engine._outputs(self.st, slots, self.tokenizer)):
+            i = self.slot_row[slot]
+            result.trace, result.accepted_per_cycle = self.traces.pop(i), self.kept.pop(i)
+            out.append((i, result))
+            self.slot_row[slot] = None
+        return out
+
+    def step(self) -> list[tuple[int, RowOutput]] | None:
+        e = self.engine
+        self._refill()
+        if self.st is None:
+            return None  # no rows at all
+        finished = self._finished()
+        if finished:
+            return finished
+        if not self.status[0]:  # nothing in flight: more rows to place, or done
+            return None if self.exhausted and not self.waiting else []
+        st, status = self.st, self.status
+        remaining = status[1] - 1  # the target adds one token of its own
+        if e.D is None:
+            k = 0
+        elif self.chooser is not None:
+            k = self.chooser.choose(*e._seen(status), budget=remaining)
+        else:
+            k = max(1, min(e.k_max, remaining))
+        self.ks.append(k)
+        a = self.clock.mark()
+        if k:
+            st.stages.run(("draft", k), lambda: e._draft(st, k))
+        b = self.clock.mark()
+        st.stages.run(("verify", k), lambda: e._verify(st, k))
+        self.marks.append((a, b, self.clock.mark(), k))
+        if self.replay is not None and k:
+            e._replay(st, k, self.replay)
+        if self.trace and k:
+            _record(self.traces, self.kept, st, k, self.slot_row, sorted(e.heads))
+        st.stages.run(("commit", k), lambda: e._commit(st, k))
+        self.status = st.status.tolist()  # the cycle's one host read
+        return self._finished()
+
+    def close(self) -> None:
+        """Record the stream's timing and fold its acceptance counts into the engine's history."""
+        e = self.engine
+        self._sync()
+        total = time.perf_counter() - self.start
+        if e.k_max and self.status:
+            e._history = tuple([0.5 * x for x in counts] for counts in e._seen(self.status))
+        clock, marks = self.clock, self.marks
+        e.timing = {
+            "prefill_s": self.prefill_s, "decode_s": total - self.prefill_s, "cycles": len(self.ks), "k": self.ks,
+            "draft_s": sum(clock.seconds(a, b) for a, b, _, _ in marks),
+            "draft_steps": sum(k for *_, k in marks),
+            "verify_s": sum(clock.seconds(b, c) for _, b, c, _ in marks), "verifies": len(marks),
+            "prefills": self.prefills, "rows": self.placed, "peak_active": self.peak,
+            "costs": asdict(self.st.costs) if self.st is not None and self.st.costs else None,
+            "attention": {"target": dict(e.T.attention), "draft": dict(e.D.attention) if e.D else None}}
 
 
 def generate(target, draft, rows: list[dict], cfg: SpecConfig = SpecConfig(), tokenizer=None,
@@ -485,26 +608,26 @@ def _stop_ids(target, cfg: SpecConfig) -> torch.Tensor:
     return torch.tensor(sorted(set(ids)), dtype=torch.long, device=target.device)
 
 
-def _record(traces, kept, st: _State, k: int, rows: int, layers: list[int]) -> None:
+def _record(traces, kept, st: _State, k: int, slot_row: list[int | None], layers: list[int]) -> None:
     """Keep, per walked slot (up to and including the first rejection), relevance and tokens; and
-    per cycle, how many drafts each row kept."""
-    active = st.active[:rows].tolist()
-    n = st.accepted[:rows].tolist()
-    kind = st.kind[:rows, :k].tolist()
-    target, drafted = st.target_tokens[:rows, :k].tolist(), st.drafted[:rows, :k].tolist()
+    per cycle, how many drafts each row kept. `slot_row`: the row each batch slot holds."""
+    active = st.active.tolist()
+    n = st.accepted.tolist()
+    kind = st.kind[:, :k].tolist()
+    target, drafted = st.target_tokens[:, :k].tolist(), st.drafted[:, :k].tolist()
     probed = st.relevance_by_head.shape[1] > 0
-    rel = st.relevance[:rows, :k].tolist() if probed else None
-    by_head = st.relevance_by_head[:rows, :, :k].transpose(1, 2).tolist() if probed else None
+    rel = st.relevance[:, :k].tolist() if probed else None
+    by_head = st.relevance_by_head[:, :, :k].transpose(1, 2).tolist() if probed else None
     heads = st.relevance_by_head.shape[1] // max(len(layers), 1)
     names = [(i, h) for i in layers for h in range(heads)] if probed else []
-    for row in range(rows):
-        if not active[row]:
+    for slot, row in enumerate(slot_row):
+        if row is None or not active[slot]:
             continue
-        kept[row].append(n[row])
-        for j in range(min(n[row] + 1, k)):
+        kept[row].append(n[slot])
+        for j in range(min(n[slot] + 1, k)):
             traces[row].append({
-                "relevance": rel[row][j] if probed else None,
-                "relevance_by_head": dict(zip(names, by_head[row][j])) if probed else {},
-                "target_token": target[row][j], "draft_token": drafted[row][j], "accepted": j < n[row],
-                "kind": ("exact", "loose", "shift")[kind[row][j]],
+                "relevance": rel[slot][j] if probed else None,
+                "relevance_by_head": dict(zip(names, by_head[slot][j])) if probed else {},
+                "target_token": target[slot][j], "draft_token": drafted[slot][j], "accepted": j < n[slot],
+                "kind": ("exact", "loose", "shift")[kind[slot][j]],
             })

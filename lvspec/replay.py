@@ -15,9 +15,9 @@ from lvspec.verify import EXACT, LOOSE, Verdict
 
 
 class Replay:
-    """Per-row sequences of accepted draft counts; row r of a run replays record r mod R, and a
-    row that outlives its record starts it over. Acceptance is a prefix walk, so a count recorded
-    at a longer draft length replays as min(count, K)."""
+    """Per-row sequences of accepted draft counts; row r of a run (its index among the rows given)
+    replays record r mod R, and a row that outlives its record starts it over. Acceptance is a
+    prefix walk, so a count recorded at a longer draft length replays as min(count, K)."""
 
     def __init__(self, accepted: list[list[int]]):
         accepted = [a for a in accepted if a]
@@ -28,7 +28,8 @@ class Replay:
         width = max(len(a) for a in accepted)
         self.table = torch.tensor([a + [0] * (width - len(a)) for a in accepted])  # [R, C]
         self.cycles = torch.tensor([len(a) for a in accepted])  # [R]
-        self.cursor: torch.Tensor | None = None
+        self.record: torch.Tensor | None = None  # [slots] the record each slot replays
+        self.cursor: torch.Tensor | None = None  # [slots] its next cycle
 
     @classmethod
     def from_outputs(cls, outputs) -> Replay:
@@ -41,13 +42,18 @@ class Replay:
 
     def start(self, slots: int, device) -> None:
         self.table, self.cycles = self.table.to(device), self.cycles.to(device)
+        self.record = torch.zeros(slots, dtype=torch.long, device=device)
         self.cursor = torch.zeros(slots, dtype=torch.long, device=device)
+
+    def assign(self, slots: torch.Tensor, rows: list[int]) -> None:
+        """Rows `rows` (indices among the rows given) start in `slots`."""
+        self.record[slots] = torch.tensor(rows, device=slots.device) % self.table.shape[0]
+        self.cursor[slots] = 0
 
     def apply(self, v: Verdict, active: torch.Tensor, drafted: torch.Tensor) -> Verdict:
         """Keep the recorded number of drafts in every active slot (capped at this cycle's K)."""
         k = drafted.shape[1]
-        slot = torch.arange(active.shape[0], device=active.device)
-        record = slot % self.table.shape[0]
+        record = self.record
         n = self.table[record, self.cursor % self.cycles[record]].clamp(max=k)
         self.cursor += active.long()
         exact = drafted == v.target_tokens[:, :k]

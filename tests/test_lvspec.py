@@ -340,7 +340,7 @@ def test_a_decoding_cycle_never_waits_on_the_host(pair, mode):
     with torch.inference_mode():
         st.reset()
         engine._prefill(st, engine.adapter.prompt(target, rows),
-                        engine.adapter.prompt(draft, rows) if engine.D is not None else None)
+                        engine.adapter.prompt(draft, rows) if engine.D is not None else None, torch.arange(len(rows)))
         with _NoHostSync():
             for k in ([0, 0] if mode == "ar" else [4, 1, 3]):
                 if k:
@@ -368,3 +368,37 @@ def test_the_draft_length_pays_for_itself():
     # Expected tokens follow the prefix walk: 1 + S(1) + ... + S(K).
     s = mid.survival([10, 10], [5, 5])
     assert mid.expected_tokens(2, s) == pytest.approx(1 + s[0] + s[0] * (s[1] / s[0]))
+
+
+def test_a_stream_refills_slots_and_decodes_like_the_batch_api(pair):
+    """3 slots, 10 rows of very different lengths (an early stop token for some): every row comes
+    out once, token-identical to greedy generate; finished rows' slots take new rows at once."""
+    _, processor, target, draft = pair
+    prompts = [grammar.prompt_for(h) for h in (None, 0.5, 1.0, 0.25, 0.75)] * 2
+    rows = make_rows(processor, [8, 4, 6, 8, 5, 8, 7, 4, 8, 6], seed=13, prompts=prompts)
+    assert len(rows) == 10
+    period = processor.tokenizer.convert_tokens_to_ids(".")
+    full = hf_greedy(processor, target, rows)
+    # A stop token that some captions say early and others late, or never: lengths from ~3 to ~40.
+    stop = next(t for t in full[0][2:] if t != period and any(t not in ids for ids in full))
+    expected = hf_greedy(processor, target, rows, eos=stop)
+    lengths = sorted(len(ids) for ids in expected)
+    assert lengths[-1] >= 3 * lengths[0]
+    cfg = SpecConfig(mode="sd", k=4, max_new_tokens=48, stop_token_ids=(stop,))
+    engine = Engine(target, draft, cfg, slots=3)
+    order, outputs = [], {}
+    for i, result in engine.stream(iter(rows)):  # an iterator: rows are read only as slots free up
+        assert i not in outputs
+        order.append(i)
+        outputs[i] = result
+    assert sorted(outputs) == list(range(len(rows)))
+    assert [outputs[i].tokens for i in range(len(rows))] == expected
+    assert order != sorted(order)  # rows finished out of order: short ones left early
+    t = engine.timing
+    assert t["rows"] == len(rows) and t["peak_active"] == 3 and t["prefills"] >= 4  # slots were refilled
+    for i, result in outputs.items():
+        assert_counters_add_up(result, cfg.k)
+    batch = Engine(target, draft, cfg).generate(rows)  # one slot per row
+    assert [r.tokens for r in batch] == expected
+    # (Counters of drafting may differ by a token or two: near the end, K is capped by the largest
+    # budget left among the rows sharing a cycle, and the two runs group rows differently.)
