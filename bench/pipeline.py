@@ -38,10 +38,9 @@ def engine_alone(family: str, mp4s: list[bytes], cfg) -> dict:
     rows = [processor(text=[text], videos=[f], return_tensors="pt") for f in frames]
     processed_s = time.perf_counter() - t0
     spec = spec_config(cfg.generation, shipped_settings(families.model_dir(family, "target")))
-    engine = Engine(target, draft, spec, slots=cfg.caption.batch_size)  # as one caption replica holds it
+    engine = Engine(target, draft, spec, slots=cfg.caption.slots or cfg.caption.batch_size)  # as a replica holds it
     tokens, t0 = 0, time.perf_counter()
-    for lo in range(0, len(rows), cfg.caption.batch_size):
-        tokens += sum(len(r.tokens) for r in engine.generate(rows[lo:lo + cfg.caption.batch_size]))
+    tokens += sum(len(r.tokens) for r in engine.generate(rows))  # all rows streamed through the slots
     generate_s = time.perf_counter() - t0
     n_frames = sum(len(f) for f in frames)
     return {"tokens": tokens, "generate_s": round(generate_s, 3), "tokens_per_s": tokens / generate_s,

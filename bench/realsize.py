@@ -354,6 +354,54 @@ def run_pair(args, family: str, target_size: str, draft_size: str, patterns: dic
     return result
 
 
+@torch.inference_mode()
+def continuous(args, patterns: dict, log=print) -> dict:
+    """Continuous vs static batching on replay with lengths: the same rows (each with the accepted
+    counts and the caption length of a recorded toy row, lengths scaled to `--mean-length`) through
+    `--slots` slots, streamed (a finished row's slot takes the next row at once) or in static
+    batches of `--slots` rows (each batch runs until its longest row ends)."""
+    family, t_size, d_size = _pairs(args.pair)[0]
+    processor = real_processor(family)
+    target, draft = build(family, t_size, args.device), build(family, d_size, args.device)
+    records = patterns[args.mode][: args.rows]
+    raw = [Replay.recorded_length(r) for r in records]
+    scale = args.mean_length / (sum(raw) / len(raw))
+    lengths = [max(2, round(n * scale)) for n in raw]
+    rows = video_rows(processor, len(records), args.frames, args.side)
+    cfg = SpecConfig(mode=args.mode, k=args.k, theta=0.5, max_new_tokens=max(lengths), stop_token_ids=(),
+                     relevance_layers=(0,) if args.mode == "lvspec" else None)
+    engine = Engine(target, draft, cfg, slots=args.slots)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def static() -> int:
+        tokens = 0
+        for lo in range(0, len(rows), args.slots):
+            replay = Replay(records[lo:lo + args.slots], lengths[lo:lo + args.slots])
+            tokens += sum(o.stats.num_tokens for o in engine.generate(rows[lo:lo + args.slots], replay=replay))
+        return tokens
+
+    def streamed() -> int:
+        return sum(o.stats.num_tokens for o in engine.generate(rows, replay=Replay(records, lengths)))
+
+    result = {"pair": f"{family}-{t_size}/{d_size}", "mode": args.mode, "slots": args.slots, "rows": len(rows),
+              "mean_length": sum(lengths) / len(lengths), "min_length": min(lengths), "max_length": max(lengths)}
+    for name, fn in (("static", static), ("continuous", streamed)):
+        fn()  # warm-up: builds the state, captures the stages
+        runs = []
+        for _ in range(args.repeats):
+            sync()
+            t0 = time.perf_counter()
+            tokens = fn()
+            sync()
+            runs.append(tokens / (time.perf_counter() - t0))
+        result[name] = {"tokens_per_s": statistics.median(runs), "spread": _stats(runs)[1], "runs": runs}
+        log(f"{name:10s}: {result[name]['tokens_per_s']:.1f} tokens/s (spread {result[name]['spread']:.1%})")
+    result["continuous_vs_static"] = result["continuous"]["tokens_per_s"] / result["static"]["tokens_per_s"]
+    log(f"continuous / static = {result['continuous_vs_static']:.2f} ({len(rows)} rows, {args.slots} slots, "
+        f"lengths {min(lengths)}-{max(lengths)}, mean {result['mean_length']:.0f})")
+    return result
+
+
 def _probe_ms(probe: dict | None, model: str, bs: int, q: int, ctx: int) -> float | None:
     """The reference probe's graph figure for a model size (e.g. '7B') at batch bs and q tokens,
     from the probe run whose context is nearest `ctx`."""
@@ -442,6 +490,19 @@ def main(argv=None):
     run.add_argument("--probe", help="the reference probe's JSON from the same sitting (gpu_steps.py output)")
     run.add_argument("--device", default="cuda", help="cpu: a smoke run of the benchmark code only")
     run.add_argument("--json", required=True)
+    con = sub.add_parser("continuous", help="continuous vs static batching on replay with lengths (GPU)")
+    con.add_argument("--pair", action="append", required=True, help="family:target_size:draft_size (the first one)")
+    con.add_argument("--patterns", default="bench/replay_patterns.json")
+    con.add_argument("--mode", default="lvspec", choices=["sd", "lvspec"])
+    con.add_argument("--slots", type=int, default=16)
+    con.add_argument("--rows", type=int, default=64)
+    con.add_argument("--mean-length", type=float, default=120.0)
+    con.add_argument("--frames", type=int, default=16)
+    con.add_argument("--side", type=int, default=336)
+    con.add_argument("--k", default="auto")
+    con.add_argument("--repeats", type=int, default=3)
+    con.add_argument("--device", default="cuda", help="cpu: a smoke run of the benchmark code only")
+    con.add_argument("--json", required=True)
     rep = sub.add_parser("report", help="merge run JSONs (and probe JSONs) into one report and its markdown")
     rep.add_argument("--json", nargs="+", required=True, help="run JSONs, in order")
     rep.add_argument("--probe", nargs="*", default=[], help="gpu_steps.py JSONs of the same sitting")
@@ -459,6 +520,13 @@ def main(argv=None):
         raise SystemExit(f"bench.realsize {args.command} needs a CUDA GPU")
     if args.command == "steps":
         result = {**steps(args), **run_info("bench.realsize", argv)}
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return
+    if args.command == "continuous":
+        args.k = int(args.k) if str(args.k).isdigit() else args.k
+        family = _pairs(args.pair)[0][0]
+        recorded = json.loads(Path(args.patterns).read_text())["families"][family]
+        result = {**continuous(args, recorded), **run_info("bench.realsize", argv)}
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         return
 

@@ -5,6 +5,7 @@ Plain PyTorch + transformers; no Ray, no storage. See `engine.Engine` and `engin
 
 from lvspec.config import MODES, SpecConfig
 from lvspec.engine import Engine, RowOutput, RowStats, generate
+from lvspec.feed import RowFeed
 from lvspec.replay import Replay
 
-__all__ = ["MODES", "Engine", "Replay", "RowOutput", "RowStats", "SpecConfig", "generate"]
+__all__ = ["MODES", "Engine", "Replay", "RowFeed", "RowOutput", "RowStats", "SpecConfig", "generate"]

@@ -28,6 +28,7 @@ from lvspec.adapter import Prompt, adapter_for, check_pair, shared_vocab, text_c
 from lvspec.config import SpecConfig
 from lvspec.decoder import ATTENTION, TextDecoder
 from lvspec.draft_length import Costs, DraftLength
+from lvspec.feed import RowFeed
 from lvspec.graphs import Stages
 from lvspec.relevance import RelevanceProbe, relevance_heads
 from lvspec.replay import Replay
@@ -94,6 +95,7 @@ class _State:
         self.stopped = torch.zeros(slots, dtype=torch.bool, device=dev)
         self.tokens = torch.zeros(slots, cfg.max_new_tokens + k + 1, **long)  # emitted, + room for a cycle
         self.length = torch.zeros(slots, **long)  # emitted tokens
+        self.budget = torch.full((slots,), cfg.max_new_tokens, **long)  # tokens a row may emit (replay: its length)
         self.count = torch.zeros(len(COUNTERS), slots, **long)
         self.drafted = torch.zeros(slots, max(k, 1), **long)
         # The verdict of the latest verify forward.
@@ -116,7 +118,8 @@ class _State:
     def small(self) -> list[torch.Tensor]:
         caches = [c for c in (self.T, self.D) if c is not None]
         return [t for c in caches for t in (c.length, c.pad, c.offset)] + [
-            self.last, self.prev, self.active, self.stopped, self.tokens, self.length, self.count, self.drafted,
+            self.last, self.prev, self.active, self.stopped, self.tokens, self.length, self.budget, self.count,
+            self.drafted,
             self.accepted, self.next_token, self.kind, self.target_tokens, self.anchor_rejected, self.relevance,
             self.relevance_by_head, self.status]
 
@@ -208,7 +211,8 @@ class Engine:
                replay: Replay | None = None) -> Iterator[tuple[int, RowOutput]]:
         """Continuous batching: each slot takes the next row the moment its row finishes (rows are
         prefilled into free slots between cycles). Yields (index among `rows`, output) as rows
-        finish. Rows are read from `rows` only when a slot is free for them."""
+        finish. Rows are read from `rows` only when a slot is free for them; `rows` may be a
+        `RowFeed` that other threads keep filling (its keys replace the indices)."""
         slots = self.slots or (len(rows) if hasattr(rows, "__len__") else None)
         if not slots:
             if slots is None:
@@ -308,8 +312,10 @@ class Engine:
         return Costs(draft_step=max(step, 1e-9), verify_1=v1, verify_max=vm)
 
     # ---- prefill (eager, HF modules) ----------------------------------------------------------
-    def _prefill(self, st: _State, prompt: Prompt, draft_prompt: Prompt | None, slots: torch.Tensor) -> None:
-        """Place new rows in free `slots`: their prompts' keys into both caches, their first token."""
+    def _prefill(self, st: _State, prompt: Prompt, draft_prompt: Prompt | None, slots: torch.Tensor,
+                 budget: torch.Tensor | None = None) -> None:
+        """Place new rows in free `slots`: their prompts' keys into both caches, their first token.
+        `budget`: tokens each may emit (default max_new_tokens)."""
         width = prompt.embeds.shape[1]
         first = self._prompt_forward(self.target, self.T, st.T, prompt, slots).argmax(-1)
         st.video[slots] = False
@@ -322,7 +328,8 @@ class Engine:
             st.count[C[name], slots] = 1
         stop = (first[:, None] == self.stop).any(-1)
         st.stopped[slots] = stop
-        st.active[slots] = ~stop & (self.cfg.max_new_tokens > 1)
+        st.budget[slots] = self.cfg.max_new_tokens if budget is None else budget.clamp(1, self.cfg.max_new_tokens)
+        st.active[slots] = ~stop & (st.budget[slots] > 1)
         if self.D is not None:
             self._prompt_forward(self.draft, self.D, st.D, draft_prompt, slots)
             # The draft re-reads the prompt's last token with the first generated one: every draft
@@ -377,7 +384,7 @@ class Engine:
     def _commit(self, st: _State, k: int) -> None:
         """Emit each active slot's kept drafts and target token (cut at a stop token or the budget),
         advance both caches by what was kept, count, and write the status the host reads."""
-        n, active, budget = st.accepted, st.active, self.cfg.max_new_tokens
+        n, active, budget = st.accepted, st.active, st.budget
         live = active.long()
         m = k + 1
         slot = torch.arange(m, device=n.device)
@@ -419,7 +426,7 @@ class Engine:
     def _publish(self, st: _State) -> None:
         """Write what the host reads: any row active, the largest remaining budget, the slots' flags."""
         st.status[0] = st.active.any()
-        st.status[1] = (self.cfg.max_new_tokens - st.length).masked_fill(~st.active, 0).max()
+        st.status[1] = (st.budget - st.length).masked_fill(~st.active, 0).max()
         st.slot_active.copy_(st.active)
 
     def _replay(self, st: _State, k: int, replay: Replay) -> None:
@@ -456,7 +463,8 @@ class _Stream:
     def __init__(self, engine: Engine, rows: Iterable[dict], slots: int, tokenizer, trace: bool,
                  replay: Replay | None):
         self.engine, self.slots, self.tokenizer, self.trace, self.replay = engine, slots, tokenizer, trace, replay
-        self.rows = iter(enumerate(rows))
+        self.feed = rows if isinstance(rows, RowFeed) else None  # rows from other threads, keyed by the feed
+        self.rows = iter(enumerate(rows)) if self.feed is None else None
         self.waiting: list[tuple[int, dict]] = []
         self.exhausted = self.draining = False
         self.st: _State | None = None
@@ -473,8 +481,16 @@ class _Stream:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def _take(self, n: int) -> list[tuple[int, dict]]:
+    def _take(self, n: int, in_flight: bool) -> list[tuple[int, dict]]:
         group, self.waiting = self.waiting[:n], self.waiting[n:]
+        if self.feed is not None:  # rows from other threads: wait for them only with nothing to decode
+            if len(group) < n and not self.exhausted:
+                more = self.feed.take(n - len(group), wait=not in_flight and not group)
+                if more is None:
+                    self.exhausted = True
+                else:
+                    group += more
+            return group
         while len(group) < n and not self.exhausted:
             try:
                 group.append(next(self.rows))
@@ -499,7 +515,7 @@ class _Stream:
             return
         self.draining = False
         free = [s for s, row in enumerate(self.slot_row) if row is None]
-        group = self._take(len(free)) if free else []
+        group = self._take(len(free), in_flight) if free else []
         if not group:
             return
         t0 = time.perf_counter()
@@ -515,7 +531,8 @@ class _Stream:
             free = list(range(self.slots))
         slots = free[:len(group)]
         index = torch.tensor(slots, device=e.device)
-        e._prefill(self.st, prompt, draft_prompt, index)
+        budget = self.replay.lengths_of([i for i, _ in group]) if self.replay is not None else None
+        e._prefill(self.st, prompt, draft_prompt, index, None if budget is None else budget.to(e.device))
         if self.replay is not None:
             self.replay.assign(index, [i for i, _ in group])
         for slot, (i, _) in zip(slots, group):

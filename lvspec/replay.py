@@ -19,7 +19,13 @@ class Replay:
     replays record r mod R, and a row that outlives its record starts it over. Acceptance is a
     prefix walk, so a count recorded at a longer draft length replays as min(count, K)."""
 
-    def __init__(self, accepted: list[list[int]]):
+    def __init__(self, accepted: list[list[int]], lengths: list[int] | None = None):
+        """`lengths` (optional, one per record): tokens each replayed row emits before it stops, so
+        that rows finish at a realistic spread of lengths (continuous batching is measured so)."""
+        if lengths is not None:
+            if len(lengths) != len(accepted) or min(lengths, default=1) < 1:
+                raise ValueError("lengths: one count >= 1 per record")
+            lengths = [n for a, n in zip(accepted, lengths) if a]
         accepted = [a for a in accepted if a]
         if not accepted:
             raise ValueError("a replay needs at least one recorded cycle")
@@ -28,6 +34,7 @@ class Replay:
         width = max(len(a) for a in accepted)
         self.table = torch.tensor([a + [0] * (width - len(a)) for a in accepted])  # [R, C]
         self.cycles = torch.tensor([len(a) for a in accepted])  # [R]
+        self.lengths = lengths
         self.record: torch.Tensor | None = None  # [slots] the record each slot replays
         self.cursor: torch.Tensor | None = None  # [slots] its next cycle
 
@@ -35,6 +42,18 @@ class Replay:
     def from_outputs(cls, outputs) -> Replay:
         """From the RowOutputs of a traced `sd` / `lvspec` run (`generate(..., trace=True)`)."""
         return cls([list(o.accepted_per_cycle) for o in outputs])
+
+    def lengths_of(self, rows: list[int]) -> torch.Tensor | None:
+        """The replayed length of each of these rows (None: rows run to max_new_tokens)."""
+        if self.lengths is None:
+            return None
+        return torch.tensor([self.lengths[r % len(self.lengths)] for r in rows])
+
+    @staticmethod
+    def recorded_length(accepted: list[int]) -> int:
+        """Tokens a recorded row emitted: the prefill's one, then each cycle's kept drafts plus one
+        (one or more too many when a stop token or the budget cut its last cycle short)."""
+        return 1 + sum(n + 1 for n in accepted)
 
     def mean_accepted(self) -> float:
         return float(sum(int(self.table[i, :n].sum()) for i, n in enumerate(self.cycles.tolist()))

@@ -1,13 +1,18 @@
 """Caption stage (GPU actors; CPU with num_gpus=0): one replica = target + draft running lvspec.
 
-The actor holds one `lvspec.Engine` with as many slots as a caption batch, so its decode state
-and captured CUDA graphs are built once and reused for every batch. Rows that arrive with an
-error pass through; a row the engine cannot caption gets an error of its own without failing
-its batch.
+The actor holds one `lvspec.Engine` (its decode state and captured CUDA graphs are built once)
+and one decoding thread that streams rows through the engine's slots continuously. Ray Data calls
+the actor with batches, two at a time (`max_concurrent_calls_per_actor`): each call hands its rows
+to the thread through a `RowFeed` and waits for their captions, so while one batch's last rows
+decode the next batch's rows already fill the slots they free; a replica idles only when no
+input is there. Rows that arrive with an error pass through; a row the engine cannot caption
+gets an error of its own without failing the rows decoded beside it (after a failure the rows in
+flight are retried one at a time).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pyarrow as pa
@@ -29,11 +34,11 @@ CAPTIONED = pa.schema(
 
 class CaptionStage:
     def __init__(self, target: str, draft: str | None, dtype: str, cache_dir: str, storage_options: dict,
-                 generation: GenerationConfig, job_id: str, config_hash: str, num_cpus: float, batch_size: int):
+                 generation: GenerationConfig, job_id: str, config_hash: str, num_cpus: float, slots: int):
         import torch
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-        from lvspec import Engine
+        from lvspec import Engine, RowFeed
         from pipeline.models import resolve
 
         torch.set_num_threads(max(1, int(num_cpus)))
@@ -47,32 +52,48 @@ class CaptionStage:
         self.target = load(target)
         self.draft = load(draft) if draft and generation.mode != "ar" else None
         self.spec = spec_config(generation, shipped_settings(target_dir))
-        self.engine = Engine(self.target, self.draft, self.spec, slots=batch_size)
+        self.engine = Engine(self.target, self.draft, self.spec, slots=slots)
         self.fixed = {"mode": generation.mode, "target_model": target, "draft_model": draft if self.draft else None,
                       "config_hash": config_hash, "job_id": job_id}
+        self.feed = RowFeed()
+        self.busy_ms: dict[int, float] = {}  # per row: its share of the thread's decoding time
+        threading.Thread(target=self._decode, name="lvspec-decode", daemon=True).start()
 
-    def _generate(self, inputs: list[dict]):
-        """Generate for the batch; if the batch fails, row by row, so one bad row fails alone."""
-        try:
-            return self.engine.generate(inputs, tokenizer=self.tokenizer)
-        except Exception:
-            results = []
-            for row in inputs:
-                try:
-                    results += self.engine.generate([row], tokenizer=self.tokenizer)
-                except Exception as e:
-                    results.append(e)
-            return results
+    def _decode(self) -> None:
+        """The one thread that runs the engine: stream whatever the feed holds, for the actor's life.
+        Each finished row is charged the decoding time since the previous one finished (time spent
+        waiting for input aside), so the rows' shares add up to the replica's busy time."""
+        while True:
+            mark, waited = time.perf_counter(), self.feed.waited_s
+            try:
+                for key, result in self.engine.stream(self.feed, tokenizer=self.tokenizer):
+                    now = time.perf_counter()
+                    self.busy_ms[key] = (now - mark - (self.feed.waited_s - waited)) * 1e3
+                    mark, waited = now, self.feed.waited_s
+                    self.feed.resolve(key, result)
+                return  # the feed was closed
+            except Exception:
+                for key, row in self.feed.in_flight():  # whoever failed, fails alone
+                    start = time.perf_counter()
+                    try:
+                        result = self.engine.generate([row], tokenizer=self.tokenizer)[0]
+                    except Exception as e:
+                        result = e
+                    self.busy_ms[key] = (time.perf_counter() - start) * 1e3
+                    self.feed.resolve(key, result)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from safetensors.torch import load
 
         rows = batch.to_pylist()
         ready = [r for r in rows if r["error"] is None]
-        start = time.perf_counter()
-        results = self._generate([load(r["inputs"]) for r in ready]) if ready else []
-        share = (time.perf_counter() - start) * 1e3 / max(len(ready), 1)  # each row's share of the call
-        for row, res in zip(ready, results):
+        futures = [self.feed.submit(load(r["inputs"])) for r in ready]
+        for row, future in zip(ready, futures):
+            try:
+                res = future.result()
+            except Exception as e:
+                res = e
+            share = self.busy_ms.pop(future.key, None)
             if isinstance(res, Exception):
                 row["error"] = f"caption: {type(res).__name__}: {str(res).splitlines()[0][:300] if str(res) else ''}"
                 continue

@@ -78,7 +78,8 @@ class CaptionConfig:
     replicas: Any = 1  # GPU actors, each one target + draft: N, or {min: N, max: M} (autoscaling)
     num_gpus: float = 0.0  # per replica; 0 runs on CPU
     num_cpus: float = 1.0
-    batch_size: int = 8
+    batch_size: int = 8  # rows per Ray Data call; a replica keeps two calls in flight
+    slots: int | None = None  # rows a replica decodes at once (continuous batching); None: batch_size
 
 
 @dataclass
@@ -173,6 +174,8 @@ def check(job: JobConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"config key 'generation.{str(e).split()[0]}': {e}") from None
     _positive(job.caption.batch_size, "caption.batch_size")
+    if job.caption.slots is not None:
+        _positive(job.caption.slots, "caption.slots")
     n = job.nightly
     if n.dataset is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n.dataset):
         raise ConfigError(f"config key 'nightly.dataset' must be a plain name (letters, digits, . _ -), got {n.dataset!r}")

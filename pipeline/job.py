@@ -113,11 +113,14 @@ def _admit(batch: pa.Table, admission) -> pa.Table:
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
-def _pool(size: dict):
+def _pool(size: dict, calls_per_actor: int = 1):
     """Ray Data's actor pool for a {min, max} size: fixed when they agree, autoscaling between them."""
     from ray.data import ActorPoolStrategy
 
-    return ActorPoolStrategy(min_size=size["min"], max_size=size["max"])
+    if calls_per_actor == 1:
+        return ActorPoolStrategy(min_size=size["min"], max_size=size["max"])
+    return ActorPoolStrategy(min_size=size["min"], max_size=size["max"], max_concurrent_calls_per_actor=calls_per_actor,
+                             max_tasks_in_flight_per_actor=calls_per_actor, enable_true_multi_threading=True)
 
 
 def build(cfg: JobConfig, admission):
@@ -135,12 +138,15 @@ def build(cfg: JobConfig, admission):
             source_storage_options=cfg.source.storage_options))
     return ds.map_batches(
         CaptionStage, batch_format="pyarrow", batch_size=cfg.caption.batch_size,
-        compute=_pool(cfg.caption.replicas), num_gpus=cfg.caption.num_gpus,
+        # Two calls in flight per replica, on threads: while one batch's last rows decode, the next
+        # batch's rows already wait in the replica's feed for the slots they free.
+        compute=_pool(cfg.caption.replicas, calls_per_actor=2), num_gpus=cfg.caption.num_gpus,
         num_cpus=cfg.caption.num_cpus,
         fn_constructor_kwargs=dict(
             target=cfg.model.target, draft=cfg.model.draft, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
             storage_options=cfg.model.storage_options, generation=cfg.generation, job_id=cfg.job_id,
-            config_hash=config_hash(cfg), num_cpus=cfg.caption.num_cpus, batch_size=cfg.caption.batch_size))
+            config_hash=config_hash(cfg), num_cpus=cfg.caption.num_cpus,
+            slots=cfg.caption.slots or cfg.caption.batch_size))
 
 
 def start_ray(cfg: JobConfig) -> None:

@@ -402,3 +402,20 @@ def test_a_stream_refills_slots_and_decodes_like_the_batch_api(pair):
     assert [r.tokens for r in batch] == expected
     # (Counters of drafting may differ by a token or two: near the end, K is capped by the largest
     # budget left among the rows sharing a cycle, and the two runs group rows differently.)
+
+
+def test_replayed_lengths_end_each_row_at_its_recorded_length(pair):
+    """Replay with lengths: row r stops after lengths[r mod R] tokens (what continuous batching is
+    measured against), whatever its slot, the rest of the replay unchanged."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6])
+    cfg = SpecConfig(mode="sd", k=4, max_new_tokens=48, stop_token_ids=())
+    recorded = generate(target, draft, rows, cfg, trace=True)
+    lengths = [7, 20, 13]
+    replay = Replay([r.accepted_per_cycle for r in recorded], lengths=lengths)
+    assert all(0 <= Replay.recorded_length(r.accepted_per_cycle) - len(r.tokens) <= cfg.k
+               for r in recorded)  # the budget may cut the last cycle short
+    out = Engine(target, draft, cfg, slots=2).generate(rows * 2, replay=replay)  # 6 rows through 2 slots
+    assert [r.stats.num_tokens for r in out] == lengths * 2
+    assert all(r.finished_by == "length" for r in out)
+    assert [r.tokens for r in out[:3]] == [full.tokens[:n] for full, n in zip(recorded, lengths)]

@@ -211,6 +211,24 @@ def test_a_killed_job_resumes_without_duplicates_or_losses(s3, tmp_path):
     assert f"{len(first)} videos already in the output were skipped" in again.stdout
 
 
+def test_a_replica_streams_across_batches_smaller_than_its_slots(tmp_path, ray_cluster):
+    """Caption batches of 1 row into a replica of 3 slots: the replica's feed holds rows of several
+    Ray Data calls at once, and every video is written once, with its own counters."""
+    from pipeline.job import run
+
+    write_shards(str(tmp_path / "videos"), videos=6, seed=41, shard_size=2)
+    cfg = load_config(ROOT / "jobs/configs/local.yaml", [
+        "job_id=slots", f"source.uri={tmp_path / 'videos'}", f"output.uri={tmp_path / 'out'}", "caption.batch_size=1",
+        "caption.slots=3", "decode.batch_size=2", "generation.max_new_tokens=32", "decode.max_side=256"])
+    summary = run(cfg)
+    rows = [r for f in sorted((tmp_path / "out" / "slots").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert sorted(r["video_id"] for r in rows) == [f"toy41_{i:06d}" for i in range(6)]
+    assert summary["ok"] == 6 and all(r["caption"] and r["error"] is None for r in rows)
+    assert all(r["accepted_exact"] + r["accepted_loose"] + r["accepted_shift"] + r["corrections"] + r["bonus"]
+               == r["num_tokens"] for r in rows)
+    assert all(r["generate_ms"] is not None and r["generate_ms"] >= 0 for r in rows)
+
+
 def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     from pipeline.job import written_ids
 
