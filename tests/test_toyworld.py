@@ -146,7 +146,7 @@ def test_packed_vision_attention_matches_the_stock_forward():
 
 
 def test_evaluation_cli_writes_the_documented_json(tmp_path):
-    from toyworld import evaluate
+    from bench import evaluate
 
     out = tmp_path / "eval.json"
     evaluate.main(["--family", "llava_onevision", "--videos", "4", "--seed", "3", "--json", str(out)])
@@ -161,7 +161,7 @@ def test_evaluation_cli_writes_the_documented_json(tmp_path):
     ("llava_onevision", "7b", 8.03), ("llava_onevision", "0.5b", 0.894),
 ])
 def test_real_size_speed_models_have_the_real_checkpoints_parameter_counts(family, size, billions):
-    """The random-weight models of `bench_realsize` (built on the meta device here) must be the
+    """The random-weight models of `bench.realsize` (built on the meta device here) must be the
     published sizes, vision tower and projector included, or their speed says nothing."""
     from transformers import AutoModelForImageTextToText
 
