@@ -1,16 +1,16 @@
 """Batched greedy decoding of video prompts: `ar`, exact speculative `sd`, and `lvspec`.
 
-    prefill both models (HF modules, eager)
-    repeat: draft K tokens -> the target verifies K+1 in one forward -> commit the kept run plus
-            one target token and roll both caches back -> one small read: done? how did it go?
+    repeat: place new rows in free slots (prefill both models: HF modules, eager)
+            draft K tokens -> the target verifies K+1 in one forward -> commit the kept run plus
+            one target token and roll both caches back -> one small read: which rows are done?
 
 The decode state lives in fixed batch slots and fixed-capacity caches, set up once per
-(slots, capacity) and reused batch after batch; masks and positions are built on the device from
-per-slot lengths, and a finished row's slot idles. Each stage of a cycle (draft loop, verify,
-commit) reads and writes only that state, so on a GPU it is captured as a CUDA graph per K the
-first time it runs and replayed after (`graphs.Stages`); on CPU the same functions simply run.
-K is fixed, or chosen per cycle from measured stage costs and the batch's running acceptance
-(`draft_length`).
+(slots, capacity) and reused call after call; masks and positions are built on the device from
+per-slot lengths; a finished row's slot idles until the next row takes it (`Engine.stream`).
+Each stage of a cycle (draft loop, verify, commit) reads and writes only that state, so on a GPU
+it is captured as a CUDA graph per K when the state is built and replayed after
+(`graphs.Stages`); on CPU the same functions simply run. K is fixed, or chosen per cycle from
+measured stage costs and the running acceptance (`draft_length`).
 """
 
 from __future__ import annotations
@@ -161,10 +161,11 @@ class _Clock:
 class Engine:
     """A target (and draft) ready to decode batches of prepared video prompts with `cfg.mode`.
 
-    Holds the decode state between calls, so that batches of one shape reuse its caches and
-    captured graphs. `slots` fixes the batch slots (larger calls run in chunks, smaller ones leave
-    slots idle); None sizes the state to each call. Note: the models' q/k/v and gate/up weights are
-    packed into one tensor each, the modules keeping views (same values, no extra memory).
+    Holds the decode state between calls, so that calls of one shape reuse its caches and captured
+    graphs. `slots` fixes how many rows decode at once (more rows stream through the slots, fewer
+    leave slots idle); None sizes the state to each `generate` call. Note: the models' q/k/v and
+    gate/up weights are packed into one tensor each, the modules keeping views (same values, no
+    extra memory).
     """
 
     def __init__(self, target, draft, cfg: SpecConfig = SpecConfig(), slots: int | None = None):
