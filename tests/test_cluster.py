@@ -80,15 +80,17 @@ FAKE_CLUSTER = {
 
 NODES = """
 import json, ray
-ray.init(address="auto", logging_level="ERROR")
-print(json.dumps([{"alive": n["Alive"], "resources": n["Resources"]} for n in ray.nodes()]))
+ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+print("NODES", json.dumps([{"alive": n["Alive"], "resources": n["Resources"]} for n in ray.nodes()]))
 """
 
 
 def nodes() -> list[dict]:
     out = subprocess.run([sys.executable, "-c", NODES], env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # the driver may also print autoscaler events to stdout; the answer is the line marked NODES
+    line = next(line for line in out.stdout.splitlines() if line.startswith("NODES "))
+    return json.loads(line.removeprefix("NODES "))
 
 
 def test_pools_and_nodes_scale_with_the_job_on_a_fake_multinode_cluster(ray_cli, tmp_path):
