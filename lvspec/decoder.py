@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lvspec import parallel
 from lvspec.adapter import text_config
 from lvspec.cache import StaticCache
 from lvspec.relevance import RelevanceProbe
@@ -34,14 +35,29 @@ class _Layer:
     down: torch.Tensor
 
 
-def _pack(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """One tensor holding `params` end to end; each parameter becomes a view of its part, so the HF
-    modules compute exactly as before and no second copy of the weights exists."""
-    packed = torch.cat([p.data for p in params])
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (the parameter itself unless it is a sharded DTensor)."""
+    return param.to_local() if hasattr(param, "to_local") else param.data
+
+
+def _pack(owners: list[tuple[torch.nn.Module, str]]) -> torch.Tensor:
+    """One tensor holding the named parameters end to end (this rank's parts of sharded ones); each
+    parameter becomes a view of its part, so the HF modules compute exactly as before and no second
+    copy of the weights exists."""
+    parts = [_local(getattr(module, name)) for module, name in owners]
+    packed = torch.cat(parts)
     start = 0
-    for p in params:
-        p.data = packed[start:start + p.shape[0]]
-        start += p.shape[0]
+    for (module, name), part in zip(owners, parts):
+        view, param = packed[start:start + part.shape[0]], getattr(module, name)
+        if hasattr(param, "to_local"):  # a DTensor: same layout, local part now a view
+            from torch.distributed.tensor import DTensor
+
+            module._parameters[name] = torch.nn.Parameter(DTensor.from_local(
+                view, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                stride=param.stride()), requires_grad=False)
+        else:
+            param.data = view
+        start += part.shape[0]
     return packed
 
 
@@ -66,13 +82,14 @@ def packed_layers(model) -> list[_Layer]:
             for layer in model.model.language_model.layers:
                 attn, mlp = layer.self_attn, layer.mlp
                 projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-                biases = [p.bias for p in projections]
+                biased = all(p.bias is not None for p in projections)
                 layers.append(_Layer(
-                    norm_in=layer.input_layernorm.weight,
-                    qkv=_pack([p.weight for p in projections]),
-                    qkv_bias=_pack(biases) if all(b is not None for b in biases) else None,
-                    o=attn.o_proj.weight, norm_post=layer.post_attention_layernorm.weight,
-                    gate_up=_pack([mlp.gate_proj.weight, mlp.up_proj.weight]), down=mlp.down_proj.weight))
+                    norm_in=_local(layer.input_layernorm.weight),
+                    qkv=_pack([(p, "weight") for p in projections]),
+                    qkv_bias=_pack([(p, "bias") for p in projections]) if biased else None,
+                    o=_local(attn.o_proj.weight), norm_post=_local(layer.post_attention_layernorm.weight),
+                    gate_up=_pack([(mlp.gate_proj, "weight"), (mlp.up_proj, "weight")]),
+                    down=_local(mlp.down_proj.weight)))
         model._lvspec_layers = layers
     return model._lvspec_layers
 
@@ -101,12 +118,14 @@ class TextDecoder:
         cfg = text_config(model)
         _check_supported(cfg)
         lm = model.model.language_model
+        self.tp = parallel.of(model)  # sharded over ranks: this rank's heads and MLP columns
+        world = self.tp.world if self.tp else 1
         self.layers = packed_layers(model)
-        self.embed, self.norm = lm.embed_tokens.weight, lm.norm.weight
-        self.head = model.lm_head.weight[:vocab]  # ids past `vocab` are padding rows of larger embeddings
+        self.embed, self.norm = _local(lm.embed_tokens.weight), _local(lm.norm.weight)
+        self.head = _local(model.lm_head.weight)[:vocab]  # ids past `vocab` are padding rows of larger embeddings
         self.eps = cfg.rms_norm_eps
         self.hidden = cfg.hidden_size
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.heads, self.kv_heads = cfg.num_attention_heads // world, cfg.num_key_value_heads // world
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
         self.attention: dict[str, str | None] = {"step": None, "verify": None}
@@ -129,6 +148,14 @@ class TextDecoder:
         """Bytes of weights one decoding forward reads (embedding rows aside)."""
         tensors = [self.norm, self.head] + [t for layer in self.layers for t in vars(layer).values() if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _residual(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x + h @ weight.T: one fused GEMM, or under tensor parallelism the sum over ranks of each
+        rank's part (its heads / MLP columns) added once."""
+        S, q, H = x.shape
+        if self.tp is None:
+            return torch.addmm(x.view(S * q, H), h, weight.t()).view(S, q, H)
+        return x + self.tp.reduce(torch.mm(h, weight.t())).view(S, q, H)
 
     def forward(self, cache: StaticCache, tokens: torch.Tensor, last_only: bool = False,
                 probe: RelevanceProbe | None = None) -> torch.Tensor:
@@ -175,9 +202,9 @@ class TextDecoder:
                 else:
                     out = F.scaled_dot_product_attention(query, cache.k[i], cache.v[i], attn_mask=folded, scale=self.scale)
                 out = out.view(S, kvh, group, q, hd).permute(0, 3, 1, 2, 4).reshape(S * q, nh * hd)
-            x = torch.addmm(x.view(S * q, H), out, layer.o.t()).view(S, q, H)
+            x = self._residual(x, out, layer.o)
             gate, up = F.linear(F.rms_norm(x, (H,), layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
-            x = torch.addmm(x.view(S * q, H), (F.silu(gate) * up).view(S * q, -1), layer.down.t()).view(S, q, H)
+            x = self._residual(x, (F.silu(gate) * up).view(S * q, -1), layer.down)
         if last_only:
             x = x[:, -1:]
         return F.linear(F.rms_norm(x, (H,), self.norm, self.eps), self.head)

@@ -15,6 +15,7 @@ measured stage costs and the running acceptance (`draft_length`).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,7 @@ from lvspec.replay import Replay
 from lvspec.verify import Verdict, verify
 
 CORRECTION, BONUS = 3, 4
+IDLE_TICK_S = 10.0  # tensor parallelism: an idle rank 0 tells its peers so this often
 KIND_NAMES = ("accepted_exact", "accepted_loose", "accepted_shift", "corrections", "bonus")
 COUNTERS = ("num_tokens", "num_cycles", "target_forwards", "draft_forwards", *KIND_NAMES, "rejected_anchor",
             "drafted")
@@ -181,6 +183,9 @@ class Engine:
         vocab = shared_vocab(target, draft) if self.draft is not None else tc.vocab_size
         self.T = TextDecoder(target, vocab)
         self.D = TextDecoder(draft, vocab) if self.draft is not None else None
+        self.tp = self.T.tp  # the target sharded over ranks (parallel.py); the draft is whole on each
+        if self.D is not None and self.D.tp is not None:
+            raise ValueError("the draft must be whole on every rank: load it without tensor parallelism")
         self.k_max = cfg.longest_draft if self.draft is not None else 0
         self.probing = cfg.loosened and cfg.gate
         self.graphs = cfg.cuda_graphs and self.device.type == "cuda"
@@ -214,12 +219,37 @@ class Engine:
         prefilled into free slots between cycles). Yields (index among `rows`, output) as rows
         finish. Rows are read from `rows` only when a slot is free for them; `rows` may be a
         `RowFeed` that other threads keep filling (its keys replace the indices)."""
+        if self.tp is not None and not self.tp.leader:
+            raise RuntimeError(f"rank {self.tp.rank} of a tensor-parallel target decodes through follow(); "
+                               "rows go to rank 0")
         slots = self.slots or (len(rows) if hasattr(rows, "__len__") else None)
         if not slots:
             if slots is None:
                 raise ValueError("streaming rows of unknown count needs Engine(..., slots=N)")
             return
-        run = _Stream(self, rows, slots, tokenizer, trace, replay)
+        if self.tp is not None:  # the peers start the same stream; its rows reach them as rank 0 reads them
+            self.tp.share({"slots": slots, "trace": trace, "replay": replay})
+        yield from self._run(_Stream(self, rows, slots, tokenizer, trace, replay))
+
+    def follow(self) -> None:
+        """A peer rank of a tensor-parallel target: decode every stream rank 0 runs, in step with it,
+        until rank 0 calls `close`. A stream that fails fails on every rank alike (same rows, same
+        state); the peer then waits for the next one, as rank 0 goes on."""
+        if self.tp is None or self.tp.leader:
+            raise RuntimeError("follow() is for ranks other than 0 of a tensor-parallel target")
+        while (call := self.tp.share()) is not None:
+            try:
+                for _ in self._run(_Stream(self, None, call["slots"], None, call["trace"], call["replay"])):
+                    pass
+            except Exception as e:  # noqa: BLE001 - rank 0 sees the same error and reports it
+                print(f"lvspec rank {self.tp.rank}: stream failed as on rank 0: {type(e).__name__}: {e}", flush=True)
+
+    def close(self) -> None:
+        """Rank 0 of a tensor-parallel target: let the peers' `follow` return."""
+        if self.tp is not None and self.tp.leader:
+            self.tp.share(None)
+
+    def _run(self, run: _Stream) -> Iterator[tuple[int, RowOutput]]:
         try:
             while True:
                 with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
@@ -269,6 +299,11 @@ class Engine:
                     timed[mode] = float("inf")
             decoder.attention[size] = min(timed, key=timed.get)
             self.attention_timings[(name, size)] = timed
+        if self.tp is not None:  # one choice for all ranks (timings differ a little between GPUs)
+            chosen = self.tp.share({"T": dict(self.T.attention), "D": dict(self.D.attention) if self.D else None})
+            self.T.attention.update(chosen["T"])
+            if self.D is not None:
+                self.D.attention.update(chosen["D"])
 
     def _capture_all(self, st: _State) -> None:
         """Capture every stage a cycle may run (each K up to k_max: the budget and k=auto choose
@@ -310,7 +345,8 @@ class Engine:
         v1 = seconds(("verify", 1), lambda: self._verify(st, 1))
         vm = seconds(("verify", km), lambda: self._verify(st, km)) if km > 1 else v1
         step = (dm - d1) / (km - 1) if km > 1 else d1
-        return Costs(draft_step=max(step, 1e-9), verify_1=v1, verify_max=vm)
+        costs = Costs(draft_step=max(step, 1e-9), verify_1=v1, verify_max=vm)
+        return self.tp.share(costs) if self.tp is not None else costs  # every rank chooses the same K
 
     # ---- prefill (eager, HF modules) ----------------------------------------------------------
     def _prefill(self, st: _State, prompt: Prompt, draft_prompt: Prompt | None, slots: torch.Tensor,
@@ -318,6 +354,8 @@ class Engine:
         """Place new rows in free `slots`: their prompts' keys into both caches, their first token.
         `budget`: tokens each may emit (default max_new_tokens)."""
         width = prompt.embeds.shape[1]
+        if self.tp is not None:  # rank 0's video features on every rank: one prompt, one verdict
+            self.tp.broadcast(prompt.embeds)
         first = self._prompt_forward(self.target, self.T, st.T, prompt, slots).argmax(-1)
         st.video[slots] = False
         st.video[slots, :width] = prompt.video_mask
@@ -365,11 +403,13 @@ class Engine:
             D.length += 1
             st.drafted[:, j] = token
         D.length -= k + 1  # back to the cycle's start: commit moves it by what was kept
+        if self.tp is not None:  # every rank verifies rank 0's drafts (the draft runs whole on each)
+            self.tp.broadcast(st.drafted[:, :k])
 
     def _verify(self, st: _State, k: int) -> None:
         """The target's forward over [last, drafts] (keys written, not committed) and its verdict."""
         drafted = st.drafted[:, :k]
-        probe = RelevanceProbe(self.heads, st.video) if self.probing and k else None
+        probe = RelevanceProbe(self.heads, st.video, self.tp) if self.probing and k else None
         logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe)
         relevance = probe.result() if probe is not None else None
         v = verify(drafted, logits, relevance, self.cfg)
@@ -465,7 +505,8 @@ class _Stream:
                  replay: Replay | None):
         self.engine, self.slots, self.tokenizer, self.trace, self.replay = engine, slots, tokenizer, trace, replay
         self.feed = rows if isinstance(rows, RowFeed) else None  # rows from other threads, keyed by the feed
-        self.rows = iter(enumerate(rows)) if self.feed is None else None
+        # Rows from an iterable; None: a peer rank's stream (rank 0 reads and shares, see _read).
+        self.rows = iter(enumerate(rows)) if self.feed is None and rows is not None else None
         self.waiting: list[tuple[int, dict]] = []
         self.exhausted = self.draining = False
         self.st: _State | None = None
@@ -484,20 +525,26 @@ class _Stream:
 
     def _take(self, n: int, in_flight: bool) -> list[tuple[int, dict]]:
         group, self.waiting = self.waiting[:n], self.waiting[n:]
-        if self.feed is not None:  # rows from other threads: wait for them only with nothing to decode
-            if len(group) < n and not self.exhausted:
-                more = self.feed.take(n - len(group), wait=not in_flight and not group)
-                if more is None:
-                    self.exhausted = True
-                else:
-                    group += more
-            return group
-        while len(group) < n and not self.exhausted:
-            try:
-                group.append(next(self.rows))
-            except StopIteration:
-                self.exhausted = True
+        if len(group) < n and not self.exhausted:
+            more, self.exhausted = self._read(n - len(group), wait=not in_flight and not group)
+            group += more
         return group
+
+    def _read(self, n: int, wait: bool) -> tuple[list[tuple[int, dict]], bool]:
+        """Up to n new rows, and whether the source is exhausted. A feed (rows from other threads)
+        is waited on only with `wait` (nothing to decode). Under tensor parallelism rank 0 reads
+        and every rank gets what it read; rank 0 then waits in ticks, so that idle peers hear
+        from it (empty reads) within their collectives' timeout."""
+        tp = self.engine.tp
+        if tp is not None and not tp.leader:
+            return tp.share()
+        if self.feed is not None:
+            more = self.feed.take(n, wait=wait, timeout=IDLE_TICK_S if tp is not None else None)
+            read = ([], True) if more is None else (more, False)
+        else:
+            more = list(itertools.islice(self.rows, n))
+            read = (more, len(more) < n)
+        return tp.share(read) if tp is not None else read
 
     def _begin(self, st: _State) -> None:
         """A (new or reused) state starts this stream: every slot free, counts from zero."""
@@ -564,8 +611,8 @@ class _Stream:
     def step(self) -> list[tuple[int, RowOutput]] | None:
         e = self.engine
         self._refill()
-        if self.st is None:
-            return None  # no rows at all
+        if self.st is None:  # no rows yet: none at all, or none so far from a feed
+            return None if self.exhausted and not self.waiting else []
         finished = self._finished()
         if finished:
             return finished

@@ -37,12 +37,16 @@ class RowFeed:
             self._cv.notify_all()
         return future
 
-    def take(self, n: int, wait: bool) -> list[tuple[int, dict]] | None:
-        """Up to n (key, row) pairs; with `wait`, block until one comes. None: closed and empty."""
+    def take(self, n: int, wait: bool, timeout: float | None = None) -> list[tuple[int, dict]] | None:
+        """Up to n (key, row) pairs; with `wait`, block until one comes (or `timeout` seconds pass:
+        then possibly none). None: closed and empty."""
         with self._cv:
             start = time.perf_counter()
             while wait and not self._rows and not self._closed:
-                self._cv.wait()
+                left = None if timeout is None else timeout - (time.perf_counter() - start)
+                if left is not None and left <= 0:
+                    break
+                self._cv.wait(left)
             self.waited_s += time.perf_counter() - start
             if not self._rows and self._closed:
                 return None

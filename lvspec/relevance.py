@@ -27,24 +27,40 @@ def relevance_heads(cfg, n_layers: int, n_heads: int, device) -> dict[int, torch
 
 class RelevanceProbe:
     """Collects, during one forward, every head's video attention mass at each query of the
-    probed layers; `result` averages the chosen heads."""
+    probed layers; `result` averages the chosen heads. Under tensor parallelism each rank sees
+    its own heads; the first read gathers all of them (one all-gather per forward), so heads keep
+    their global numbers and every rank gets the same relevance."""
 
-    def __init__(self, heads: dict[int, torch.Tensor | None], video: torch.Tensor):
+    def __init__(self, heads: dict[int, torch.Tensor | None], video: torch.Tensor, tp=None):
         self.heads = heads
         self.layers = set(heads)
+        self.tp = tp
         self.video = video[:, None, :, None]  # [S, 1, capacity, 1]: where a slot holds a video token
-        self.by_head: dict[int, torch.Tensor] = {}  # layer -> [S, heads, q]
+        self.by_head: dict[int, torch.Tensor] = {}  # layer -> [S, this rank's heads, q]
+        self._all: dict[int, torch.Tensor] | None = None  # layer -> [S, all heads, q]
 
     def add(self, layer: int, probs: torch.Tensor, group: int, q: int) -> None:
         """probs: [S, kv heads, group * q, capacity] (float32 or wider), folded as the decoder runs attention."""
         S, kvh = probs.shape[:2]
         self.by_head[layer] = torch.matmul(probs, self.video.to(probs.dtype)).view(S, kvh * group, q)
+        self._all = None
+
+    def _every_head(self) -> dict[int, torch.Tensor]:
+        if self._all is None:
+            layers = sorted(self.by_head)
+            mass = torch.stack([self.by_head[i] for i in layers], 1)  # [S, layers, heads here, q]
+            if self.tp is not None:  # rank r holds heads [r * n, (r + 1) * n)
+                mass = self.tp.gather(mass).permute(1, 2, 0, 3, 4).flatten(2, 3)
+            self._all = {layer: mass[:, j] for j, layer in enumerate(layers)}
+        return self._all
 
     def result(self) -> torch.Tensor:
         """Relevance [S, q]: video mass averaged over the chosen heads of the chosen layers."""
-        chosen = [h if self.heads[i] is None else h.index_select(1, self.heads[i]) for i, h in sorted(self.by_head.items())]
+        every = self._every_head()
+        chosen = [h if self.heads[i] is None else h.index_select(1, self.heads[i]) for i, h in sorted(every.items())]
         return torch.cat(chosen, 1).mean(1)
 
     def all_heads(self) -> torch.Tensor:
         """[S, probed layers x heads, q], layers in ascending order."""
-        return torch.cat([self.by_head[i] for i in sorted(self.by_head)], 1)
+        every = self._every_head()
+        return torch.cat([every[i] for i in sorted(every)], 1)
