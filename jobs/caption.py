@@ -3,7 +3,8 @@
     python -m jobs.caption --config jobs/configs/local.yaml [key=value ...]
     ray job submit --working-dir . -- python -m jobs.caption --config jobs/configs/cluster.yaml
 
-Re-running a job with the same job_id captions only what its output lacks.
+Re-running a job with the same job_id captions only what its output lacks. Exit codes: 0 done;
+2 a bad config; 4 the audit's agreement estimate fell below `audit.min_agreement`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(human_summary(summary))
+    from pipeline.audit import below
+
+    if (why := below(summary, cfg.audit.min_agreement)) is not None:
+        print(f"  ALERT  : {why}", file=sys.stderr)
+        return 4
     return 0
 
 

@@ -7,7 +7,8 @@ settings have not, into `<output.uri>/<dataset>/series=<config_hash>/run_date=<Y
 Takes the same configs and overrides as jobs.caption (job ids come from the dataset and the date);
 the `nightly` section holds what only it needs. Exit codes: 0 done; 1 the run failed, or more
 than `nightly.max_failed_fraction` of its videos failed (so a scheduler alerts); 2 a bad config
-or changed caption settings without --recaption; 3 another run of the dataset is in progress.
+or changed caption settings without --recaption; 3 another run of the dataset is in progress;
+4 the audit's agreement estimate fell below `audit.min_agreement`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def main(argv=None) -> int:
     if over:
         print(f"  ALERT  : {message}", file=sys.stderr)
         return 1
+    from pipeline.audit import below
+
+    if (why := below(summary, cfg.audit.min_agreement)) is not None:
+        print(f"  ALERT  : {why}", file=sys.stderr)
+        return 4
     return 0
 
 

@@ -36,6 +36,7 @@ from lvspec.replay import Replay
 from lvspec.verify import Verdict, verify
 
 CORRECTION, BONUS = 3, 4
+EXACT = "lvspec_exact"  # a row carrying EXACT=True is verified strictly in any mode: exact greedy output (audits)
 IDLE_TICK_S = 10.0  # tensor parallelism: an idle rank 0 tells its peers so this often
 KIND_NAMES = ("accepted_exact", "accepted_loose", "accepted_shift", "corrections", "bonus")
 COUNTERS = ("num_tokens", "num_cycles", "target_forwards", "draft_forwards", *KIND_NAMES, "rejected_anchor",
@@ -91,6 +92,7 @@ class _State:
         k = engine.k_max
         long = dict(dtype=torch.long, device=dev)
         self.video = torch.zeros(slots, capacity, dtype=torch.bool, device=dev)  # target slots holding video
+        self.exact_only = torch.zeros(slots, dtype=torch.bool, device=dev)  # rows verified strictly (audit twins)
         self.last = torch.zeros(slots, **long)  # newest emitted token: not in the target's cache yet
         self.prev = torch.zeros(slots, **long)  # the one before: the draft re-reads [prev, last]
         self.active = torch.zeros(slots, dtype=torch.bool, device=dev)
@@ -123,7 +125,7 @@ class _State:
             self.last, self.prev, self.active, self.stopped, self.tokens, self.length, self.budget, self.count,
             self.drafted,
             self.accepted, self.next_token, self.kind, self.target_tokens, self.anchor_rejected, self.relevance,
-            self.relevance_by_head, self.status]
+            self.relevance_by_head, self.status, self.exact_only]
 
     def reset(self) -> None:
         for t in self.small():
@@ -350,15 +352,16 @@ class Engine:
 
     # ---- prefill (eager, HF modules) ----------------------------------------------------------
     def _prefill(self, st: _State, prompt: Prompt, draft_prompt: Prompt | None, slots: torch.Tensor,
-                 budget: torch.Tensor | None = None) -> None:
+                 budget: torch.Tensor | None = None, exact_only: torch.Tensor | None = None) -> None:
         """Place new rows in free `slots`: their prompts' keys into both caches, their first token.
-        `budget`: tokens each may emit (default max_new_tokens)."""
+        `budget`: tokens each may emit (default max_new_tokens); `exact_only`: rows to verify strictly."""
         width = prompt.embeds.shape[1]
         if self.tp is not None:  # rank 0's video features on every rank: one prompt, one verdict
             self.tp.broadcast(prompt.embeds)
         first = self._prompt_forward(self.target, self.T, st.T, prompt, slots).argmax(-1)
         st.video[slots] = False
         st.video[slots, :width] = prompt.video_mask
+        st.exact_only[slots] = False if exact_only is None else exact_only
         st.last[slots] = first
         st.tokens[slots, 0] = first
         st.length[slots] = 1
@@ -412,7 +415,7 @@ class Engine:
         probe = RelevanceProbe(self.heads, st.video, self.tp) if self.probing and k else None
         logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe)
         relevance = probe.result() if probe is not None else None
-        v = verify(drafted, logits, relevance, self.cfg)
+        v = verify(drafted, logits, relevance, self.cfg, st.exact_only)
         st.accepted.copy_(v.accepted)
         st.next_token.copy_(v.next_token)
         st.kind[:, :k].copy_(v.kind)
@@ -580,7 +583,8 @@ class _Stream:
         slots = free[:len(group)]
         index = torch.tensor(slots, device=e.device)
         budget = self.replay.lengths_of([i for i, _ in group]) if self.replay is not None else None
-        e._prefill(self.st, prompt, draft_prompt, index, None if budget is None else budget.to(e.device))
+        exact = torch.tensor([bool(row.get(EXACT, False)) for row in rows], device=e.device)
+        e._prefill(self.st, prompt, draft_prompt, index, None if budget is None else budget.to(e.device), exact)
         if self.replay is not None:
             self.replay.assign(index, [i for i, _ in group])
         for slot, (i, _) in zip(slots, group):

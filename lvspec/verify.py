@@ -32,8 +32,10 @@ class Verdict:
     target_tokens: torch.Tensor  # [S, K + 1] the target's greedy choices
 
 
-def verify(draft: torch.Tensor, logits: torch.Tensor, relevance: torch.Tensor | None, cfg: SpecConfig) -> Verdict:
-    """Decide, for each row, how many of its K draft tokens to keep. logits: [S, K + 1, V]."""
+def verify(draft: torch.Tensor, logits: torch.Tensor, relevance: torch.Tensor | None, cfg: SpecConfig,
+           exact_only: torch.Tensor | None = None) -> Verdict:
+    """Decide, for each row, how many of its K draft tokens to keep. logits: [S, K + 1, V].
+    `exact_only` [S]: rows verified strictly whatever the mode (audit twins: exact greedy output)."""
     k = draft.shape[1]
     t = logits.argmax(-1)
     exact = draft == t[:, :k]
@@ -53,7 +55,8 @@ def verify(draft: torch.Tensor, logits: torch.Tensor, relevance: torch.Tensor | 
         for o in range(1, min(cfg.shift_window, k) + 1):
             shift[:, : k - o + 1] |= draft[:, : k - o + 1] == t[:, o:]  # target says it o slots later
             shift[:, o:] |= draft[:, o:] == t[:, : k - o]  # target said it o slots earlier
-        ok = exact | (~gated & (loose | shift))
+        lenient = ~gated if exact_only is None else ~gated & ~exact_only[:, None]
+        ok = exact | (lenient & (loose | shift))
         kind = torch.where(exact, EXACT, torch.where(loose, LOOSE, SHIFT))
     accepted = ok.long().cumprod(-1).sum(-1)
     next_token = t.gather(1, accepted[:, None])[:, 0]

@@ -29,31 +29,53 @@ CAPTIONED = pa.schema(
        ("draft_model", pa.string()), ("mean_accepted_length", pa.float64()), ("mean_draft_length", pa.float64()),
        ("finished_by", pa.string())]
     + [(name, pa.int32()) for name in STATS]
-    + [("generate_ms", pa.float64()), ("batch_rows", pa.int32()), ("config_hash", pa.string()), ("job_id", pa.string())]
+    + [("generate_ms", pa.float64()), ("batch_rows", pa.int32()), ("audit_caption", pa.string()),
+       ("audit_agreement", pa.float64()), ("config_hash", pa.string()), ("job_id", pa.string())]
 )
+
+def load_engine(target: str, draft: str | None, dtype: str, cache_dir: str, storage_options: dict,
+                generation: GenerationConfig, num_cpus: float, slots: int, rank: int = 0, world: int = 1):
+    """One rank of a replica: its part of the target (all of it when `world` is 1; a started
+    tensor-parallel group otherwise), the whole draft, and the Engine over them; with the tokenizer."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from lvspec import Engine, parallel
+    from pipeline.models import resolve
+
+    torch.set_num_threads(max(1, int(num_cpus) // world))
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{rank}" if cuda else "cpu"
+    torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+                   "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    target_dir = resolve(target, cache_dir, storage_options)
+    model = parallel.load(target_dir, world, torch_dtype, device if world == 1 else None)
+    small = None
+    if draft and generation.mode != "ar":
+        small = AutoModelForImageTextToText.from_pretrained(
+            resolve(draft, cache_dir, storage_options), dtype=torch_dtype).to(device).eval()
+    spec = spec_config(generation, shipped_settings(target_dir))
+    return Engine(model, small, spec, slots=slots), AutoTokenizer.from_pretrained(target_dir)
+
 
 class CaptionStage:
     def __init__(self, target: str, draft: str | None, dtype: str, cache_dir: str, storage_options: dict,
-                 generation: GenerationConfig, job_id: str, config_hash: str, num_cpus: float, slots: int):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
+                 generation: GenerationConfig, job_id: str, config_hash: str, num_cpus: float, slots: int,
+                 tensor_parallel: int = 1, audit_fraction: float = 0.0):
+        from lvspec import RowFeed
 
-        from lvspec import Engine, RowFeed
-        from pipeline.models import resolve
+        load = dict(target=target, draft=draft, dtype=dtype, cache_dir=cache_dir, storage_options=storage_options,
+                    generation=generation, num_cpus=num_cpus, slots=slots)
+        self.peers = None
+        if tensor_parallel > 1:  # this actor is rank 0; it starts and watches ranks 1..N-1
+            from pipeline.peers import Peers
 
-        torch.set_num_threads(max(1, int(num_cpus)))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-                       "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        load = lambda uri: AutoModelForImageTextToText.from_pretrained(  # noqa: E731
-            resolve(uri, cache_dir, storage_options), dtype=torch_dtype).to(device).eval()
-        target_dir = resolve(target, cache_dir, storage_options)
-        self.tokenizer = AutoTokenizer.from_pretrained(target_dir)
-        self.target = load(target)
-        self.draft = load(draft) if draft and generation.mode != "ar" else None
-        self.spec = spec_config(generation, shipped_settings(target_dir))
-        self.engine = Engine(self.target, self.draft, self.spec, slots=slots)
-        self.fixed = {"mode": generation.mode, "target_model": target, "draft_model": draft if self.draft else None,
+            self.peers = Peers(tensor_parallel, load)
+        self.engine, self.tokenizer = load_engine(**load, world=tensor_parallel)
+        # Audit twins only where captions are loosened (ar and sd captions are exact already).
+        self.audit_fraction = audit_fraction if generation.mode == "lvspec" else 0.0
+        self.fixed = {"mode": generation.mode, "target_model": target,
+                      "draft_model": draft if self.engine.draft is not None else None,
                       "config_hash": config_hash, "job_id": job_id}
         self.feed = RowFeed()
         self.busy_ms: dict[int, float] = {}  # per row: its share of the thread's decoding time
@@ -73,6 +95,8 @@ class CaptionStage:
                     self.feed.resolve(key, result)
                 return  # the feed was closed
             except Exception:
+                if self.peers is not None:
+                    self.peers.check()  # a lost peer ends this actor (Ray restarts it): never errors for rows
                 for key, row in self.feed.in_flight():  # whoever failed, fails alone
                     start = time.perf_counter()
                     try:
@@ -85,15 +109,24 @@ class CaptionStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from safetensors.torch import load
 
+        from lvspec.engine import EXACT
+        from pipeline.audit import agreement, selected
+
         rows = batch.to_pylist()
         ready = [r for r in rows if r["error"] is None]
-        futures = [self.feed.submit(load(r["inputs"])) for r in ready]
-        for row, future in zip(ready, futures):
-            try:
-                res = future.result()
-            except Exception as e:
-                res = e
+        futures, twins = [], []
+        for r in ready:
+            inputs = load(r["inputs"])
+            futures.append(self.feed.submit(inputs))
+            # The audit twin decodes beside it, in a slot verified strictly: the exact caption.
+            audited = selected(r["video_id"], self.audit_fraction)
+            twins.append(self.feed.submit({**inputs, EXACT: True}) if audited else None)
+        for row, future, twin in zip(ready, futures, twins):
+            res = self._result(future)
             share = self.busy_ms.pop(future.key, None)
+            exact = self._result(twin) if twin is not None else None
+            if twin is not None:
+                self.busy_ms.pop(twin.key, None)
             if isinstance(res, Exception):
                 row["error"] = f"caption: {type(res).__name__}: {str(res).splitlines()[0][:300] if str(res) else ''}"
                 continue
@@ -101,7 +134,16 @@ class CaptionStage:
                        mean_accepted_length=res.stats.mean_accepted_length,
                        mean_draft_length=res.stats.mean_draft_length, generate_ms=share,
                        batch_rows=len(ready), **{k: getattr(res.stats, k) for k in STATS})
+            if exact is not None and not isinstance(exact, Exception):
+                row.update(audit_caption=exact.text, audit_agreement=agreement(res.text, exact.text))
         for row in rows:
             row.pop("inputs")
             row.update(self.fixed)
         return pa.Table.from_pylist(rows, schema=CAPTIONED)
+
+    @staticmethod
+    def _result(future):
+        try:
+            return future.result()
+        except Exception as e:
+            return e

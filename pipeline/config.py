@@ -80,6 +80,15 @@ class CaptionConfig:
     num_cpus: float = 1.0
     batch_size: int = 8  # rows per Ray Data call; a replica keeps two calls in flight
     slots: int | None = None  # rows a replica decodes at once (continuous batching); None: batch_size
+    tensor_parallel: int = 1  # processes (GPUs) one replica's target is sharded over; num_gpus is then N (or 0: CPU)
+
+
+@dataclass
+class AuditConfig:
+    """The online audit (pipeline/audit.py): a sample of videos also captioned exactly."""
+
+    fraction: float = 0.02  # of videos (chosen by video_id hash); lvspec jobs only (ar and sd are exact)
+    min_agreement: float | None = None  # exit non-zero when the job's estimated agreement falls below it
 
 
 @dataclass
@@ -115,6 +124,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -191,8 +201,50 @@ def check(job: JobConfig) -> None:
         raise ConfigError(f"config key 'nightly.stale_after_s' must exceed nightly.heartbeat_s ({n.heartbeat_s}), "
                           f"got {n.stale_after_s!r}")
     _positive(job.output.rows_per_file, "output.rows_per_file")
+    if not 0.0 <= job.audit.fraction <= 1.0:
+        raise ConfigError(f"config key 'audit.fraction' must be in [0, 1], got {job.audit.fraction!r}")
+    if job.audit.min_agreement is not None and not 0.0 <= job.audit.min_agreement <= 1.0:
+        raise ConfigError(f"config key 'audit.min_agreement' must be in [0, 1], got {job.audit.min_agreement!r}")
     _positive(job.caption.num_gpus, "caption.num_gpus", allow_zero=True)
     _positive(job.caption.num_cpus, "caption.num_cpus", allow_zero=True)
+    tp = job.caption.tensor_parallel
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ConfigError(f"config key 'caption.tensor_parallel' must be an integer >= 1, got {tp!r}")
+    if tp > 1:
+        if job.caption.num_gpus not in (0, tp):
+            raise ConfigError(f"config key 'caption.num_gpus' must be 0 (CPU) or caption.tensor_parallel ({tp}): one "
+                              f"GPU per rank, got {job.caption.num_gpus!r}")
+        # Whether N ranks split the target's heads needs its config.json: see check_tensor_parallel.
+
+
+def check_tensor_parallel(job: JobConfig) -> None:
+    """caption.tensor_parallel against the target's own config.json (local dir or fsspec URI; a
+    hub id is checked when the replica loads it). Reads storage: run by the job's preflight."""
+    from transformers import PretrainedConfig
+
+    from lvspec.parallel import check_shardable
+
+    tp, model = job.caption.tensor_parallel, job.model
+    uri = model.target[len("file://"):] if model.target.startswith("file://") else model.target
+    if tp == 1 or ("://" not in uri and not Path(uri).expanduser().is_dir()):
+        return
+    import fsspec
+
+    remote = "://" in uri
+    path = f"{uri.rstrip('/')}/config.json"
+    try:
+        with fsspec.open(path if remote else os.path.expanduser(path), "r",
+                         **(model.storage_options if remote else {})) as f:
+            found = json.load(f)
+    except Exception as e:
+        raise ConfigError(f"config key 'model.target': cannot read {path}: {type(e).__name__}: {e}") from None
+    text = found.get("text_config", found)
+    try:
+        check_shardable(PretrainedConfig(**{k: text[k] for k in ("num_attention_heads", "num_key_value_heads",
+                                                                  "intermediate_size") if k in text}),
+                        tp, key="caption.tensor_parallel")
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"config key 'caption.tensor_parallel': {e}") from None
 
 
 def pool_size(value, key: str) -> dict:

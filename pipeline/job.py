@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import sources
+from pipeline.audit import estimate
 from pipeline.caption import CaptionStage
-from pipeline.config import ConfigError, JobConfig, config_hash
+from pipeline.config import ConfigError, JobConfig, check_tensor_parallel, config_hash
 from pipeline.decode import DecodeStage
 
 
@@ -26,7 +27,9 @@ def output_dir(cfg: JobConfig):
 
 
 def preflight(cfg: JobConfig, out: str | None = None) -> None:
-    """Checks that need storage but no cluster: the source exists, the output takes writes."""
+    """Checks that need storage but no cluster: the target splits over caption.tensor_parallel
+    ranks, the source exists, the output takes writes."""
+    check_tensor_parallel(cfg)
     fs, root = sources.filesystem(cfg.source.uri, cfg.source.storage_options)
     try:
         exists = fs.exists(root)
@@ -146,7 +149,8 @@ def build(cfg: JobConfig, admission):
             target=cfg.model.target, draft=cfg.model.draft, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
             storage_options=cfg.model.storage_options, generation=cfg.generation, job_id=cfg.job_id,
             config_hash=config_hash(cfg), num_cpus=cfg.caption.num_cpus,
-            slots=cfg.caption.slots or cfg.caption.batch_size))
+            slots=cfg.caption.slots or cfg.caption.batch_size, tensor_parallel=cfg.caption.tensor_parallel,
+            audit_fraction=cfg.audit.fraction))
 
 
 def start_ray(cfg: JobConfig) -> None:
@@ -227,6 +231,7 @@ def summarize(table: pa.Table | None, wall_s: float) -> dict:
                     "mean_accepted_length": (tokens - len(ok)) / max(cycles, 1),
                     "mean_draft_length": sum(r["drafted"] or 0 for r in ok) / max(cycles, 1), "shares": shares},
         "mode": rows[0]["mode"],
+        "audit": estimate([r["audit_agreement"] for r in ok if r.get("audit_agreement") is not None]),
     }
 
 
@@ -252,6 +257,10 @@ def human_summary(s: dict) -> str:
     if s.get("duplicates_skipped"):
         lines.append(f"  {len(s['duplicates_skipped'])} duplicate video_ids skipped (first copy kept), e.g. "
                      f"{s['duplicates_skipped'][0]['video_id']}")
+    a = s.get("audit") or {}
+    if a.get("videos"):
+        lines.append(f"  audit  : {a['videos']} videos also captioned exactly; agreement {a['agreement']:.4f} "
+                     f"({a['confidence']:.0%} CI {a['low']:.4f}-{a['high']:.4f}), {a['identical']:.0%} identical")
     if "attr_acc" in s:
         lines.append(f"  quality: attribute accuracy {s['attr_acc']:.3f} against the toy ground truth")
     lines.append(f"  output : {s['output']} ({s['files_written']} Parquet files; summary in _summary.json)")

@@ -419,3 +419,21 @@ def test_replayed_lengths_end_each_row_at_its_recorded_length(pair):
     assert [r.stats.num_tokens for r in out] == lengths * 2
     assert all(r.finished_by == "length" for r in out)
     assert [r.tokens for r in out[:3]] == [full.tokens[:n] for full, n in zip(recorded, lengths)]
+
+
+def test_rows_marked_exact_decode_as_plain_sd_beside_loosened_rows(pair):
+    """An audit twin: the same video marked EXACT in an lvspec batch is verified strictly (the
+    target's greedy caption, as a plain sd run gives), while its unmarked twin is loosened."""
+    from lvspec.engine import EXACT
+
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 6, 8])
+    cfg = SpecConfig(mode="lvspec", k=5, theta=0.45, max_new_tokens=48)
+    twins = [{**row, EXACT: True} for row in rows]
+    mixed = Engine(target, draft, cfg, slots=4).generate(rows + twins)
+    loosened = generate(target, draft, rows, cfg)
+    exact = generate(target, draft, rows, dataclasses.replace(cfg, mode="sd"))
+    assert [r.tokens for r in mixed[:3]] == [r.tokens for r in loosened]
+    assert [r.tokens for r in mixed[3:]] == [r.tokens for r in exact] == hf_greedy(processor, target, rows)
+    assert all(r.stats.accepted_loose == r.stats.accepted_shift == 0 for r in mixed[3:])
+    assert sum(r.stats.accepted_loose + r.stats.accepted_shift for r in mixed[:3]) > 0

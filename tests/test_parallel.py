@@ -1,18 +1,23 @@
 """Tensor parallelism on CPU: the toy targets sharded over two gloo ranks (two local processes)
 decode exactly what one process decodes, in every mode, with the same visual relevance."""
 
+import threading
+import time
 import traceback
 
+import psutil
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.multiprocessing as mp
 from transformers import AutoConfig
 
-from conftest import free_port
+from conftest import ROOT, free_port
 from lvspec import Engine, SpecConfig, parallel
 from test_lvspec import make_rows
 from toyworld import families
 from toyworld.families import MODELS_DIR, load_pair
+from toyworld.shards import write_shards
 
 MODES = [SpecConfig(mode="ar"), SpecConfig(mode="sd", k=4), SpecConfig(mode="lvspec", k=5),
          SpecConfig(mode="lvspec", k=3, relevance_layers=(1, 3), theta=0.1)]
@@ -104,3 +109,81 @@ def test_the_relevance_heads_of_a_rank_keep_their_global_numbers():
     for a, b in zip(one, two):
         assert a["tokens"] == b["tokens"]
         assert max(abs(x - y) for x, y in zip(a["relevance"], b["relevance"])) < 1e-5
+
+
+# ---- the Ray job with tensor-parallel replicas (CPU: gloo ranks) ----------------------------------
+
+def _job(tmp_path, job_id: str, seed: int, videos: int, *overrides):
+    from pipeline.config import load_config
+
+    src = tmp_path / f"videos{seed}"
+    if not src.exists():
+        write_shards(str(src), videos=videos, seed=seed, shard_size=2)
+    return load_config(ROOT / "jobs/configs/local.yaml", [
+        f"job_id={job_id}", f"source.uri={src}", f"output.uri={tmp_path / 'out'}", "decode.batch_size=2",
+        "generation.max_new_tokens=32", "decode.max_side=256", "generation.k=4", *overrides])  # fixed K: timing-free
+
+
+def _rows(tmp_path, job_id: str) -> list[dict]:
+    return [r for f in sorted((tmp_path / "out" / job_id).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def test_the_job_with_two_rank_replicas_writes_the_captions_of_one_rank_replicas(tmp_path, ray_cluster):
+    from pipeline.job import run
+
+    for tp in (1, 2):
+        summary = run(_job(tmp_path, f"tp{tp}", 51, 6, f"caption.tensor_parallel={tp}", "caption.batch_size=2"))
+        assert summary["ok"] == 6, summary
+    one, two = ({r["video_id"]: r for r in _rows(tmp_path, f"tp{tp}")} for tp in (1, 2))
+    assert sorted(two) == sorted(one) == [f"toy51_{i:06d}" for i in range(6)]
+    for vid, row in one.items():
+        assert two[vid]["error"] is None and two[vid]["caption"] == row["caption"], vid
+        assert two[vid]["num_tokens"] == row["num_tokens"]
+
+
+def _peers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "pipeline.peers" in cmd:
+            found.append(p)
+    return found
+
+
+def test_a_killed_peer_ends_its_replica_quickly_and_the_job_still_writes_every_video_once(tmp_path, ray_cluster):
+    """Kill rank 1 of the replica mid-job: rank 0 (the actor) exits within seconds instead of
+    hanging in a collective, Ray restarts it with new peers, and every video is written once."""
+    from pipeline.job import run
+
+    cfg = _job(tmp_path, "kill", 52, 8, "caption.tensor_parallel=2", "caption.batch_size=1", "caption.slots=2",
+               "output.rows_per_file=1")
+    seen: dict = {}
+
+    def kill_a_peer_mid_job():
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            peers = _peers()
+            if peers and list((tmp_path / "out" / "kill").glob("*.parquet")):  # captioning is under way
+                victim = peers[0]
+                leader = victim.parent()
+                seen["killed_at"], seen["leader"], seen["victim"] = time.time(), leader, victim.pid
+                victim.kill()
+                try:
+                    leader.wait(timeout=60)
+                    seen["leader_gone_s"] = time.time() - seen["killed_at"]
+                except psutil.TimeoutExpired:
+                    seen["leader_gone_s"] = None
+                break
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_peer_mid_job)
+    killer.start()
+    summary = run(cfg)
+    killer.join()
+    print(f"peer {seen.get('victim')} killed; its replica's actor was gone {seen.get('leader_gone_s')} s later")
+    assert "victim" in seen, "no peer was seen while the job ran"
+    assert seen["leader_gone_s"] is not None and seen["leader_gone_s"] < 15, seen  # loud and quick, no hang
+    rows = _rows(tmp_path, "kill")
+    assert sorted(r["video_id"] for r in rows) == [f"toy52_{i:06d}" for i in range(8)]  # each once
+    assert all(r["error"] is None and r["caption"] for r in rows), [r["error"] for r in rows]
+    assert summary["ok"] == 8

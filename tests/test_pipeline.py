@@ -258,6 +258,8 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("decode.actors={min: 1, most: 3}", "decode.actors"),
     ("nightly.every=1", "nightly.every"),
     ("nightly.stale_after_s=1", "nightly.stale_after_s"),
+    ("caption.tensor_parallel=4", "caption.tensor_parallel"),  # the toy target has 2 KV heads
+    ("caption.tensor_parallel=0", "caption.tensor_parallel"),
 ])
 def test_a_bad_config_fails_before_ray_starts_naming_the_key(override, key):
     out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml", override],
@@ -313,3 +315,5 @@ def test_config_files_shipped_with_the_project_are_valid():
     with pytest.raises(ConfigError, match="job_id"):  # cluster.yaml asks for a job_id on the command line
         load_config(ROOT / "jobs/configs/cluster.yaml")
     load_config(ROOT / "jobs/configs/cluster.yaml", ["job_id=nightly"])
+    big = load_config(ROOT / "jobs/configs/cluster-72b.yaml", ["job_id=nightly"])
+    assert big.caption.tensor_parallel == 2 and big.caption.num_gpus == 2
