@@ -45,3 +45,11 @@ def score(captions: Iterable[str | None], truths: Iterable[Mapping]) -> dict:
         "exact": exact / n if n else 0.0,
         "videos": n,
     }
+
+
+def attribute_agreement(caption: str | None, reference: str | None) -> float:
+    """Share of the attributes `reference` states that `caption` states the same way (1.0 when the
+    reference states none): on the toy world, facts kept regardless of wording."""
+    a, b = parse_caption(caption), parse_caption(reference)
+    stated = [k for k, v in b.items() if v is not None]
+    return sum(a[k] == b[k] for k in stated) / len(stated) if stated else 1.0
