@@ -12,7 +12,7 @@ export RAY_AUTH_MODE := disabled
 CHECKOV_ENV := $(VENV)/tools/checkov
 export CHECKOV := $(abspath $(CHECKOV_ENV))/bin/checkov
 
-.PHONY: venv run test lint bench toymodels clean
+.PHONY: venv run test lint bench toymodels clean chromium
 
 venv: $(STAMP)
 
@@ -34,7 +34,14 @@ $(CHECKOV): $(STAMP)
 	$(VENV)/bin/uv venv -q --python $(PYTHON) $(CHECKOV_ENV)
 	$(VENV)/bin/uv pip install -q --python $(CHECKOV_ENV)/bin/python checkov==3.3.30
 
-test: $(STAMP) $(CHECKOV)
+# The report test renders the page in a real browser: Debian's chromium (installed on first use).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "== installing chromium (Debian package; tests/test_report.py renders in it) =="; \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
+test: $(STAMP) $(CHECKOV) chromium
 	$(PY) -m pytest -x -q
 
 lint: $(STAMP) $(CHECKOV)

@@ -30,7 +30,8 @@ CAPTIONED = pa.schema(
        ("finished_by", pa.string())]
     + [(name, pa.int32()) for name in STATS]
     + [("generate_ms", pa.float64()), ("batch_rows", pa.int32()), ("audit_caption", pa.string()),
-       ("audit_agreement", pa.float64()), ("config_hash", pa.string()), ("job_id", pa.string())]
+       ("audit_agreement", pa.float64()), ("captioned_at", pa.float64()), ("config_hash", pa.string()),
+       ("job_id", pa.string())]
 )
 
 def load_engine(target: str, draft: str | None, dtype: str, cache_dir: str, storage_options: dict,
@@ -132,7 +133,7 @@ class CaptionStage:
                 continue
             row.update(caption=res.text, num_tokens=res.stats.num_tokens, finished_by=res.finished_by,
                        mean_accepted_length=res.stats.mean_accepted_length,
-                       mean_draft_length=res.stats.mean_draft_length, generate_ms=share,
+                       mean_draft_length=res.stats.mean_draft_length, generate_ms=share, captioned_at=time.time(),
                        batch_rows=len(ready), **{k: getattr(res.stats, k) for k in STATS})
             if exact is not None and not isinstance(exact, Exception):
                 row.update(audit_caption=exact.text, audit_agreement=agreement(res.text, exact.text))
