@@ -5,6 +5,8 @@
 #   bench/gpu_realsize.sh qwen7   # Qwen2.5-VL 32B/7B, same
 #   bench/gpu_realsize.sh qwen3   # Qwen2.5-VL 32B/3B, same
 #   bench/gpu_realsize.sh paper   # 32B/7B in the paper's setting: 64 frames, 256 new tokens, batch 1 8
+#   bench/gpu_realsize.sh tp      # (2 GPUs: nvidia-h200-x2) 32B ar step at TP=1 vs 2; LLaVA-OV-72B/0.5B and
+#                                 # Qwen2.5-VL-72B/7B at TP=2, ar / sd / lvspec, batch 1 8 (bench.tensor_parallel)
 # Needs the transformers wheel in .whl/ and ../shared/probes/gpu_steps.py copied to .scratch/probes/.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -26,5 +28,10 @@ case "$1" in
   paper)
     python3 -m bench.realsize run --pair qwen2_5_vl:32b:7b --batch-sizes 1 8 --hf-batch-sizes --frames 64 \
       --new-tokens 256 --setting paper --json $OUT/paper.json 2>&1 | quiet | tee $OUT/paper.log | grep "^\[" ;;
-  *) echo "usage: $0 qwen7|qwen3|llava|paper"; exit 2 ;;
+  tp)
+    python3 -m bench.tensor_parallel step --size qwen2_5_vl:32b --tp 1 2 --batch-sizes 1 8 \
+      --json $OUT/tp_step.json 2>&1 | quiet | tee $OUT/tp_step.log | grep "^\["
+    python3 -m bench.tensor_parallel pairs --pair llava_onevision:72b:0.5b --pair qwen2_5_vl:72b:7b --tp 2 \
+      --batch-sizes 1 8 --json $OUT/tp_pairs.json 2>&1 | quiet | tee $OUT/tp_pairs.log | grep "^\[" ;;
+  *) echo "usage: $0 qwen7|qwen3|llava|paper|tp"; exit 2 ;;
 esac
