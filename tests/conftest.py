@@ -2,7 +2,8 @@
 
 Module order matters for one thing: tests/test_cluster.py starts and stops Ray clusters of its own
 with the `ray` CLI (`ray stop` ends every local Ray process), so it runs first, before any test
-here starts the session's in-process cluster.
+here starts the session's in-process cluster (`pytest_collection_modifyitems` puts it first,
+whatever the file names sort as).
 """
 
 import os
@@ -21,6 +22,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's console scripts: ray, moto_server
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name != "test_cluster.py")  # stable: the rest keep their order
 
 
 def free_port() -> int:
