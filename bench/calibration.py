@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     write_shards(str(tmp / "videos"), videos=args.sample, seed=args.sample_seed, shard_size=16)
     grid_json = tmp / "grid.json"
     code = calibrate(["--config", str(ROOT / "jobs/configs/local.yaml"), "--videos", str(args.sample),
-                      "--target-agreement", str(args.target_agreement), "--measure", "toy_attributes",
+                      "--target-agreement", str(args.target_agreement), "--measure", "toyworld.score:attribute_agreement",
                       "--json", str(grid_json), f"source.uri={tmp / 'videos'}", "generation.k=4",
                       f"model.target={MODELS_DIR / f'{args.family}-target'}",
                       f"model.draft={MODELS_DIR / f'{args.family}-draft'}"])
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     report = {**run_info("bench.calibration", argv), "family": args.family,
               "sample": {"videos": args.sample, "seed": args.sample_seed},
               "heldout": {"videos": args.heldout, "seed": args.heldout_seed},
-              "target_agreement": args.target_agreement, "measure": "toy_attributes",
+              "target_agreement": args.target_agreement, "measure": "toyworld.score:attribute_agreement",
               "chosen": chosen, "grid": grid["points"], "sd_tau_sample": grid["sd_tau"],
               "heldout_attr_acc": {k: v["attr_acc"] for k, v in out.items()},
               "heldout_retention": out["lvspec"]["attr_acc"] / out["sd"]["attr_acc"],

@@ -21,13 +21,18 @@ from pipeline.config import ConfigError, load_config
 
 
 def _measure(name: str):
-    if name == "toy_attributes":
-        from toyworld.score import attribute_agreement
+    """The agreement function `--measure` names."""
+    if name == "words":
+        from pipeline.audit import agreement
 
-        return attribute_agreement
-    from pipeline.audit import agreement
+        return agreement
+    import importlib
 
-    return agreement
+    module, _, function = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"--measure {name!r}: not 'words' or an importable MODULE:FUNCTION ({e})") from None
 
 
 def main(argv=None) -> int:
@@ -37,8 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--target-agreement", type=float, default=0.995,
                     help="mean agreement with exact captions that the chosen setting must reach")
     ap.add_argument("--thetas", default=None, help="comma-separated grid (default: 0,0.1,...,0.6,0.8,1)")
-    ap.add_argument("--measure", choices=["words", "toy_attributes"], default="words",
-                    help="agreement: the audit's word-sequence similarity, or (toy world) attributes kept")
+    ap.add_argument("--measure", default="words",
+                    help="agreement: 'words' (the audit's word-sequence similarity) or MODULE:FUNCTION, a "
+                         "function (caption, exact caption) -> [0, 1], e.g. toyworld.score:attribute_agreement")
     ap.add_argument("--write", action="store_true", help="write the choice into the target's lvspec.json")
     ap.add_argument("--json", type=Path, default=None, help="write every grid point here")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. generation.k=4")
@@ -55,6 +61,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"--thetas must be comma-separated numbers, got {args.thetas!r}") from None
         if thetas and not all(0.0 <= t <= 1.0 for t in thetas):
             raise ConfigError(f"--thetas must lie in [0, 1], got {args.thetas!r}")
+        measure = _measure(args.measure)
         cfg = load_config(args.config, ["job_id=calibrate", *args.overrides])
         target_dir = Path(cfg.model.target)
         if args.write and not target_dir.is_dir():
@@ -77,7 +84,7 @@ def main(argv=None) -> int:
         print("error: config key 'model.draft': calibration compares lvspec with sd and needs a draft", file=sys.stderr)
         return 2
     result = calibrate.grid(lambda spec: Engine(base.target, base.draft, spec, slots=base.slots), base.cfg, rows,
-                            tokenizer, **({"thetas": thetas} if thetas else {}), measure=_measure(args.measure), log=log)
+                            tokenizer, **({"thetas": thetas} if thetas else {}), measure=measure, log=log)
     chosen = calibrate.choose(result["points"], args.target_agreement)
     result.update(target_agreement=args.target_agreement, measure=args.measure, chosen=chosen)
     if args.json:

@@ -46,5 +46,7 @@ def test_calibration_arguments_are_checked_before_any_work(tmp_path, capsys):
     assert main(["--config", str(ROOT / "jobs/configs/local.yaml"), "--target-agreement", "1.5"]) == 2
     assert "--target-agreement" in capsys.readouterr().err
     assert main(["--config", str(ROOT / "jobs/configs/local.yaml"), "--thetas", "0.1,x"]) == 2
+    assert main(["--config", str(ROOT / "jobs/configs/local.yaml"), "--measure", "no_such_module:f"]) == 2
+    assert "--measure" in capsys.readouterr().err
     assert main(["--config", str(ROOT / "jobs/configs/local.yaml"), "--write", "model.target=some/hub-id"]) == 2
     assert "model.target" in capsys.readouterr().err
