@@ -27,7 +27,8 @@ TOY_DATA := data/bucket/toy
 
 run: $(STAMP)
 	@test -d $(TOY_DATA) || $(PY) -m toyworld.shards --uri $(TOY_DATA) --videos 32 --seed 7 --shard-size 8
-	$(PY) -m jobs.caption --config jobs/configs/local.yaml job_id=toy-local-$$(date +%Y%m%d-%H%M%S)
+	$(PY) -m jobs.caption --config jobs/configs/local.yaml --quality toyworld.score:job_quality \
+	  job_id=toy-local-$$(date +%Y%m%d-%H%M%S)
 
 $(CHECKOV): $(STAMP)
 	@echo "== installing checkov into $(CHECKOV_ENV) (first run only) =="

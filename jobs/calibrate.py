@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, load_function
 
 
 def _measure(name: str):
@@ -26,13 +26,7 @@ def _measure(name: str):
         from pipeline.audit import agreement
 
         return agreement
-    import importlib
-
-    module, _, function = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(f"--measure {name!r}: not 'words' or an importable MODULE:FUNCTION ({e})") from None
+    return load_function(name, "--measure")
 
 
 def main(argv=None) -> int:

@@ -10,35 +10,25 @@ Re-running a job with the same job_id captions only what its output lacks. Exit 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from pipeline.config import ConfigError, load_config
-
-
-def toy_quality(table) -> dict:
-    """Attribute accuracy against ground truth, when the rows carry toy-world truth."""
-    from toyworld.score import score
-
-    pairs = [(r["caption"], json.loads(r["truth"])["scene"]) for r in table.to_pylist()
-             if r["truth"] and r["error"] is None and "scene" in json.loads(r["truth"])]
-    if not pairs:
-        return {}
-    result = score([c for c, _ in pairs], [t for _, t in pairs])
-    return {"attr_acc": result["attr_acc"], "attr_acc_per_attribute": result["per_attribute"],
-            "scored_videos": result["videos"]}
+from pipeline.config import ConfigError, load_config, load_function
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML file (see jobs/configs/)")
+    ap.add_argument("--quality", default=None, metavar="MODULE:FUNCTION",
+                    help="a function (table of this run's rows) -> dict merged into the summary, e.g. "
+                         "toyworld.score:job_quality (accuracy against the toy world's ground truth)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. generation.k=8")
     args = ap.parse_args(argv)
     try:
+        quality = load_function(args.quality, "--quality") if args.quality else None
         cfg = load_config(args.config, args.overrides)
         from pipeline.job import human_summary, run
 
-        summary = run(cfg, quality=toy_quality)
+        summary = run(cfg, quality=quality)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.caption import toy_quality
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, load_function
 
 
 def main(argv=None) -> int:
@@ -25,10 +24,13 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="YAML file (see jobs/configs/)")
     ap.add_argument("--recaption", action="store_true",
                     help="the caption settings changed: start a new series and caption every video again")
+    ap.add_argument("--quality", default=None, metavar="MODULE:FUNCTION",
+                    help="a function (table of this run's rows) -> dict merged into the summary")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. nightly.run_date=2026-11-24")
     args = ap.parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     try:
+        quality = load_function(args.quality, "--quality") if args.quality else None
         cfg = load_config(args.config, ["job_id=nightly", *args.overrides])
         from pipeline.job import human_summary, preflight, run
         from pipeline.nightly import Busy, Night, SettingsChanged
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
         return 3
     try:
         done = night.done_ids(log)
-        summary = run(cfg, log=log, quality=toy_quality, out=partition, done=done)
+        summary = run(cfg, log=log, quality=quality, out=partition, done=done)
         latest = night.write_latest(log)
         failed_share = summary["failed"] / max(summary["videos"], 1)
         over = failed_share > cfg.nightly.max_failed_fraction

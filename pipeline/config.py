@@ -247,6 +247,20 @@ def check_tensor_parallel(job: JobConfig) -> None:
         raise ConfigError(f"config key 'caption.tensor_parallel': {e}") from None
 
 
+def load_function(spec: str, key: str):
+    """The function a MODULE:FUNCTION option names (a hook such as --quality or --measure)."""
+    import importlib
+
+    module, _, function = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), function) if module and function else None
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key} {spec!r}: cannot import it ({type(e).__name__}: {e})") from None
+    if not callable(found):
+        raise ConfigError(f"{key} {spec!r}: not a MODULE:FUNCTION that can be called")
+    return found
+
+
 def pool_size(value, key: str) -> dict:
     """An actor pool's size as {min, max}: from N (fixed) or a {min, max} mapping (autoscaling)."""
     if isinstance(value, bool):

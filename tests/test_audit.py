@@ -63,6 +63,8 @@ def test_audit_twins_are_the_exact_captions_and_a_low_agreement_fails_the_job(tm
     assert a["videos"] == 6 and a["low"] <= a["agreement"] <= a["high"] < 1.0
     assert all(r["audit_caption"] is None for r in sd.values())  # sd is exact: nothing to audit
 
-    code = main(["--config", str(ROOT / "jobs/configs/local.yaml"), *common, "job_id=strict", "audit.fraction=1.0",
-                 "audit.min_agreement=1.0"])
-    assert code == 4 and "below audit.min_agreement 1.0" in capsys.readouterr().err
+    code = main(["--config", str(ROOT / "jobs/configs/local.yaml"), "--quality", "toyworld.score:job_quality",
+                 *common, "job_id=strict", "audit.fraction=1.0", "audit.min_agreement=1.0"])
+    printed = capsys.readouterr()
+    assert code == 4 and "below audit.min_agreement 1.0" in printed.err
+    assert "quality: attribute accuracy" in printed.out  # the --quality hook ran on this run's rows

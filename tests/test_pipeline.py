@@ -268,6 +268,13 @@ def test_a_bad_config_fails_before_ray_starts_naming_the_key(override, key):
     assert "Ray" not in out.stderr and "ray" not in out.stdout
 
 
+def test_a_quality_hook_that_cannot_be_imported_fails_before_ray_starts():
+    out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml",
+                          "--quality", "toyworld.score:no_such_function"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "--quality" in out.stderr and "Ray" not in out.stderr
+
+
 def test_an_unwritable_output_location_fails_before_ray_starts(tmp_path):
     (tmp_path / "a_file").write_text("x")
     out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml",

@@ -53,3 +53,17 @@ def attribute_agreement(caption: str | None, reference: str | None) -> float:
     a, b = parse_caption(caption), parse_caption(reference)
     stated = [k for k, v in b.items() if v is not None]
     return sum(a[k] == b[k] for k in stated) / len(stated) if stated else 1.0
+
+
+def job_quality(table) -> dict:
+    """A caption job's attribute accuracy against the toy ground truth its rows carry (the
+    `--quality toyworld.score:job_quality` hook of jobs.caption and jobs.nightly)."""
+    import json
+
+    pairs = [(r["caption"], json.loads(r["truth"])["scene"]) for r in table.to_pylist()
+             if r["truth"] and r["error"] is None and "scene" in json.loads(r["truth"])]
+    if not pairs:
+        return {}
+    result = score([c for c, _ in pairs], [t for _, t in pairs])
+    return {"attr_acc": result["attr_acc"], "attr_acc_per_attribute": result["per_attribute"],
+            "scored_videos": result["videos"]}
