@@ -10,7 +10,10 @@ per-slot lengths; a finished row's slot idles until the next row takes it (`Engi
 Each stage of a cycle (draft loop, verify, commit) reads and writes only that state, so on a GPU
 it is captured as a CUDA graph per K when the state is built and replayed after
 (`graphs.Stages`); on CPU the same functions simply run. K is fixed, or chosen per cycle from
-measured stage costs and the running acceptance (`draft_length`).
+measured stage costs and the running acceptance (`draft_length`). A row carrying
+`EXACT: True` is verified strictly whatever the mode (an audit's exact twin). A target sharded
+over ranks (`parallel`) runs the same loop on every rank: rank 0 reads the rows, the others
+`follow`.
 """
 
 from __future__ import annotations
