@@ -38,15 +38,26 @@ def agreement(caption: str, exact: str) -> float:
 
 
 def estimate(values: list[float], confidence: float = 0.95, resamples: int = 4000, seed: int = 0) -> dict:
-    """Mean agreement with a percentile-bootstrap confidence interval (deterministic)."""
+    """Mean agreement with a percentile-bootstrap confidence interval (deterministic; none for
+    fewer than two videos)."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
         return {"videos": 0, "agreement": None, "low": None, "high": None, "identical": None}
+    if x.size == 1:
+        return {"videos": 1, "agreement": float(x[0]), "low": None, "high": None, "confidence": confidence,
+                "identical": float(x[0] == 1.0)}
     means = np.random.default_rng(seed).choice(x, size=(resamples, x.size), replace=True).mean(1)
     tail = (1.0 - confidence) / 2
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return {"videos": int(x.size), "agreement": float(x.mean()), "low": float(low), "high": float(high),
             "confidence": confidence, "identical": float((x == 1.0).mean())}
+
+
+def interval(a: dict) -> str:
+    """An estimate as text: '0.9512 (95% CI 0.9301-0.9688, 40 videos)'."""
+    if a["low"] is None:
+        return f"{a['agreement']:.4f} ({a['videos']} video: no interval)"
+    return f"{a['agreement']:.4f} ({a['confidence']:.0%} CI {a['low']:.4f}-{a['high']:.4f}, {a['videos']} videos)"
 
 
 def below(summary: dict, min_agreement: float | None) -> str | None:
@@ -55,6 +66,5 @@ def below(summary: dict, min_agreement: float | None) -> str | None:
     if min_agreement is None or not a.get("videos"):
         return None
     if a["agreement"] < min_agreement:
-        return (f"audit agreement {a['agreement']:.4f} (CI {a['low']:.4f}-{a['high']:.4f}, {a['videos']} videos) "
-                f"is below audit.min_agreement {min_agreement}")
+        return f"audit agreement {interval(a)} is below audit.min_agreement {min_agreement}"
     return None

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import sources
-from pipeline.audit import estimate
+from pipeline.audit import estimate, interval
 from pipeline.caption import CaptionStage
 from pipeline.config import ConfigError, JobConfig, check_tensor_parallel, config_hash
 from pipeline.decode import DecodeStage
@@ -259,8 +259,7 @@ def human_summary(s: dict) -> str:
                      f"{s['duplicates_skipped'][0]['video_id']}")
     a = s.get("audit") or {}
     if a.get("videos"):
-        lines.append(f"  audit  : {a['videos']} videos also captioned exactly; agreement {a['agreement']:.4f} "
-                     f"({a['confidence']:.0%} CI {a['low']:.4f}-{a['high']:.4f}), {a['identical']:.0%} identical")
+        lines.append(f"  audit  : agreement with exact captions {interval(a)}, {a['identical']:.0%} identical")
     if "attr_acc" in s:
         lines.append(f"  quality: attribute accuracy {s['attr_acc']:.3f} against the toy ground truth")
     lines.append(f"  output : {s['output']} ({s['files_written']} Parquet files; summary in _summary.json)")

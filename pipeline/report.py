@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import sources
-from pipeline.audit import estimate
+from pipeline.audit import estimate, interval
 
 SHARES = ("accepted_exact", "accepted_loose", "accepted_shift", "corrections", "bonus")
 
@@ -151,8 +151,8 @@ def page(rows: list[dict], f: dict, images: dict[str, bytes], title: str, sample
     esc = html.escape
     img = lambda name: f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(images[name]).decode()}">'  # noqa: E731
     a = f["audit"]
-    audit = (f"{a['videos']} videos also captioned exactly; mean agreement <b>{a['agreement']:.4f}</b> "
-             f"(95% CI {a['low']:.4f}&ndash;{a['high']:.4f}), {a['identical']:.0%} identical"
+    audit = (f"{a['videos']} videos also captioned exactly; mean agreement {esc(interval(a))}, "
+             f"{a['identical']:.0%} identical"
              if a["videos"] else "no audited videos in these rows (audit.fraction = 0, or an exact mode)")
     ok = [r for r in rows if r.get("error") is None]
     twins = [r for r in ok if r.get("audit_caption") is not None][:samples]

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
-from pipeline.audit import agreement, below, estimate, selected
+from pipeline.audit import agreement, below, estimate, interval, selected
 from pipeline.config import load_config
 from toyworld.shards import write_shards
 
@@ -33,6 +33,8 @@ def test_the_estimate_has_an_interval_that_narrows_with_more_videos():
     assert few["low"] <= few["agreement"] <= few["high"] and many["agreement"] == pytest.approx(0.925)
     assert (many["high"] - many["low"]) < (few["high"] - few["low"])
     assert estimate([])["agreement"] is None
+    one = estimate([0.8])
+    assert one["agreement"] == 0.8 and one["low"] is None and "no interval" in interval(one)
     assert below({"audit": many}, 0.95) and below({"audit": many}, 0.9) is None and below({"audit": many}, None) is None
 
 
