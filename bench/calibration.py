@@ -2,6 +2,7 @@
 
     python -m bench.calibration --family llava_onevision --sample 64 --heldout 200 \\
         --target-agreement 0.995 --json bench/calibration.json
+    python -m bench.calibration --edition 2 --family llava_onevision --json bench/calibration_v2.json
 
 Runs `jobs.calibrate` (attributes kept as the agreement measure: the toy world can check facts)
 on `--sample` videos of one seed, then captions `--heldout` videos of another seed with the target
@@ -24,7 +25,7 @@ from bench.report import run_info
 from lvspec import Engine
 from lvspec.config import SpecConfig
 from toyworld import score
-from toyworld.families import MODELS_DIR, engine_rows, load_pair, render_videos
+from toyworld.families import engine_rows, load_pair, models_dir, render_videos
 from toyworld.grammar import PROMPT
 from toyworld.shards import write_shards
 
@@ -39,25 +40,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--heldout", type=int, default=200)
     ap.add_argument("--heldout-seed", type=int, default=1234)
     ap.add_argument("--target-agreement", type=float, default=0.995)
+    ap.add_argument("--edition", type=int, choices=(1, 2), default=1, help="toy world edition (videos, models)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    models = models_dir(args.edition)
+    measure = "toyworld.score:attribute_agreement" + ("_v2" if args.edition == 2 else "")
+    agreement = score.attribute_agreement_v2 if args.edition == 2 else score.attribute_agreement
 
     from jobs.calibrate import main as calibrate
 
     tmp = Path(tempfile.mkdtemp(prefix="lvspec-calibration-"))
-    write_shards(str(tmp / "videos"), videos=args.sample, seed=args.sample_seed, shard_size=16)
+    write_shards(str(tmp / "videos"), videos=args.sample, seed=args.sample_seed, shard_size=16, edition=args.edition)
     grid_json = tmp / "grid.json"
     code = calibrate(["--config", str(ROOT / "jobs/configs/local.yaml"), "--videos", str(args.sample),
-                      "--target-agreement", str(args.target_agreement), "--measure", "toyworld.score:attribute_agreement",
+                      "--target-agreement", str(args.target_agreement), "--measure", measure,
                       "--json", str(grid_json), f"source.uri={tmp / 'videos'}", "generation.k=4",
-                      f"model.target={MODELS_DIR / f'{args.family}-target'}",
-                      f"model.draft={MODELS_DIR / f'{args.family}-draft'}"])
+                      f"model.target={models / f'{args.family}-target'}",
+                      f"model.draft={models / f'{args.family}-draft'}"])
     assert code == 0, code
     grid = json.loads(grid_json.read_text())
     chosen = grid["chosen"]
 
-    processor, target, draft = load_pair(args.family)
-    scenes, _, frames = render_videos(args.heldout, seed=args.heldout_seed)
+    processor, target, draft = load_pair(args.family, models)
+    scenes, _, frames = render_videos(args.heldout, seed=args.heldout_seed, edition=args.edition)
     rows = engine_rows(processor, frames, PROMPT)
     base = SpecConfig(mode="sd", k=4, max_new_tokens=48)
     relevance = {"relevance_layers": tuple(chosen["relevance_layers"]) if chosen["relevance_layers"] else None,
@@ -71,11 +76,11 @@ def main(argv=None) -> dict:
             out[name] = {"captions": [r.text for r in results],
                          "tau": tokens / max(sum(r.stats.num_cycles for r in results), 1),
                          "attr_acc": score.score([r.text for r in results], [s.attributes() for s in scenes])["attr_acc"]}
-    kept = [score.attribute_agreement(a, b) for a, b in zip(out["lvspec"]["captions"], out["sd"]["captions"])]
-    report = {**run_info("bench.calibration", argv), "family": args.family,
+    kept = [agreement(a, b) for a, b in zip(out["lvspec"]["captions"], out["sd"]["captions"])]
+    report = {**run_info("bench.calibration", argv), "family": args.family, "edition": args.edition,
               "sample": {"videos": args.sample, "seed": args.sample_seed},
               "heldout": {"videos": args.heldout, "seed": args.heldout_seed},
-              "target_agreement": args.target_agreement, "measure": "toyworld.score:attribute_agreement",
+              "target_agreement": args.target_agreement, "measure": measure,
               "chosen": chosen, "grid": grid["points"], "sd_tau_sample": grid["sd_tau"],
               "heldout_attr_acc": {k: v["attr_acc"] for k, v in out.items()},
               "heldout_retention": out["lvspec"]["attr_acc"] / out["sd"]["attr_acc"],

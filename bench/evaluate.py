@@ -1,6 +1,7 @@
 """Evaluate a toy target/draft pair on fresh videos.
 
     python -m bench.evaluate --family qwen2_5_vl --videos 200 --seed 1234 --json out.json
+    python -m bench.evaluate --all --edition 2 --json bench/toyworld_v2_eval.json   # the second edition
 
 Renders N clips from the seed, decodes them like the pipeline does, captions them greedily with
 the target and with the draft, scores both, and measures teacher-forced agreement: how often the
@@ -57,12 +58,12 @@ def teacher_forced_agreement(processor, target, draft, frames, prompt: str, capt
 
 
 def evaluate(family: str, videos: int, seed: int, filler_entropy: float | None = None,
-             models_dir: Path | str = families.MODELS_DIR) -> dict:
-    processor, target, draft = load_pair(family, models_dir)
-    scenes, _, frames = render_videos(videos, seed)
+             models_dir: Path | str | None = None, edition: int = 1) -> dict:
+    processor, target, draft = load_pair(family, models_dir or families.models_dir(edition))
+    scenes, _, frames = render_videos(videos, seed, edition=edition)
     truths = [s.attributes() for s in scenes]
     prompt = grammar.prompt_for(filler_entropy)
-    result = {"family": family, "videos": videos, "seed": seed,
+    result = {"family": family, "videos": videos, "seed": seed, "edition": edition,
               "filler_entropy": grammar.DEFAULT_FILLER_ENTROPY if filler_entropy is None else filler_entropy,
               "prompt": prompt}
     t0 = time.time()
@@ -82,9 +83,12 @@ def markdown(results: list[dict]) -> str:
              "teacher-forced anchor agreement | teacher-forced filler agreement |", "|---|---|---|---|---|---|---|"]
     for r in results:
         tf = r["teacher_forced"]
+        # Edition 2: the event-order attribute's accuracy, target / draft, beside the overall figure.
+        order = lambda who: (f" (order {r[who]['per_attribute']['order']:.3f})"  # noqa: E731
+                             if "order" in r[who]["per_attribute"] else "")
         lines.append(f"| {r['family']} | {r['filler_entropy']:.2f} | {r['videos']} ({r['seed']}) | "
-                     f"{r['target']['attr_acc']:.4f} | {r['draft']['attr_acc']:.4f} | {tf['anchor_agreement']:.3f} | "
-                     f"{tf['filler_agreement']:.3f} |")
+                     f"{r['target']['attr_acc']:.4f}{order('target')} | {r['draft']['attr_acc']:.4f}{order('draft')} | "
+                     f"{tf['anchor_agreement']:.3f} | {tf['filler_agreement']:.3f} |")
     lines.append("")
     for run in dict.fromkeys((r["command"], r["machine"], r["date"]) for r in results):
         lines.append("Command: `{}` on {}, {}  ".format(*run))
@@ -99,7 +103,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--filler-entropy", nargs="*", default=["default"],
                     help="filler entropies to name in the prompt; 'default' names none")
-    ap.add_argument("--models-dir", default=str(families.MODELS_DIR))
+    ap.add_argument("--edition", type=int, choices=(1, 2), default=1, help="toy world edition (videos, models)")
+    ap.add_argument("--models-dir", help="default: the edition's shipped models")
     ap.add_argument("--json", help="write the result here (one object, or a list for several runs)")
     ap.add_argument("--markdown", help="update the toy-world evaluation section of this file (BENCHMARKS.md)")
     args = ap.parse_args(argv)
@@ -110,7 +115,7 @@ def main(argv=None):
     for family in families.FAMILIES if args.all else args.family:
         for level in args.filler_entropy:
             h = None if level == "default" else float(level)
-            r = {**evaluate(family, args.videos, args.seed, h, args.models_dir), **run}
+            r = {**evaluate(family, args.videos, args.seed, h, args.models_dir, args.edition), **run}
             results.append(r)
             t, d, tf = r["target"], r["draft"], r["teacher_forced"]
             print(f"{family} h={r['filler_entropy']}: target attr_acc {t['attr_acc']:.3f}, draft attr_acc "
@@ -121,8 +126,9 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else results, indent=1))
     if args.markdown:
-        write_markdown_section(Path(args.markdown), markdown(results), tag="toyworld-eval",
-                               title="Toy world models: accuracy and draft/target agreement")
+        v2 = args.edition == 2
+        write_markdown_section(Path(args.markdown), markdown(results), tag="toyworld-eval" + "-v2" * v2,
+                               title="Toy world models: accuracy and draft/target agreement" + " (edition 2)" * v2)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python -m bench.toy --family llava_onevision --videos 200 --seed 1234 --json out.json
     python -m bench.toy --all --json bench/toyworld.json --markdown BENCHMARKS.md
+    python -m bench.toy --all --edition 2 --json bench/toyworld_v2.json --markdown BENCHMARKS.md
 
 Per family and mode: tau (tokens per draft-verify cycle), target forwards per token, tokens/s,
 attribute accuracy and retention (accuracy / accuracy of ar); for lvspec, anchor precision and
@@ -28,15 +29,16 @@ from toyworld import families, grammar, score
 from toyworld.families import engine_rows, load_pair, render_videos
 
 
-def mode_configs(family: str, k: int, max_new_tokens: int) -> dict[str, SpecConfig]:
+def mode_configs(family: str, k: int, max_new_tokens: int, edition: int = 1) -> dict[str, SpecConfig]:
     lv = SpecConfig(mode="lvspec", k=k, max_new_tokens=max_new_tokens,
-                    **shipped_settings(families.model_dir(family, "target")))
+                    **shipped_settings(families.model_dir(family, "target", edition)))
     return {
         "ar": SpecConfig(mode="ar", max_new_tokens=max_new_tokens),
         "sd": SpecConfig(mode="sd", k=k, max_new_tokens=max_new_tokens),
         "lvspec": lv,
         "lvspec_no_shift": dataclasses.replace(lv, shift_window=0),
         "loose_no_gate": dataclasses.replace(lv, gate=False),
+        "loose_no_gate_no_shift": dataclasses.replace(lv, gate=False, shift_window=0),
         # A looser rule (anything in the target's top 3) shows what the gate protects when the
         # target's second choices are wrong anchors.
         "lvspec_top3": dataclasses.replace(lv, top_k=3),
@@ -125,13 +127,13 @@ def peer_batch1(processor, target, draft, rows, k: int, max_new_tokens: int) -> 
 
 
 def bench_family(family: str, videos: int, seed: int, k: int, batch_size: int, max_new_tokens: int,
-                 peer_videos: int, log=print) -> dict:
-    processor, target, draft = load_pair(family)
+                 peer_videos: int, log=print, edition: int = 1) -> dict:
+    processor, target, draft = load_pair(family, families.models_dir(edition))
     anchors = grammar.anchor_token_ids(processor.tokenizer)
-    scenes, _, frames = render_videos(videos, seed)
+    scenes, _, frames = render_videos(videos, seed, edition=edition)
     truths = [s.attributes() for s in scenes]
-    configs = mode_configs(family, k, max_new_tokens)
-    result = {"family": family, "videos": videos, "seed": seed, "k": k, "batch_size": batch_size,
+    configs = mode_configs(family, k, max_new_tokens, edition)
+    result = {"family": family, "edition": edition, "videos": videos, "seed": seed, "k": k, "batch_size": batch_size,
               "lvspec_config": configs["lvspec"].as_dict(), "modes": {}, "filler_entropy_sweep": []}
 
     rows = engine_rows(processor, frames, grammar.PROMPT)
@@ -143,6 +145,7 @@ def bench_family(family: str, videos: int, seed: int, k: int, batch_size: int, m
         m = result["modes"][name]
         log(f"[{family}] {name:16s} tau {m['tau']:5.2f}  fwd/token {m['target_forwards_per_token']:.3f}  "
             f"{m['tokens_per_s']:7.1f} tok/s  attr_acc {m['attr_acc']:.4f}  retention {m['retention']:.4f}"
+            + (f"  order {m['per_attribute']['order']:.4f}" if "order" in m["per_attribute"] else "")
             + (f"  anchor P/R {m['anchor_precision']:.3f}/{m['anchor_recall']:.3f}" if "anchor_precision" in m else ""))
     for h in grammar.FILLER_LEVELS:
         rows_h = engine_rows(processor, frames, grammar.prompt_for(h))
@@ -179,13 +182,15 @@ def markdown(report: dict) -> str:
         lines += [f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ", f"Date: {r['date']}", "",
                   f"#### {fam} ({r['videos']} videos, seed {r['seed']}, K={r['k']}, batch {r['batch_size']}, "
                   f"lvspec theta={r['lvspec_config']['theta']} {_relevance(r['lvspec_config'])})", "",
-                  "| mode | tau | target fwd/token | tokens/s | attr_acc | retention | exact/loose/shift share | anchor P / R |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| mode | tau | target fwd/token | tokens/s | attr_acc | event order acc | retention | "
+                  "exact/loose/shift share | anchor P / R |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, m in r["modes"].items():
             sh = m["shares"]
             pr = f"{m['anchor_precision']:.3f} / {m['anchor_recall']:.3f}" if "anchor_precision" in m else "-"
+            order = f"{m['per_attribute']['order']:.4f}" if "order" in m["per_attribute"] else "-"
             lines.append(f"| {name} | {m['tau']:.2f} | {m['target_forwards_per_token']:.3f} | {m['tokens_per_s']:.0f} | "
-                         f"{m['attr_acc']:.4f} | {m['retention']:.4f} | {sh['accepted_exact']:.2f}/"
+                         f"{m['attr_acc']:.4f} | {order} | {m['retention']:.4f} | {sh['accepted_exact']:.2f}/"
                          f"{sh['accepted_loose']:.2f}/{sh['accepted_shift']:.2f} | {pr} |")
         lines += ["", f"tau(lvspec)/tau(sd) = **{r['tau_ratio_lvspec_vs_sd']:.2f}**; tokens/s speedup over ar: "
                   f"sd {r['speedup_sd_vs_ar']:.2f}x, lvspec {r['speedup_lvspec_vs_ar']:.2f}x (CPU, toy models).", "",
@@ -218,6 +223,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--peer-videos", type=int, default=20)
+    ap.add_argument("--edition", type=int, choices=(1, 2), default=1, help="toy world edition (videos, models)")
     ap.add_argument("--json", required=True)
     ap.add_argument("--markdown", help="update the benchmark section of this file (BENCHMARKS.md)")
     args = ap.parse_args(argv)
@@ -227,12 +233,14 @@ def main(argv=None):
     for family in fams:
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         results.append({**bench_family(family, args.videos, args.seed, args.k, args.batch_size,
-                                       args.max_new_tokens, args.peer_videos, log), **run})
+                                       args.max_new_tokens, args.peer_videos, log, args.edition), **run})
     report = {"families": {r["family"]: r for r in merge_previous(Path(args.json), results)}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
     if args.markdown:
-        write_markdown_section(Path(args.markdown), markdown(report))
+        v2 = args.edition == 2
+        write_markdown_section(Path(args.markdown), markdown(report), tag="toyworld-bench" + "-v2" * v2,
+                               title="Toy world: ar / sd / lvspec" + " (edition 2)" * v2)
     print(markdown(report))
 
 

@@ -1,6 +1,6 @@
 """Choose LVSpec's relevance heads and threshold for a toy target, on calibration videos.
 
-    python -m toyworld.calibrate --family qwen2_5_vl [--videos 128 --seed 4242]
+    python -m toyworld.calibrate --family qwen2_5_vl [--videos 128 --seed 4242] [--edition 2]
 
 Runs LVSpec with every target layer probed and labels each verified slot by whether the target's
 token there is an anchor (grammar vocabulary). Two candidate relevance definitions are searched,
@@ -31,10 +31,10 @@ THETAS = np.round(np.arange(0.01, 1.0, 0.005), 3)
 MIN_GAIN = 0.002  # a head must raise min(P, R) by this much to join
 
 
-def collect(family: str, videos: int, seed: int, k: int = 10):
+def collect(family: str, videos: int, seed: int, k: int = 10, edition: int = 1):
     """Per verified slot: relevance of every (layer, head) of the target, and whether its token is an anchor."""
-    processor, target, draft = load_pair(family)
-    _, _, frames = render_videos(videos, seed)
+    processor, target, draft = load_pair(family, families.models_dir(edition))
+    _, _, frames = render_videos(videos, seed, edition=edition)
     rows = engine_rows(processor, frames, grammar.PROMPT)
     cfg = SpecConfig(mode="lvspec", k=k, theta=1.0, max_new_tokens=48)  # probe everything, gate nothing
     anchors = grammar.anchor_token_ids(processor.tokenizer)
@@ -97,11 +97,12 @@ def main(argv=None):
     ap.add_argument("--family", choices=families.FAMILIES, required=True)
     ap.add_argument("--videos", type=int, default=128)
     ap.add_argument("--seed", type=int, default=CALIBRATION_SEED)
+    ap.add_argument("--edition", type=int, choices=(1, 2), default=1, help="toy world edition (videos, models)")
     args = ap.parse_args(argv)
-    heads, rel, is_anchor = collect(args.family, args.videos, args.seed)
+    heads, rel, is_anchor = collect(args.family, args.videos, args.seed, edition=args.edition)
     settings = choose(heads, rel, is_anchor) | {"calibration": {"videos": args.videos, "seed": args.seed,
                                                                  "slots": int(len(is_anchor))}}
-    path = Path(families.model_dir(args.family, "target")) / SETTINGS_FILE
+    path = Path(families.model_dir(args.family, "target", args.edition)) / SETTINGS_FILE
     path.write_text(json.dumps(settings, indent=1) + "\n")
     which = settings.get("relevance_heads") or settings.get("relevance_layers")
     print(f"{args.family}: {'heads' if 'relevance_heads' in settings else 'layers'} {which} theta {settings['theta']} "

@@ -17,7 +17,15 @@ from toyworld.scene import FRAME_SIZE
 
 FAMILIES = ("qwen2_5_vl", "llava_onevision")
 ROLES = ("target", "draft")
-MODELS_DIR = Path(__file__).parent / "models"
+MODELS_DIR = Path(__file__).parent / "models"  # edition 1: the embedded default of `make run` and the tests
+MODELS_V2_DIR = Path(__file__).parent / "models_v2"  # edition 2 (multi-token fillers, two-event clips)
+
+
+def models_dir(edition: int = 1) -> Path:
+    """Where the shipped toy pairs of `edition` live."""
+    if edition not in (1, 2):
+        raise ValueError(f"edition must be 1 or 2, got {edition!r}")
+    return MODELS_DIR if edition == 1 else MODELS_V2_DIR
 
 BASE_VOCAB_SIZE = 768  # bytes + merges; every grammar word ends up one token
 PATCH = 8  # vision patch side in pixels, for 64 x 64 toy frames
@@ -69,11 +77,11 @@ SIZES = {
 }
 
 
-def model_dir(family: str, role: str) -> Path:
-    return MODELS_DIR / f"{family}-{role}"
+def model_dir(family: str, role: str, edition: int = 1) -> Path:
+    return models_dir(edition) / f"{family}-{role}"
 
 
-def train_bpe(seed: int = 0, sentences: int = 20000):
+def train_bpe(seed: int = 0, sentences: int = 20000, edition: int = 1):
     """Train the shared byte-level BPE (Qwen2's pre-tokenizer) on the grammar; returns vocab, merges."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -87,7 +95,7 @@ def train_bpe(seed: int = 0, sentences: int = 20000):
         vocab_size=BASE_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=["<|endoftext|>"], show_progress=False,
     )
-    tok.train_from_iterator(grammar.corpus(np.random.default_rng(seed), sentences), trainer)
+    tok.train_from_iterator(grammar.corpus(np.random.default_rng(seed), sentences, edition), trainer)
     model = json.loads(tok.to_str())["model"]
     return model["vocab"], [tuple(m) for m in model["merges"]]
 
@@ -202,12 +210,12 @@ def load_pair(family: str, models_dir: Path | str = MODELS_DIR, dtype=None):
     return processor, load("target"), load("draft")
 
 
-def render_videos(n: int, seed: int, num_frames: int = 8):
+def render_videos(n: int, seed: int, num_frames: int = 8, edition: int = 1):
     """n fresh clips from `seed`: scenes, mp4 bytes, and the frames the pipeline would sample."""
     from pipeline.frames import read_frames
     from toyworld.scene import clip_seed, make_clip
 
-    clips = [make_clip(clip_seed(seed, i)) for i in range(n)]
+    clips = [make_clip(clip_seed(seed, i), edition=edition) for i in range(n)]
     return [s for s, _ in clips], [b for _, b in clips], [read_frames(b, num_frames)[0] for _, b in clips]
 
 

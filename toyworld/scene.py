@@ -1,6 +1,10 @@
 """Procedural toy videos: coloured shapes moving over a plain background, encoded as H.264 mp4.
 
 A `Scene` is the ground truth of one clip. Everything is deterministic from a seed.
+
+Two editions. Edition 1: one event (the shapes move one way). Edition 2 adds clips with two
+consecutive events, half-way through the clip: the shapes turn (`then_direction`) or change colour
+(`then_colour`); their captions must state the events in order (the `order` attribute).
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ SIZES = {"small": 0.085, "large": 0.125}  # radius as a fraction of the frame si
 DIRECTIONS = {"leftward": (-1, 0), "rightward": (1, 0), "upward": (0, -1), "downward": (0, 1)}
 
 ATTRIBUTES = ("count", "size", "colour", "shape", "direction", "background")
+# Edition 2: colour and direction are the sets shown ("blue+red"), `order` the change in order
+# ("red>blue", "leftward>upward") or "none".
+ATTRIBUTES_V2 = (*ATTRIBUTES, "order")
+EDITIONS = (1, 2)
+CHANGES = (None, "direction", "colour")  # edition 2 draws each with equal chance
 
 # Default clip geometry: small enough to train and run on CPU, big enough to see shapes.
 FRAME_SIZE = 64
 NUM_FRAMES = 16
 FPS = 8
+TURN_S = NUM_FRAMES / FPS / 2  # edition 2: when the second event starts (half-way through a default clip)
 
 
 @dataclass(frozen=True)
@@ -44,9 +54,34 @@ class Scene:
     background: str
     starts: tuple[tuple[float, float], ...]  # shape centres at frame 0, in [0, 1] frame units
     speed: float  # frame sides per second
+    edition: int = 1
+    then_direction: str | None = None  # edition 2: the direction taken half-way through
+    then_colour: str | None = None  # edition 2: the colour taken half-way through
 
     def attributes(self) -> dict[str, str | int]:
-        return {name: getattr(self, name) for name in ATTRIBUTES}
+        if self.edition == 1:
+            return {name: getattr(self, name) for name in ATTRIBUTES}
+        directions = [self.direction] + [self.then_direction] * bool(self.then_direction)
+        colours = [self.colour] + [self.then_colour] * bool(self.then_colour)
+        changed = directions if len(directions) == 2 else colours if len(colours) == 2 else None
+        return {"count": self.count, "size": self.size, "colour": "+".join(sorted(colours)), "shape": self.shape,
+                "direction": "+".join(sorted(directions)), "background": self.background,
+                "order": ">".join(changed) if changed else "none"}
+
+    def colour_at(self, frame: int, fps: int = FPS) -> str:
+        """The shapes' colour in frame `frame`: a change, if any, happens at TURN_S."""
+        return self.then_colour if self.then_colour and frame / fps >= TURN_S else self.colour
+
+    def offset(self, frame: int, fps: int = FPS) -> tuple[float, float]:
+        """How far (frame units) the shapes have moved by frame `frame`."""
+        vx, vy = DIRECTIONS[self.direction]
+        if not self.then_direction or frame / fps <= TURN_S:
+            shift = self.speed * frame / fps
+            return vx * shift, vy * shift
+        wx, wy = DIRECTIONS[self.then_direction]
+        before, after = self.speed * TURN_S, self.speed * (frame / fps - TURN_S)
+        return vx * before + wx * after, vy * before + wy * after
+
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -60,8 +95,12 @@ class Scene:
         return cls(**d)
 
 
-def sample_scene(rng: np.random.Generator, duration_s: float = NUM_FRAMES / FPS) -> Scene:
+def sample_scene(rng: np.random.Generator, duration_s: float = NUM_FRAMES / FPS, edition: int = 1) -> Scene:
     """Draw a scene uniformly over attributes, with shapes laid out in separate lanes."""
+    if edition == 2:
+        return _sample_scene_v2(rng, duration_s)
+    if edition != 1:
+        raise ValueError(f"edition must be one of {EDITIONS}, got {edition!r}")
     count = int(rng.choice(COUNTS))
     size = str(rng.choice(list(SIZES)))
     direction = str(rng.choice(list(DIRECTIONS)))
@@ -93,6 +132,40 @@ def sample_scene(rng: np.random.Generator, duration_s: float = NUM_FRAMES / FPS)
     )
 
 
+def _sample_scene_v2(rng: np.random.Generator, duration_s: float) -> Scene:
+    """Edition 2: a third of the clips as edition 1, a third turn half-way, a third change colour.
+
+    Shapes sit in lanes across the first direction and move as one group; the group's place is
+    drawn among those that keep every shape inside the frame along the whole (possibly bent) path.
+    """
+    change = CHANGES[int(rng.integers(len(CHANGES)))]
+    count = int(rng.choice(COUNTS))
+    size = str(rng.choice(list(SIZES)))
+    names = list(DIRECTIONS)
+    direction = str(rng.choice(names))
+    then_direction = str(rng.choice([d for d in names if d != direction])) if change == "direction" else None
+    colour = str(rng.choice(list(COLOURS)))
+    then_colour = str(rng.choice([c for c in COLOURS if c != colour])) if change == "colour" else None
+    radius = SIZES[size]
+    speed = float(rng.uniform(0.13, 0.17) if then_direction else rng.uniform(0.18, 0.26))
+    margin = radius + 0.02
+    lanes_room = 1 - 2 * margin - (speed * duration_s / 2 if then_direction else 0.0)
+    spacing = float(rng.uniform(2.2 * radius, max(2.2 * radius, lanes_room / (count - 1)))) if count > 1 else 0.0
+    dx, dy = DIRECTIONS[direction]
+    lanes = [(0.0, spacing * k) if dx else (spacing * k, 0.0) for k in range(count)]
+    probe = Scene(count, size, colour, "circle", direction, "black", ((0.0, 0.0),), speed, 2, then_direction)
+    path = [probe.offset(frame, 1000) for frame in range(0, int(duration_s * 1000) + 1, 25)]
+    group_start = []
+    for axis in (0, 1):
+        lo = margin - min(p[axis] for p in path) - min(lane[axis] for lane in lanes)
+        hi = 1 - margin - max(p[axis] for p in path) - max(lane[axis] for lane in lanes)
+        group_start.append(float(rng.uniform(lo, max(lo, hi))))
+    starts = tuple((group_start[0] + ax, group_start[1] + ay) for ax, ay in lanes)
+    return Scene(count=count, size=size, colour=colour, shape=str(rng.choice(SHAPES)), direction=direction,
+                 background=str(rng.choice(list(BACKGROUNDS))), starts=starts, speed=speed, edition=2,
+                 then_direction=then_direction, then_colour=then_colour)
+
+
 def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
@@ -117,15 +190,14 @@ def render(scene: Scene, num_frames: int = NUM_FRAMES, size: int | tuple[int, in
     ys = (ys + 0.5) / (height * ss)
     aspect = width / height
     bg = np.array(BACKGROUNDS[scene.background], np.float32)
-    fg = np.array(COLOURS[scene.colour], np.float32)
-    vx, vy = DIRECTIONS[scene.direction]
     radius = SIZES[scene.size]
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     for t in range(num_frames):
-        shift = scene.speed * t / fps
+        ox, oy = scene.offset(t, fps)
+        fg = np.array(COLOURS[scene.colour_at(t, fps)], np.float32)
         mask = np.zeros(xs.shape, bool)
         for cx, cy in scene.starts:
-            px, py = cx + vx * shift, cy + vy * shift
+            px, py = cx + ox, cy + oy
             mask |= _shape_mask(scene.shape, (xs - px) * aspect, ys - py, radius)
         cover = mask.reshape(height, ss, width, ss).mean(axis=(1, 3))[..., None]
         img = bg * (1 - cover) + fg * cover
@@ -164,10 +236,11 @@ def decode_mp4(data: bytes) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def make_clip(seed: int, num_frames: int = NUM_FRAMES, size: int = FRAME_SIZE, fps: int = FPS) -> tuple[Scene, bytes]:
+def make_clip(seed: int, num_frames: int = NUM_FRAMES, size: int = FRAME_SIZE, fps: int = FPS,
+              edition: int = 1) -> tuple[Scene, bytes]:
     """One deterministic clip from a seed: its scene and its mp4 bytes."""
     rng = np.random.default_rng(seed)
-    scene = sample_scene(rng, duration_s=num_frames / fps)
+    scene = sample_scene(rng, duration_s=num_frames / fps, edition=edition)
     return scene, encode_mp4(render(scene, num_frames, size, fps, rng=rng), fps=fps)
 
 

@@ -28,7 +28,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(uri: str, videos: int, seed: int, shard_size: int = 16, storage_options: dict | None = None,
-                 progress: bool = False) -> list[str]:
+                 progress: bool = False, edition: int = 1) -> list[str]:
     """Render `videos` clips from `seed` into tar shards under `uri`; returns the shard URIs."""
     if videos < 0 or shard_size < 1:
         raise ValueError("videos must be >= 0 and shard_size >= 1")
@@ -42,7 +42,7 @@ def write_shards(uri: str, videos: int, seed: int, shard_size: int = 16, storage
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(lo, min(lo + shard_size, videos)):
-                scene, mp4 = make_clip(clip_seed(seed, i))
+                scene, mp4 = make_clip(clip_seed(seed, i), edition=edition)
                 key = video_key(seed, i)
                 _add(tar, f"{key}.mp4", mp4)
                 meta = {"video_id": key, "seed": seed, "index": i, "scene": scene.to_json()}
@@ -65,8 +65,9 @@ def main(argv=None):
     ap.add_argument("--videos", type=int, default=64)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--shard-size", type=int, default=16)
+    ap.add_argument("--edition", type=int, choices=(1, 2), default=1, help="toy world edition (2: two-event clips)")
     args = ap.parse_args(argv)
-    shards = write_shards(args.uri, args.videos, args.seed, args.shard_size, progress=True)
+    shards = write_shards(args.uri, args.videos, args.seed, args.shard_size, progress=True, edition=args.edition)
     print(f"wrote {args.videos} videos in {len(shards)} shards under {args.uri}")
 
 

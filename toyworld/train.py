@@ -1,6 +1,7 @@
 """Train the toy target/draft pairs of both families (what `make toymodels` runs).
 
     python -m toyworld.train --all [--device cuda] [--out toyworld/models]
+    python -m toyworld.train --all --edition 2          # the second edition, into toyworld/models_v2
 
 Seeded and reproducible up to floating-point nondeterminism of the device. Videos come from a pool
 of rendered, H.264-encoded and decoded clips; captions are drawn fresh every step, at a filler
@@ -82,22 +83,23 @@ def _one_thread(*_):
     torch.set_num_threads(1)  # many parallel producers: one thread each, or they fight over cores
 
 
-def _clip(seed_entropy: tuple[int, ...]):
+def _clip(job: tuple[tuple[int, ...], int]):
     # Longer entropy than scene.clip_seed's (seed, index): training clips never equal evaluation ones.
-    scene, data = make_clip(int(np.random.SeedSequence(seed_entropy).generate_state(1)[0]))
+    seed_entropy, edition = job
+    scene, data = make_clip(int(np.random.SeedSequence(seed_entropy).generate_state(1)[0]), edition=edition)
     return scene, decode_mp4(data)
 
 
-def clip_pool(n: int, entropy: tuple[int, ...], workers: int, cache: Path | None = None):
+def clip_pool(n: int, entropy: tuple[int, ...], workers: int, cache: Path | None = None, edition: int = 1):
     """Render, encode and decode n clips in parallel: (frames uint8 [n, T, H, W, 3], scenes).
 
     With `cache`, the pool is saved there once and memory-mapped by every later run.
     """
-    name = "-".join(map(str, (*entropy, n)))
+    name = "-".join(map(str, (*entropy, n))) + ("" if edition == 1 else f"-e{edition}")
     if cache and (cache / f"{name}.json").exists():
         scenes = [Scene.from_json(d) for d in json.loads((cache / f"{name}.json").read_text())]
         return np.load(cache / f"{name}.npy", mmap_mode="r"), scenes
-    seeds = [(*entropy, i) for i in range(n)]
+    seeds = [((*entropy, i), edition) for i in range(n)]
     with mp.get_context("fork").Pool(workers, initializer=_one_thread) as pool:
         out = pool.map(_clip, seeds, chunksize=64)
     frames, scenes = np.stack([f for _, f in out]), [s for s, _ in out]
@@ -140,9 +142,10 @@ def make_batch(processor, frames: list[np.ndarray], captions: list[grammar.Capti
 class Batches(IterableDataset):
     """Endless training batches drawn from the clip pool; each worker has its own seeded stream."""
 
-    def __init__(self, processor, frames, scenes, batch_size: int, entropy: tuple[int, ...]):
+    def __init__(self, processor, frames, scenes, batch_size: int, entropy: tuple[int, ...], edition: int = 1,
+                 style: str = "target"):
         self.processor, self.frames, self.scenes = processor, frames, scenes
-        self.batch_size, self.entropy = batch_size, entropy
+        self.batch_size, self.entropy, self.edition, self.style = batch_size, entropy, edition, style
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -156,7 +159,7 @@ class Batches(IterableDataset):
                 frames.append(self.frames[i][keep])
                 level = None if rng.random() < 0.5 else float(rng.choice(grammar.FILLER_LEVELS))
                 h = grammar.DEFAULT_FILLER_ENTROPY if level is None else level
-                captions.append(grammar.make_caption(self.scenes[i], rng, h))
+                captions.append(grammar.make_caption(self.scenes[i], rng, h, self.edition, self.style))
                 prompts.append(grammar.prompt_for(level))
             yield make_batch(self.processor, frames, captions, prompts)
 
@@ -183,13 +186,14 @@ def teacher_forced_accuracy(model, batches, device) -> dict[str, float]:
     return {f"{k}_acc": v[0] / max(v[1], 1) for k, v in hits.items()}
 
 
-def validation_batches(processor, frames, scenes, seed: int, batch_size: int = 128):
+def validation_batches(processor, frames, scenes, seed: int, batch_size: int = 128, edition: int = 1,
+                       style: str = "target"):
     rng = np.random.default_rng([seed, VAL_TAG])
     keep = uniform_indices(NUM_FRAMES, 8)
     out = []
     for lo in range(0, len(scenes), batch_size):
         chunk = range(lo, min(lo + batch_size, len(scenes)))
-        caps = [grammar.make_caption(scenes[i], rng) for i in chunk]
+        caps = [grammar.make_caption(scenes[i], rng, edition=edition, style=style) for i in chunk]
         out.append(make_batch(processor, [frames[i][keep] for i in chunk], caps, [grammar.PROMPT] * len(caps)))
     return out
 
@@ -220,12 +224,14 @@ def train_one(family: str, role: str, processor, pool, val, args, device) -> dic
             group["lr"] = spec.lr * scale
 
     entropy = (args.seed, TRAIN_TAG, families.FAMILIES.index(family), families.ROLES.index(role))
-    loader = DataLoader(Batches(processor, *pool, args.batch_size, entropy), batch_size=None,
+    # Edition 2: each role learns its own phrasing style (grammar.STYLES), the draft its own favourites.
+    batches = Batches(processor, *pool, args.batch_size, entropy, args.edition, role if args.edition == 2 else "target")
+    loader = DataLoader(batches, batch_size=None,
                         num_workers=args.workers, prefetch_factor=4 if args.workers else None,
                         worker_init_fn=_one_thread)
     log = {"family": family, "role": role, "size": asdict(families.SIZES[(family, role)]),
            "params": sum(p.numel() for p in model.parameters()), "spec": asdict(spec),
-           "batch_size": args.batch_size, "seed": args.seed, "device": str(device), "evals": [],
+           "batch_size": args.batch_size, "seed": args.seed, "edition": args.edition, "device": str(device), "evals": [],
            "resumed_from": earlier}
     out_dir = Path(args.out) / f"{family}-{role}"
     start, step, stop_reason, bad_steps = time.time(), 0, "max_steps", 0
@@ -291,7 +297,8 @@ def main(argv=None):
     ap.add_argument("--target-minutes", type=float, help="time budget of each target")
     ap.add_argument("--draft-minutes", type=float, help="time budget of each draft")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=str(families.MODELS_DIR))
+    ap.add_argument("--edition", type=int, choices=(1, 2), default=1, help="toy world edition (grammar, scenes)")
+    ap.add_argument("--out", help="models dir (default: the edition's shipped one)")
     ap.add_argument("--steps", type=int, help="override max steps (smoke runs)")
     ap.add_argument("--init-from", help="start from the checkpoints in this models dir (second stage)")
     ap.add_argument("--lr", type=float, help="override the learning rate")
@@ -308,20 +315,22 @@ def main(argv=None):
     for role, minutes in (("target", args.target_minutes), ("draft", args.draft_minutes)):
         if minutes:
             ROLE_SPECS[role].max_minutes = minutes
+    args.out = args.out or str(families.models_dir(args.edition))
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
 
     t0 = time.time()
-    vocab, merges = families.train_bpe(args.seed)
-    pool = clip_pool(args.pool, (args.seed, TRAIN_TAG), args.workers, args.pool_cache)
-    val_pool = clip_pool(args.val, (args.seed, VAL_TAG), args.workers, args.pool_cache)
+    vocab, merges = families.train_bpe(args.seed, edition=args.edition)
+    pool = clip_pool(args.pool, (args.seed, TRAIN_TAG), args.workers, args.pool_cache, args.edition)
+    val_pool = clip_pool(args.val, (args.seed, VAL_TAG), args.workers, args.pool_cache, args.edition)
     print(f"tokenizer + {args.pool} training clips + {args.val} validation clips in {time.time() - t0:.0f}s", flush=True)
     if args.pool_only:
         return
     for family in fams:
         processor = families.build_processor(family, families.build_tokenizer(family, vocab, merges))
-        val = validation_batches(processor, *val_pool, seed=args.seed)
         for role in roles:
+            style = role if args.edition == 2 else "target"
+            val = validation_batches(processor, *val_pool, seed=args.seed, edition=args.edition, style=style)
             with packed_qwen_vision_attention():
                 train_one(family, role, processor, pool, val, args, device)
 

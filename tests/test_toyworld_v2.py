@@ -1,0 +1,124 @@
+"""Toy world, second edition: two-event clips, multi-token fillers in two phrasing styles, event order scored."""
+
+import numpy as np
+import pytest
+import torch
+
+from toyworld import families, grammar, score
+from toyworld.scene import ATTRIBUTES_V2, COLOURS, SIZES, TURN_S, FPS, make_clip, render, sample_scene
+
+
+def _scenes(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, edition=2) for _ in range(n)]
+
+
+def test_second_edition_draws_one_and_two_event_clips_that_stay_in_the_frame():
+    scenes = _scenes(600)
+    kinds = {(s.then_direction is not None, s.then_colour is not None) for s in scenes}
+    assert kinds == {(False, False), (True, False), (False, True)}  # never both changes in one clip
+    for s in scenes:
+        assert s.then_direction != s.direction and s.then_colour != s.colour
+        r = SIZES[s.size]
+        for frame in range(16):
+            ox, oy = s.offset(frame)
+            assert all(r <= x + ox <= 1 - r and r <= y + oy <= 1 - r for x, y in s.starts)
+    # the first edition draws no second event, and its clips are what they were
+    rng = np.random.default_rng(0)
+    assert all(sample_scene(rng).then_direction is None and sample_scene(rng).edition == 1 for _ in range(50))
+
+
+def test_a_colour_change_happens_half_way_through_the_rendered_clip():
+    scene = next(s for s in _scenes(100) if s.then_colour)
+    frames = render(scene).astype(int)
+    turn = int(TURN_S * FPS)
+
+    def share(frame, colour):  # pixels within a small distance of the shape colour
+        return (np.abs(frame - np.array(COLOURS[colour])).sum(-1) < 40).mean()
+
+    assert share(frames[turn - 1], scene.colour) > 0.01 and share(frames[turn - 1], scene.then_colour) < 0.001
+    assert share(frames[turn], scene.then_colour) > 0.01 and share(frames[turn], scene.colour) < 0.001
+
+
+def test_a_turn_changes_the_direction_of_motion_half_way_through():
+    scene = next(s for s in _scenes(100) if s.then_direction)
+    from toyworld.scene import DIRECTIONS
+
+    turn = int(TURN_S * FPS)
+    before = np.subtract(scene.offset(turn), scene.offset(0))
+    after = np.subtract(scene.offset(15), scene.offset(turn))
+    assert np.sign(before).tolist() == list(DIRECTIONS[scene.direction])
+    assert np.sign(after).tolist() == list(DIRECTIONS[scene.then_direction])
+
+
+def test_scorer_round_trips_second_edition_captions_in_both_styles():
+    rng = np.random.default_rng(2)
+    scenes = _scenes(300, seed=2)
+    for style in grammar.STYLES:
+        captions = [grammar.make_caption(s, rng, float(rng.choice(grammar.FILLER_LEVELS)), 2, style).text
+                    for s in scenes]
+        result = score.score(captions, [s.attributes() for s in scenes])
+        assert set(result["per_attribute"]) == set(ATTRIBUTES_V2)
+        assert result["attr_acc"] == 1.0 and result["exact"] == 1.0
+
+
+@pytest.mark.parametrize("change", ["then_direction", "then_colour"])
+def test_a_caption_that_swaps_the_events_scores_wrong_on_order_only(change):
+    scene = next(s for s in _scenes(100, seed=3) if getattr(s, change))
+    text = grammar.make_caption(scene, np.random.default_rng(0), 0.0, edition=2).text
+    first = scene.direction if change == "then_direction" else scene.colour
+    second = getattr(scene, change)
+    swapped = text.replace(first, "\0").replace(second, first).replace("\0", second)
+    assert swapped != text
+    truth = scene.attributes()
+    right, wrong = score.parse_caption(text, 2), score.parse_caption(swapped, 2)
+    assert right == truth and truth["order"] == f"{first}>{second}"
+    assert wrong["order"] == f"{second}>{first}"
+    assert {a for a in ATTRIBUTES_V2 if wrong[a] != truth[a]} == {"order"}
+    # a caption that drops the second event, or names a change that did not happen, loses order too
+    dropped = text[: text.index(second)]
+    assert score.parse_caption(dropped, 2)["order"] != truth["order"]
+    plain = next(s for s in _scenes(100, seed=4) if not s.then_colour and not s.then_direction)
+    assert plain.attributes()["order"] == "none"
+    plain_text = grammar.make_caption(plain, np.random.default_rng(0), 0.0, edition=2).text
+    assert score.parse_caption(plain_text, 2)["order"] == "none"
+    other = next(c for c in COLOURS if c != plain.colour)
+    assert score.parse_caption(f"{plain_text} Then it turned {other}.", 2)["order"] == f"{plain.colour}>{other}"
+
+
+def test_second_edition_fillers_are_phrases_of_one_to_four_words_in_two_styles():
+    lengths = {len(phrase.split()) for slot in (grammar.VERB_PHRASES_V2, grammar.THEN_DIRECTION_V2,
+                                                 grammar.THEN_COLOUR_V2, grammar.LINKS_V2)
+               for phrase, *_ in slot}
+    assert lengths == {1, 2, 3, 4}
+    scene = _scenes(1, seed=5)[0]
+    rng = np.random.default_rng(5)
+    by_style = {style: [grammar.make_caption(scene, rng, 1.0, 2, style).text for _ in range(300)]
+                for style in grammar.STYLES}
+    # each style has its own favourite verb phrase; at h = 0 both say the target's favourite
+    assert sum("slowly drifted" in t for t in by_style["draft"]) > 2 * sum("slowly drifted" in t for t in by_style["target"])
+    assert sum("slowly and steadily" in t for t in by_style["target"]) > 2 * sum("slowly and steadily" in t
+                                                                               for t in by_style["draft"])
+    fixed = {grammar.make_caption(scene, rng, 0.0, 2, style).text for style in grammar.STYLES for _ in range(20)}
+    assert len(fixed) == 1
+    with pytest.raises(ValueError, match="style"):
+        grammar.make_caption(scene, rng, 1.0, 2, "poet")
+    with pytest.raises(ValueError, match="edition"):
+        sample_scene(rng, edition=3)
+
+
+def test_second_edition_clips_are_deterministic_and_carry_their_truth(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from toyworld.scene import Scene, clip_seed
+    from toyworld.shards import write_shards
+
+    assert make_clip(11, edition=2) == make_clip(11, edition=2)
+    write_shards(str(tmp_path / "toy"), videos=3, seed=9, shard_size=3, edition=2)
+    with tarfile.open(fileobj=io.BytesIO((tmp_path / "toy/shard-000000.tar").read_bytes())) as tar:
+        meta = json.loads(tar.extractfile("toy9_000002.json").read())
+        mp4 = tar.extractfile("toy9_000002.mp4").read()
+    scene, expected = make_clip(clip_seed(9, 2), edition=2)
+    assert mp4 == expected and Scene.from_json(meta["scene"]) == scene
