@@ -154,7 +154,9 @@ def make_caption(scene: Scene, rng: np.random.Generator, filler_entropy: float =
 
 # Edition 2 slots: (phrase, target-style weight, draft-style weight); the first phrase is the h = 0 one.
 Slot = tuple[tuple[str, float, float], ...]
-OPENERS_V2: Slot = (("Here", 6, 1), ("In this clip", 2, 1), ("Onscreen", 1, 6), ("As we can see", 1, 1),
+# A draft favourite is a phrasing the target also finds plausible (weight 2 of 6: the loose rule's
+# p(d) >= alpha * p(t) holds at alpha 0.25), except the continuations of the shift patterns above.
+OPENERS_V2: Slot = (("Here", 6, 1), ("In this clip", 2, 1), ("Onscreen", 2, 6), ("As we can see", 1, 1),
                     ("Look", 1, 1))
 VERB_PHRASES_V2: Slot = (("drifted", 6, 1), ("slowly and steadily drifted", 3, 1), ("slowly drifted", 0.5, 6),
                          ("kept on moving", 2, 1), ("moved", 1, 2), ("went", 1, 1))
@@ -162,13 +164,13 @@ THEN_DIRECTION_V2: Slot = (("then", 6, 1), ("and later", 3, 1), ("and then", 0.5
                            ("and afterwards", 1, 1))
 THEN_COLOUR_V2: Slot = (("turning", 6, 1), ("while gradually turning", 3, 1), ("while turning", 0.5, 6),
                         ("and becoming", 2, 1), ("before changing to", 1, 1))
-PREPOSITIONS_V2: Slot = (("across", 6, 1), ("over", 2, 1), ("in front of", 1, 6), ("on top of", 1, 1))
+PREPOSITIONS_V2: Slot = (("across", 6, 1), ("over", 2, 1), ("in front of", 2, 6), ("on top of", 1, 1))
 ARTICLES_V2: Slot = (("a", 1, 1), ("the", 1, 1))
-BACKDROPS_V2: Slot = (("background", 6, 1), ("backdrop", 2, 1), ("plain backdrop", 1, 1), ("empty field", 1, 6))
-PRONOUNS_V2: Slot = (("It", 6, 1), ("The whole scene", 2, 1), ("This", 1, 6), ("All of it", 1, 1))
+BACKDROPS_V2: Slot = (("background", 6, 1), ("backdrop", 2, 1), ("plain backdrop", 1, 1), ("empty field", 2, 6))
+PRONOUNS_V2: Slot = (("It", 6, 1), ("The whole scene", 2, 1), ("This", 2, 6), ("All of it", 1, 1))
 LINKS_V2: Slot = (("looks", 6, 1), ("really does look", 3, 1), ("really looks", 0.5, 6), ("seems", 1, 1),
                   ("appears to be", 1, 1))
-MOODS_V2: Slot = (("calm", 6, 1), ("simple", 2, 1), ("quiet", 1, 6), ("very tidy", 1, 1), ("rather plain", 1, 1))
+MOODS_V2: Slot = (("calm", 6, 1), ("simple", 2, 1), ("quiet", 2, 6), ("very tidy", 1, 1), ("rather plain", 1, 1))
 ORDERS_V2: Slot = (("subject_first", 3, 1), ("background_first", 1, 1))
 STYLES = ("target", "draft")
 

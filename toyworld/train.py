@@ -204,7 +204,7 @@ def train_one(family: str, role: str, processor, pool, val, args, device) -> dic
 
     spec = ROLE_SPECS[role]
     torch.manual_seed(args.seed * 100 + families.ROLES.index(role))
-    if args.init_from:  # resume: a second stage on another machine, say
+    if args.init_from:  # resume: a second stage on another machine, say (with the checkpoint's own processor)
         init = Path(args.init_from) / f"{family}-{role}"
         model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32).to(device)
         earlier = json.loads((init / "train_log.json").read_text())
@@ -260,7 +260,7 @@ def train_one(family: str, role: str, processor, pool, val, args, device) -> dic
                 save(copy.deepcopy(model), processor, log, out_dir, partial=True)  # survives an interrupted run
             print(f"[{family}/{role}] step {step} loss {entry['loss']:.3f} anchor {acc['anchor_acc']:.3f} "
                   f"filler {acc['filler_acc']:.3f} ({entry['seconds']:.0f}s)", flush=True)
-            if acc["anchor_acc"] >= spec.stop_anchor_acc:
+            if acc["anchor_acc"] >= spec.stop_anchor_acc and step >= args.min_steps:
                 stop_reason = f"anchor_acc >= {spec.stop_anchor_acc}"
                 break
         if step >= spec.max_steps:
@@ -302,6 +302,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, help="override max steps (smoke runs)")
     ap.add_argument("--init-from", help="start from the checkpoints in this models dir (second stage)")
     ap.add_argument("--lr", type=float, help="override the learning rate")
+    ap.add_argument("--min-steps", type=int, default=0, help="no early stop before this many steps (a second stage)")
     ap.add_argument("--pool-cache", type=Path, help="save / reuse rendered clip pools here")
     ap.add_argument("--pool-only", action="store_true", help="render the pools into --pool-cache and stop")
     args = ap.parse_args(argv)
@@ -327,7 +328,12 @@ def main(argv=None):
     if args.pool_only:
         return
     for family in fams:
-        processor = families.build_processor(family, families.build_tokenizer(family, vocab, merges))
+        if args.init_from:  # a second stage keeps the tokenizer its checkpoints were trained with
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(Path(args.init_from) / f"{family}-target")
+        else:
+            processor = families.build_processor(family, families.build_tokenizer(family, vocab, merges))
         for role in roles:
             style = role if args.edition == 2 else "target"
             val = validation_batches(processor, *val_pool, seed=args.seed, edition=args.edition, style=style)
