@@ -12,7 +12,7 @@ export RAY_AUTH_MODE := disabled
 CHECKOV_ENV := $(VENV)/tools/checkov
 export CHECKOV := $(abspath $(CHECKOV_ENV))/bin/checkov
 
-.PHONY: venv run test lint bench toymodels clean chromium
+.PHONY: venv run test lint bench toymodels toymodels-v2 clean chromium
 
 venv: $(STAMP)
 
@@ -51,12 +51,20 @@ lint: $(STAMP) $(CHECKOV)
 bench: $(STAMP)
 	$(PY) -m bench.evaluate --all --videos 200 --seed 1234 --filler-entropy default 0 --json bench/toyworld_eval.json --markdown BENCHMARKS.md
 	$(PY) -m bench.toy --all --videos 200 --seed 1234 --json bench/toyworld.json --markdown BENCHMARKS.md
+	$(PY) -m bench.evaluate --all --edition 2 --videos 200 --seed 1234 --json bench/toyworld_v2_eval.json --markdown BENCHMARKS.md
+	$(PY) -m bench.toy --all --edition 2 --videos 200 --seed 1234 --json bench/toyworld_v2.json --markdown BENCHMARKS.md
 	$(PY) -m bench.pipeline --videos 64 --json bench/pipeline.json --markdown BENCHMARKS.md
 
 toymodels: $(STAMP)
 	$(PY) -m toyworld.train --all
 	$(PY) -m toyworld.calibrate --family qwen2_5_vl
 	$(PY) -m toyworld.calibrate --family llava_onevision
+
+# The second edition (two-event clips, multi-token fillers in two styles); on a GPU: toyworld/gpu_train.sh.
+toymodels-v2: $(STAMP)
+	$(PY) -m toyworld.train --all --edition 2
+	$(PY) -m toyworld.calibrate --family qwen2_5_vl --edition 2
+	$(PY) -m toyworld.calibrate --family llava_onevision --edition 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -122,3 +122,40 @@ def test_second_edition_clips_are_deterministic_and_carry_their_truth(tmp_path):
         mp4 = tar.extractfile("toy9_000002.mp4").read()
     scene, expected = make_clip(clip_seed(9, 2), edition=2)
     assert mp4 == expected and Scene.from_json(meta["scene"]) == scene
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_second_edition_labels_line_up_with_the_shipped_tokenizer(family):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(families.model_dir(family, "target", edition=2))
+    rng = np.random.default_rng(6)
+    for scene in _scenes(100, seed=6):
+        caption = grammar.make_caption(scene, rng, float(rng.choice(grammar.FILLER_LEVELS)), 2,
+                                       str(rng.choice(grammar.STYLES)))
+        enc = tok(caption.text, return_offsets_mapping=True)
+        labels = grammar.token_labels(caption, enc["offset_mapping"])
+        anchors = [tok.decode([i]).strip() for i, lab in zip(enc["input_ids"], labels) if lab == "anchor"]
+        assert anchors == caption.anchor_words()  # one token per anchor word, fillers of one to four tokens
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_second_edition_checkpoints_caption_held_out_two_event_videos(family):
+    from toyworld.families import greedy_captions, load_pair, render_videos
+
+    processor, target, _ = load_pair(family, families.models_dir(2))
+    scenes, _, frames = render_videos(12, seed=77_002, edition=2)  # a seed no training run draws from
+    assert any(s.then_direction for s in scenes) and any(s.then_colour for s in scenes)
+    captions, _ = greedy_captions(processor, target, frames, grammar.PROMPT)
+    result = score.score(captions, [s.attributes() for s in scenes])
+    assert result["attr_acc"] >= 0.9 and result["per_attribute"]["order"] >= 0.75
+    assert (families.model_dir(family, "target", 2) / "lvspec.json").exists()
+
+
+def test_second_edition_checkpoints_fit_the_size_budget():
+    total = sum(f.stat().st_size for f in families.MODELS_V2_DIR.rglob("*") if f.is_file())
+    assert total < 25 * 2**20  # all four
+    for family in families.FAMILIES:
+        for role in families.ROLES:
+            log = (families.model_dir(family, role, 2) / "train_log.json").read_text()
+            assert '"edition": 2' in log
