@@ -103,6 +103,14 @@ class _Builder:
         return Caption(text, tuple(spans))
 
 
+def _noun_phrase(b: _Builder, scene: Scene) -> None:
+    """The subject's anchors, as both editions say them: "two large red circles"."""
+    b.add(COUNT_WORDS[scene.count], "anchor")
+    b.add(scene.size, "anchor")
+    b.add(scene.colour, "anchor")
+    b.add(scene.shape if scene.count == 1 else PLURALS[scene.shape], "anchor")
+
+
 def _pick(options: tuple[str, ...], rng: np.random.Generator, h: float) -> str:
     in_use = max(1, round(len(options) ** h))
     return options[int(rng.integers(in_use))]
@@ -125,10 +133,7 @@ def make_caption(scene: Scene, rng: np.random.Generator, filler_entropy: float =
     pronoun, link, mood = _pick(PRONOUNS, rng, h), _pick(LINKS, rng, h), _pick(MOODS, rng, h)
 
     def subject():
-        b.add(COUNT_WORDS[scene.count], "anchor")
-        b.add(scene.size, "anchor")
-        b.add(scene.colour, "anchor")
-        b.add(scene.shape if scene.count == 1 else PLURALS[scene.shape], "anchor")
+        _noun_phrase(b, scene)
         b.add(verb)
         b.add(manner)
         b.add(scene.direction, "anchor")
@@ -192,10 +197,7 @@ def _caption_v2(scene: Scene, rng: np.random.Generator, h: float, style: str) ->
     pronoun, link, mood = pick(PRONOUNS_V2), pick(LINKS_V2), pick(MOODS_V2)
 
     def subject():
-        b.add(COUNT_WORDS[scene.count], "anchor")
-        b.add(scene.size, "anchor")
-        b.add(scene.colour, "anchor")
-        b.add(scene.shape if scene.count == 1 else PLURALS[scene.shape], "anchor")
+        _noun_phrase(b, scene)
         b.add(verb)
         b.add(scene.direction, "anchor")
         if scene.then_direction:  # "... drifted leftward, then upward"
