@@ -23,7 +23,7 @@ import torch
 
 from bench.report import run_info
 from lvspec import Engine
-from lvspec.config import SpecConfig
+from lvspec.config import RELEVANCE_KEYS, SpecConfig
 from toyworld import score
 from toyworld.families import engine_rows, load_pair, models_dir, render_videos
 from toyworld.grammar import PROMPT
@@ -65,8 +65,7 @@ def main(argv=None) -> dict:
     scenes, _, frames = render_videos(args.heldout, seed=args.heldout_seed, edition=args.edition)
     rows = engine_rows(processor, frames, PROMPT)
     base = SpecConfig(mode="sd", k=4, max_new_tokens=48)
-    relevance = {"relevance_layers": tuple(chosen["relevance_layers"]) if chosen["relevance_layers"] else None,
-                 "relevance_heads": tuple(map(tuple, chosen["relevance_heads"])) if chosen["relevance_heads"] else None}
+    relevance = {key: chosen[key] for key in RELEVANCE_KEYS}  # SpecConfig makes the lists tuples
     out = {}
     with torch.inference_mode():
         for name, cfg in (("sd", base), ("lvspec", dataclasses.replace(base, mode="lvspec", theta=chosen["theta"],

@@ -172,7 +172,9 @@ def bench_family(family: str, videos: int, seed: int, k: int, batch_size: int, m
 
 def _relevance(cfg: dict) -> str:
     if cfg.get("relevance_heads"):
-        return "heads=" + ",".join(f"L{layer}.H{head}" for layer, head in cfg["relevance_heads"])
+        weights = cfg.get("relevance_weights") or [None] * len(cfg["relevance_heads"])
+        return "heads=" + ",".join(f"L{layer}.H{head}" + (f"x{w:.3f}" if w is not None else "")
+                                   for (layer, head), w in zip(cfg["relevance_heads"], weights))
     return f"layers={cfg['relevance_layers']}"
 
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 MODES = ("ar", "sd", "lvspec")
-SETTINGS_FILE = "lvspec.json"  # LVSpec settings a target checkpoint may ship (theta, relevance layers/heads)
-SHIPPED_KEYS = ("theta", "relevance_layers", "relevance_heads")  # what lvspec.json may set
+SETTINGS_FILE = "lvspec.json"  # LVSpec settings a target checkpoint may ship (theta, relevance probe)
+RELEVANCE_KEYS = ("relevance_layers", "relevance_heads", "relevance_weights")  # the relevance probe, set together
+SHIPPED_KEYS = ("theta", *RELEVANCE_KEYS)  # what lvspec.json may set
 
 
 def shipped_settings(model_dir: str | Path) -> dict:
@@ -33,6 +34,7 @@ class SpecConfig:
     loose: bool = True  # loose and shift acceptance on; off = strict verification
     relevance_layers: tuple[int, ...] | None = None  # target layers averaged into relevance; None: all
     relevance_heads: tuple[tuple[int, int], ...] | None = None  # or exactly these (layer, head) pairs
+    relevance_weights: tuple[float, ...] | None = None  # per relevance_heads pair; None: equal weights
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] | None = None  # None: the target's generation_config eos ids
     cuda_graphs: bool = True  # on CUDA, capture each decoding stage once and replay it (off: run eagerly)
@@ -63,7 +65,19 @@ class SpecConfig:
                 pairs = tuple((int(layer), int(head)) for layer, head in self.relevance_heads)
             except (TypeError, ValueError):
                 raise ValueError(f"relevance_heads must be (layer, head) pairs, got {self.relevance_heads!r}") from None
+            if len(set(pairs)) != len(pairs):
+                raise ValueError(f"relevance_heads names a (layer, head) pair twice: {self.relevance_heads!r}")
             object.__setattr__(self, "relevance_heads", pairs)
+        if self.relevance_weights is not None:
+            try:
+                weights = tuple(float(w) for w in self.relevance_weights)
+            except (TypeError, ValueError):
+                raise ValueError(f"relevance_weights must be numbers, got {self.relevance_weights!r}") from None
+            if self.relevance_heads is None or len(weights) != len(self.relevance_heads):
+                raise ValueError("relevance_weights needs relevance_heads, one weight per (layer, head) pair")
+            if min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(f"relevance_weights must be >= 0 and not all 0, got {self.relevance_weights!r}")
+            object.__setattr__(self, "relevance_weights", weights)
 
     @property
     def longest_draft(self) -> int:

@@ -34,7 +34,7 @@ from lvspec.decoder import ATTENTION, TextDecoder
 from lvspec.draft_length import Costs, DraftLength
 from lvspec.feed import RowFeed
 from lvspec.graphs import Stages
-from lvspec.relevance import RelevanceProbe, relevance_heads
+from lvspec.relevance import RelevanceProbe, relevance_heads, relevance_weights
 from lvspec.replay import Replay
 from lvspec.verify import Verdict, verify
 
@@ -183,6 +183,7 @@ class Engine:
             check_pair(target, draft)
         tc = text_config(target)
         self.heads = relevance_heads(cfg, tc.num_hidden_layers, tc.num_attention_heads, target.device)
+        self.head_weights = relevance_weights(cfg, target.device)
         self.cfg, self.target, self.draft = cfg, target, draft if cfg.mode != "ar" else None
         self.device = target.device
         vocab = shared_vocab(target, draft) if self.draft is not None else tc.vocab_size
@@ -415,7 +416,7 @@ class Engine:
     def _verify(self, st: _State, k: int) -> None:
         """The target's forward over [last, drafts] (keys written, not committed) and its verdict."""
         drafted = st.drafted[:, :k]
-        probe = RelevanceProbe(self.heads, st.video, self.tp) if self.probing and k else None
+        probe = RelevanceProbe(self.heads, st.video, self.tp, self.head_weights) if self.probing and k else None
         logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe)
         relevance = probe.result() if probe is not None else None
         v = verify(drafted, logits, relevance, self.cfg, st.exact_only)
@@ -643,7 +644,7 @@ class _Stream:
         if self.replay is not None and k:
             e._replay(st, k, self.replay)
         if self.trace and k:
-            _record(self.traces, self.kept, st, k, self.slot_row, sorted(e.heads))
+            _record(self.traces, self.kept, st, k, self.slot_row, sorted(e.heads), set(e.stop.tolist()))
         st.stages.run(("commit", k), lambda: e._commit(st, k))
         self.status = st.status.tolist()  # the cycle's one host read
         return self._finished()
@@ -680,11 +681,14 @@ def _stop_ids(target, cfg: SpecConfig) -> torch.Tensor:
     return torch.tensor(sorted(set(ids)), dtype=torch.long, device=target.device)
 
 
-def _record(traces, kept, st: _State, k: int, slot_row: list[int | None], layers: list[int]) -> None:
-    """Keep, per walked slot (up to and including the first rejection), relevance and tokens; and
-    per cycle, how many drafts each row kept. `slot_row`: the row each batch slot holds."""
+def _record(traces, kept, st: _State, k: int, slot_row: list[int | None], layers: list[int], stop: set[int]) -> None:
+    """Keep, per walked slot that the caption keeps (up to and including the first rejection, a stop
+    token or the length budget: the walk goes on past them, the commit cuts there), relevance and
+    tokens; and per cycle, how many drafts each row kept. `slot_row`: the row each batch slot holds."""
     active = st.active.tolist()
     n = st.accepted.tolist()
+    room = (st.budget - st.length).tolist()
+    next_token = st.next_token.tolist()
     kind = st.kind[:, :k].tolist()
     target, drafted = st.target_tokens[:, :k].tolist(), st.drafted[:, :k].tolist()
     probed = st.relevance_by_head.shape[1] > 0
@@ -696,10 +700,12 @@ def _record(traces, kept, st: _State, k: int, slot_row: list[int | None], layers
         if row is None or not active[slot]:
             continue
         kept[row].append(n[slot])
-        for j in range(min(n[slot] + 1, k)):
+        for j in range(min(n[slot] + 1, k, room[slot])):
             traces[row].append({
                 "relevance": rel[slot][j] if probed else None,
                 "relevance_by_head": dict(zip(names, by_head[slot][j])) if probed else {},
                 "target_token": target[slot][j], "draft_token": drafted[slot][j], "accepted": j < n[slot],
                 "kind": ("exact", "loose", "shift")[kind[slot][j]],
             })
+            if (drafted[slot][j] if j < n[slot] else next_token[slot]) in stop:
+                break

@@ -2,7 +2,8 @@
 
 Measured inside the verify forward, for the K+1 verification queries of the chosen layers only:
 their attention probabilities over the cached keys ([S, kv heads, group x q, capacity], never
-L x L) times the slot's video-key mask.
+L x L) times the slot's video-key mask, averaged over the chosen heads (optionally weighted: a
+calibrated weighted mean separates anchors better than any equal-weight subset of heads).
 """
 
 from __future__ import annotations
@@ -25,14 +26,26 @@ def relevance_heads(cfg, n_layers: int, n_heads: int, device) -> dict[int, torch
     return dict.fromkeys(sorted(layers))
 
 
+def relevance_weights(cfg, device) -> torch.Tensor | None:
+    """The weight of each chosen head in the order `RelevanceProbe.result` lists them (layers, then
+    heads, ascending), normalised to sum to 1; None: the plain mean."""
+    if cfg.relevance_weights is None:
+        return None
+    weight = dict(zip(cfg.relevance_heads, cfg.relevance_weights))
+    ordered = torch.tensor([weight[pair] for pair in sorted(weight)], dtype=torch.float32, device=device)
+    return ordered / ordered.sum()
+
+
 class RelevanceProbe:
     """Collects, during one forward, every head's video attention mass at each query of the
     probed layers; `result` averages the chosen heads. Under tensor parallelism each rank sees
     its own heads; the first read gathers all of them (one all-gather per forward), so heads keep
     their global numbers and every rank gets the same relevance."""
 
-    def __init__(self, heads: dict[int, torch.Tensor | None], video: torch.Tensor, tp=None):
+    def __init__(self, heads: dict[int, torch.Tensor | None], video: torch.Tensor, tp=None,
+                 weights: torch.Tensor | None = None):
         self.heads = heads
+        self.weights = weights  # [chosen heads] summing to 1, or None: the plain mean
         self.layers = set(heads)
         self.tp = tp
         self.video = video[:, None, :, None]  # [S, 1, capacity, 1]: where a slot holds a video token
@@ -55,10 +68,14 @@ class RelevanceProbe:
         return self._all
 
     def result(self) -> torch.Tensor:
-        """Relevance [S, q]: video mass averaged over the chosen heads of the chosen layers."""
+        """Relevance [S, q]: video mass averaged over the chosen heads of the chosen layers (weighted
+        where weights are set: still a mass in [0, 1])."""
         every = self._every_head()
-        chosen = [h if self.heads[i] is None else h.index_select(1, self.heads[i]) for i, h in sorted(every.items())]
-        return torch.cat(chosen, 1).mean(1)
+        chosen = torch.cat([h if self.heads[i] is None else h.index_select(1, self.heads[i])
+                            for i, h in sorted(every.items())], 1)
+        if self.weights is None:
+            return chosen.mean(1)
+        return (chosen * self.weights.to(chosen.dtype)[:, None]).sum(1)
 
     def all_heads(self) -> torch.Tensor:
         """[S, probed layers x heads, q], layers in ascending order."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lvspec.config import SETTINGS_FILE, SpecConfig
+from lvspec.config import RELEVANCE_KEYS, SETTINGS_FILE, SpecConfig
 from pipeline.audit import agreement, estimate
 from pipeline.config import JobConfig
 
@@ -62,9 +62,9 @@ def grid(engine_for, base: SpecConfig, rows: list[dict], tokenizer, thetas=THETA
     """Caption `rows` exactly, then at every (probe, theta); `engine_for(spec)` builds an Engine and
     `measure(caption, exact)` scores agreement (default: the audit's word-sequence similarity)."""
     exact, sd_tau = _caption(engine_for(dataclasses.replace(base, mode="sd")), rows, tokenizer)
-    probes = {"configured": {"relevance_layers": base.relevance_layers, "relevance_heads": base.relevance_heads}}
-    if base.relevance_layers is not None or base.relevance_heads is not None:
-        probes["all_layers"] = {"relevance_layers": None, "relevance_heads": None}
+    probes = {"configured": {key: getattr(base, key) for key in RELEVANCE_KEYS}}
+    if any(v is not None for v in probes["configured"].values()):
+        probes["all_layers"] = dict.fromkeys(RELEVANCE_KEYS)
     points = []
     for probe, relevance in probes.items():
         for theta in thetas:
@@ -91,8 +91,7 @@ def write_settings(target_dir: str | Path, chosen: dict, target_agreement: float
     """Put the chosen theta and probe into the target's lvspec.json, keeping its other keys."""
     path = Path(target_dir) / SETTINGS_FILE
     settings = json.loads(path.read_text()) if path.exists() else {}
-    settings.update(theta=chosen["theta"], relevance_layers=chosen["relevance_layers"],
-                    relevance_heads=chosen["relevance_heads"])
+    settings.update(theta=chosen["theta"], **{key: chosen[key] for key in RELEVANCE_KEYS})
     settings["agreement_calibration"] = {"target_agreement": target_agreement, "videos": videos,
                                          "agreement": chosen["agreement"], "tau": chosen["tau"],
                                          "probe": chosen["probe"]}

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lvspec.config import MODES, SpecConfig
+from lvspec.config import MODES, RELEVANCE_KEYS, SpecConfig
 
 SOURCE_FORMATS = ("auto", "webdataset", "files", "manifest")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -69,6 +69,7 @@ class GenerationConfig:
     shift_window: int = 1
     relevance_layers: list[int] | None = None  # None: from lvspec.json, else all layers
     relevance_heads: list[list[int]] | None = None  # [[layer, head], ...] instead of whole layers
+    relevance_weights: list[float] | None = None  # one per relevance_heads pair (None: equal weights)
     max_new_tokens: int = 64
     cuda_graphs: bool = True  # on GPUs, capture the decoding stages as CUDA graphs (off: eager, for debugging)
 
@@ -282,11 +283,11 @@ def pool_size(value, key: str) -> dict:
 def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfig:
     """The lvspec SpecConfig of a generation section.
 
-    theta and the relevance layers/heads come from the config where it sets them, else from the
+    theta and the relevance probe (layers, or heads and weights) come from the config where it sets it, else from the
     target's shipped `lvspec.json` settings (`shipped`), else lvspec's defaults.
     """
     shipped = shipped or {}
-    relevance = {"relevance_layers": gen.relevance_layers, "relevance_heads": gen.relevance_heads}
+    relevance = {key: getattr(gen, key) for key in RELEVANCE_KEYS}
     if all(v is None for v in relevance.values()):
         relevance = {key: shipped.get(key) for key in relevance}
     theta = gen.theta if gen.theta is not None else shipped.get("theta", SpecConfig.theta)

@@ -4,6 +4,7 @@ import json
 import shutil
 
 from conftest import ROOT
+from lvspec.config import RELEVANCE_KEYS
 from toyworld.families import MODELS_DIR
 from toyworld.shards import write_shards
 
@@ -36,7 +37,7 @@ def test_calibration_picks_the_fastest_point_that_meets_the_target_and_writes_it
     written = json.loads((target / "lvspec.json").read_text())
     assert written["theta"] == chosen["theta"] and written["agreement_calibration"]["agreement"] == chosen["agreement"]
     assert written["precision"] == shipped["precision"]  # other keys kept
-    for key in ("relevance_heads", "relevance_layers"):
+    for key in RELEVANCE_KEYS:
         assert written[key] == (shipped.get(key) if chosen["probe"] == "configured" else None)
 
 

@@ -118,14 +118,18 @@ def verified_positions(result, prompt_len, k):
             emitted, run = emitted + 1, 0
 
 
-def test_relevance_is_the_attention_mass_on_video_keys(pair):
+@pytest.mark.parametrize("weights", [None, (3.0, 1.0, 0.0)], ids=["mean", "weighted"])
+def test_relevance_is_the_attention_mass_on_video_keys(pair, weights):
     """Every head's relevance equals HF eager attention's mass on the video tokens for that query,
-    in a ragged batch; the gate's relevance is the mean over the chosen heads."""
+    in a ragged batch; the gate's relevance is the mean over the chosen heads, or their weighted
+    mean (weights normalised; listed in any order, they stay with their heads)."""
     family, processor, target, draft = pair
     rows = make_rows(processor, [8, 5])
     n_layers = target.config.get_text_config().num_hidden_layers
-    chosen = ((0, 1), (n_layers - 1, 0), (n_layers - 1, 2))
-    cfg = SpecConfig(mode="lvspec", k=4, theta=1.0, max_new_tokens=64, relevance_heads=chosen)
+    chosen = ((n_layers - 1, 2), (0, 1), (n_layers - 1, 0))  # not in the engine's (layer, head) order
+    cfg = SpecConfig(mode="lvspec", k=4, theta=1.0, max_new_tokens=64, relevance_heads=chosen,
+                     relevance_weights=weights)
+    w = torch.tensor(weights or (1.0,) * len(chosen), dtype=torch.float64)
     checked = 0
     for row, result in zip(rows, generate(target, draft, rows, cfg, trace=True)):
         mass = eager_video_mass(family, row, result.tokens)
@@ -134,7 +138,8 @@ def test_relevance_is_the_attention_mass_on_video_keys(pair):
             assert sorted(by_head) == [(i, h) for i in (0, n_layers - 1) for h in range(mass.shape[1])]
             probed = torch.tensor([by_head[key] for key in sorted(by_head)], dtype=torch.float64)
             assert torch.allclose(probed, mass[[0, n_layers - 1], :, q].flatten(), atol=1e-5), (family, q)
-            assert slot["relevance"] == pytest.approx(mass[[i for i, _ in chosen], [h for _, h in chosen], q].mean().item(), abs=1e-5)
+            heads = mass[[i for i, _ in chosen], [h for _, h in chosen], q].double()
+            assert slot["relevance"] == pytest.approx(((heads * w).sum() / w.sum()).item(), abs=1e-5)
             checked += 1
     assert checked >= 20
 
@@ -253,6 +258,12 @@ def test_mismatched_pairs_and_inputs_fail_clearly():
         SpecConfig(relevance_heads=((0, 1),), relevance_layers=(0,))
     with pytest.raises(ValueError, match="relevance_heads"):
         SpecConfig(relevance_heads=((0, 1, 2),))
+    with pytest.raises(ValueError, match="relevance_heads"):
+        SpecConfig(relevance_heads=((0, 1), (0, 1)))
+    for weights, heads in (((1.0,), None), ((1.0,), ((0, 1), (1, 0))), ((1.0, -0.5), ((0, 1), (1, 0))),
+                           ((0.0, 0.0), ((0, 1), (1, 0))), (("x", 1.0), ((0, 1), (1, 0)))):
+        with pytest.raises(ValueError, match="^relevance_weights"):
+            SpecConfig(relevance_heads=heads, relevance_weights=weights)
 
 
 def test_models_used_by_lvspec_still_generate_like_hf_afterwards(pair):

@@ -257,6 +257,7 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("generation.theta=1.5", "generation.theta"),
     ("caption.replicas=0", "caption.replicas"),
     ("generation.relevance_heads=[[0,1,2]]", "generation.relevance_heads"),
+    ("generation.relevance_weights=[1.0]", "generation.relevance_weights"),  # weights need heads
     ("generation.k=fast", "generation.k"),
     ("generation.k=0", "generation.k"),
     ("generation.k_max=0", "generation.k_max"),
@@ -318,9 +319,15 @@ def test_theta_and_relevance_come_from_the_config_then_the_checkpoint():
     assert (spec.theta, spec.relevance_heads, spec.relevance_layers) == (0.5, None, (2,))
     spec = spec_config(load_config(None, base).generation, {})
     assert (spec.theta, spec.relevance_heads, spec.relevance_layers) == (SpecConfig.theta, None, None)
-    for family in ("qwen2_5_vl", "llava_onevision"):  # what the toy targets ship is a valid setting
-        spec = spec_config(load_config(None, base).generation, shipped_settings(ROOT / f"toyworld/models/{family}-target"))
-        assert spec.theta != SpecConfig.theta and (spec.relevance_heads or spec.relevance_layers)
+    shipped = {"theta": 0.4, "relevance_heads": [[0, 1], [2, 4]], "relevance_weights": [0.75, 0.25]}
+    spec = spec_config(load_config(None, base).generation, shipped)
+    assert (spec.relevance_heads, spec.relevance_weights) == (((0, 1), (2, 4)), (0.75, 0.25))
+    spec = spec_config(load_config(None, base + ["generation.relevance_heads=[[1,1]]"]).generation, shipped)
+    assert (spec.relevance_heads, spec.relevance_weights) == (((1, 1),), None)  # shipped weights go with shipped heads
+    for models in ("models", "models_v2"):  # what the toy targets ship is a valid setting
+        for family in ("qwen2_5_vl", "llava_onevision"):
+            spec = spec_config(load_config(None, base).generation, shipped_settings(ROOT / f"toyworld/{models}/{family}-target"))
+            assert spec.theta != SpecConfig.theta and (spec.relevance_heads or spec.relevance_layers)
 
 
 def test_config_files_shipped_with_the_project_are_valid():

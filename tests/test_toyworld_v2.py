@@ -159,3 +159,24 @@ def test_second_edition_checkpoints_fit_the_size_budget():
         for role in families.ROLES:
             log = (families.model_dir(family, role, 2) / "train_log.json").read_text()
             assert '"edition": 2' in log
+
+
+def test_calibration_weighs_heads_where_no_equal_weight_subset_separates_anchors():
+    """Anchors are where 0.7 * head A + 0.3 * head B is high (head C is noise): every layer and head
+    subset averaged with equal weights misclassifies some slots, the fitted weighted mean none, and
+    choose() takes it; its weights sit on A and B in about that ratio."""
+    from toyworld.calibrate import by_heads, by_layers, choose
+
+    rng = np.random.default_rng(0)
+    rel = rng.uniform(0, 1, size=(4000, 3))
+    margin = 0.7 * rel[:, 0] + 0.3 * rel[:, 1] - 0.5
+    rel, margin = rel[np.abs(margin) > 0.03], margin[np.abs(margin) > 0.03]
+    is_anchor = margin > 0
+    heads = [(0, 0), (0, 1), (1, 0)]
+    assert by_layers(heads, rel, is_anchor)[0][0] < 0.95 and by_heads(heads, rel, is_anchor)[0][0] < 0.95
+    chosen = choose(heads, rel, is_anchor)
+    assert min(chosen["precision"], chosen["recall"]) >= 0.99
+    weights = dict(zip(map(tuple, chosen["relevance_heads"]), chosen["relevance_weights"]))
+    assert sum(weights.values()) == pytest.approx(1.0, abs=1e-3)
+    assert weights[(0, 0)] / weights[(0, 1)] == pytest.approx(7 / 3, rel=0.15)
+    assert weights.get((1, 0), 0) < weights[(0, 1)] / 3  # the noise head: least (weight decay keeps a little)

@@ -3,13 +3,16 @@
     python -m toyworld.calibrate --family qwen2_5_vl [--videos 128 --seed 4242] [--edition 2]
 
 Runs LVSpec with every target layer probed and labels each verified slot by whether the target's
-token there is an anchor (grammar vocabulary). Two candidate relevance definitions are searched,
+token there is an anchor (grammar vocabulary). Three candidate relevance definitions are searched,
 each with its best theta by min(precision, recall):
 - whole layers (every head of a layer subset, DESIGN's "averaged over heads"), exhaustively;
 - single heads, chosen by greedy forward selection (add the head that raises min(P, R) most, stop
-  when no head adds at least `MIN_GAIN`).
-Heads win only if strictly better. Writes `lvspec.json` beside the target checkpoint: the settings
-the benchmark and the pipeline use. Calibration seeds are never evaluation seeds.
+  when no head adds at least `MIN_GAIN`);
+- a weighted mean of every head (weights >= 0 summing to 1, so relevance stays a video attention
+  mass), fitted as a logistic model of the anchor labels; heads under `MIN_WEIGHT` are dropped.
+Each later candidate wins only if strictly better. Writes `lvspec.json` beside the target
+checkpoint: the settings the benchmark and the pipeline use. Calibration seeds are never
+evaluation seeds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lvspec import SpecConfig, generate
 from lvspec.config import SETTINGS_FILE
@@ -29,6 +33,8 @@ from toyworld.families import engine_rows, load_pair, render_videos
 CALIBRATION_SEED = 4242
 THETAS = np.round(np.arange(0.01, 1.0, 0.005), 3)
 MIN_GAIN = 0.002  # a head must raise min(P, R) by this much to join
+MIN_WEIGHT = 0.01  # weighted mean: lighter heads are dropped (the rest renormalised)
+WEIGHT_DECAY = 1e-3  # on the weights' logits: keeps the fit near equal weights where the labels allow
 
 
 def collect(family: str, videos: int, seed: int, k: int = 10, edition: int = 1):
@@ -85,9 +91,35 @@ def by_heads(heads, rel, is_anchor):
     return best
 
 
+def by_weights(heads, rel, is_anchor):
+    """A weighted mean of all heads: softmax weights (so >= 0, summing to 1) fitted with a scale and
+    bias as a logistic model of `is_anchor`; then theta as for the other candidates."""
+    x, y = torch.tensor(rel, dtype=torch.float64), torch.tensor(is_anchor, dtype=torch.float64)
+    logits = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([logits, scale, bias], max_iter=2000, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        z = scale * (x @ torch.softmax(logits, 0)) + bias
+        value = torch.nn.functional.binary_cross_entropy_with_logits(z, y) + WEIGHT_DECAY * logits.square().sum()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    weights = torch.softmax(logits.detach(), 0).numpy()
+    keep = np.flatnonzero(weights >= MIN_WEIGHT)
+    weights = np.round(weights[keep] / weights[keep].sum(), 4)
+    found = best_theta(rel[:, keep] @ weights / weights.sum(), is_anchor)
+    return found, {"relevance_heads": [list(heads[j]) for j in keep], "relevance_weights": weights.tolist()}
+
+
 def choose(heads, rel, is_anchor) -> dict:
     layers, single = by_layers(heads, rel, is_anchor), by_heads(heads, rel, is_anchor)
-    (score, theta, p, r), chosen = single if single[0][0] > layers[0][0] else layers
+    best = single if single[0][0] > layers[0][0] else layers
+    weighted = by_weights(heads, rel, is_anchor)
+    (score, theta, p, r), chosen = weighted if weighted[0][0] > best[0][0] else best
     return chosen | {"theta": theta, "precision": round(p, 4), "recall": round(r, 4),
                      "whole_layers": {**layers[1], "theta": layers[0][1], "min_pr": round(layers[0][0], 4)}}
 
@@ -104,8 +136,10 @@ def main(argv=None):
                                                                  "slots": int(len(is_anchor))}}
     path = Path(families.model_dir(args.family, "target", args.edition)) / SETTINGS_FILE
     path.write_text(json.dumps(settings, indent=1) + "\n")
+    kind = "weighted heads" if "relevance_weights" in settings else "heads" if "relevance_heads" in settings else "layers"
     which = settings.get("relevance_heads") or settings.get("relevance_layers")
-    print(f"{args.family}: {'heads' if 'relevance_heads' in settings else 'layers'} {which} theta {settings['theta']} "
+    which = f"({len(which)})" if kind == "weighted heads" else which
+    print(f"{args.family}: {kind} {which} theta {settings['theta']} "
           f"-> anchor precision {settings['precision']:.3f} recall {settings['recall']:.3f} on {len(is_anchor)} "
           f"slots (best whole layers: min(P, R) {settings['whole_layers']['min_pr']:.3f}); wrote {path}")
 
