@@ -53,6 +53,8 @@ bench: $(STAMP)
 	$(PY) -m bench.toy --all --videos 200 --seed 1234 --json bench/toyworld.json --markdown BENCHMARKS.md
 	$(PY) -m bench.evaluate --all --edition 2 --videos 200 --seed 1234 --json bench/toyworld_v2_eval.json --markdown BENCHMARKS.md
 	$(PY) -m bench.toy --all --edition 2 --videos 200 --seed 1234 --json bench/toyworld_v2.json --markdown BENCHMARKS.md
+	$(PY) -m bench.calibration --edition 2 --family llava_onevision --sample 64 --heldout 200 --json bench/calibration_v2.json
+	$(PY) -m bench.calibration --edition 2 --family qwen2_5_vl --sample 64 --heldout 200 --json bench/calibration_v2_qwen.json
 	$(PY) -m bench.pipeline --videos 64 --json bench/pipeline.json --markdown BENCHMARKS.md
 
 toymodels: $(STAMP)

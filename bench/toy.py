@@ -171,10 +171,12 @@ def bench_family(family: str, videos: int, seed: int, k: int, batch_size: int, m
 
 
 def _relevance(cfg: dict) -> str:
+    if cfg.get("relevance_weights"):
+        heaviest = sorted(zip(cfg["relevance_weights"], map(tuple, cfg["relevance_heads"])), reverse=True)[:4]
+        return (f"weighted mean of {len(cfg['relevance_heads'])} heads, heaviest "
+                + ", ".join(f"L{layer}.H{head} {w:.3f}" for w, (layer, head) in heaviest))
     if cfg.get("relevance_heads"):
-        weights = cfg.get("relevance_weights") or [None] * len(cfg["relevance_heads"])
-        return "heads=" + ",".join(f"L{layer}.H{head}" + (f"x{w:.3f}" if w is not None else "")
-                                   for (layer, head), w in zip(cfg["relevance_heads"], weights))
+        return "heads=" + ",".join(f"L{layer}.H{head}" for layer, head in cfg["relevance_heads"])
     return f"layers={cfg['relevance_layers']}"
 
 
