@@ -36,7 +36,8 @@ def pair(request):
     SpecConfig(mode="sd", k=6),
     SpecConfig(mode="sd", k="auto"),
     SpecConfig(mode="lvspec", k=6, theta=0.45),
-], ids=["ar", "sd", "sd-auto", "lvspec"])
+    SpecConfig(mode="lvspec", k=6, theta=0.45, relevance_heads=((0, 0), (0, 1), (1, 0)), relevance_weights=(0.5, 0.3, 0.2)),
+], ids=["ar", "sd", "sd-auto", "lvspec", "lvspec-weighted"])
 def test_graph_replay_decodes_exactly_like_eager(pair, cfg):
     processor, target, draft = pair
     rows = rendered_rows(processor, 6, seed=3)
