@@ -23,7 +23,8 @@ import torch
 
 from bench.report import run_info
 from lvspec import Engine
-from lvspec.config import RELEVANCE_KEYS, SpecConfig
+from lvspec.config import SpecConfig
+from pipeline.calibrate import settings_of
 from toyworld import score
 from toyworld.families import engine_rows, load_pair, models_dir, render_videos
 from toyworld.grammar import PROMPT
@@ -65,11 +66,9 @@ def main(argv=None) -> dict:
     scenes, _, frames = render_videos(args.heldout, seed=args.heldout_seed, edition=args.edition)
     rows = engine_rows(processor, frames, PROMPT)
     base = SpecConfig(mode="sd", k=4, max_new_tokens=48)
-    relevance = {key: chosen[key] for key in RELEVANCE_KEYS}  # SpecConfig makes the lists tuples
     out = {}
     with torch.inference_mode():
-        for name, cfg in (("sd", base), ("lvspec", dataclasses.replace(base, mode="lvspec", theta=chosen["theta"],
-                                                                        **relevance))):
+        for name, cfg in (("sd", base), ("lvspec", dataclasses.replace(base, mode="lvspec", **settings_of(chosen)))):
             results = Engine(target, draft, cfg, slots=32).generate(rows, tokenizer=processor.tokenizer)
             tokens = sum(r.stats.num_tokens - 1 for r in results)
             out[name] = {"captions": [r.text for r in results],

@@ -17,7 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-from lvspec.config import RELEVANCE_KEYS
 from pipeline.config import ConfigError, load_config, load_function
 
 
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
         mark = "  <- chosen" if p is chosen else ""
         print(f"  {p['probe']:10s} {p['theta']:5.2f} {p['tau']:6.2f} {p['agreement']:9.4f}  "
               f"[{p['low']:.4f}, {p['high']:.4f}]{mark}")
-    settings = {"theta": chosen["theta"], **{key: chosen[key] for key in RELEVANCE_KEYS}}
+    settings = calibrate.settings_of(chosen)
     if args.write:
         path = calibrate.write_settings(target_dir, chosen, args.target_agreement, result["videos"])
         print(f"  wrote {settings} to {path}")

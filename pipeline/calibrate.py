@@ -87,11 +87,16 @@ def choose(points: list[dict], target_agreement: float) -> dict | None:
     return max(ok, key=lambda p: (p["tau"], -p["theta"])) if ok else None
 
 
+def settings_of(point: dict) -> dict:
+    """The SpecConfig fields a grid point stands for: its theta and relevance probe."""
+    return {"theta": point["theta"], **{key: point[key] for key in RELEVANCE_KEYS}}
+
+
 def write_settings(target_dir: str | Path, chosen: dict, target_agreement: float, videos: int) -> Path:
     """Put the chosen theta and probe into the target's lvspec.json, keeping its other keys."""
     path = Path(target_dir) / SETTINGS_FILE
     settings = json.loads(path.read_text()) if path.exists() else {}
-    settings.update(theta=chosen["theta"], **{key: chosen[key] for key in RELEVANCE_KEYS})
+    settings.update(settings_of(chosen))
     settings["agreement_calibration"] = {"target_agreement": target_agreement, "videos": videos,
                                          "agreement": chosen["agreement"], "tau": chosen["tau"],
                                          "probe": chosen["probe"]}

@@ -136,10 +136,11 @@ def main(argv=None):
                                                                  "slots": int(len(is_anchor))}}
     path = Path(families.model_dir(args.family, "target", args.edition)) / SETTINGS_FILE
     path.write_text(json.dumps(settings, indent=1) + "\n")
-    kind = "weighted heads" if "relevance_weights" in settings else "heads" if "relevance_heads" in settings else "layers"
-    which = settings.get("relevance_heads") or settings.get("relevance_layers")
-    which = f"({len(which)})" if kind == "weighted heads" else which
-    print(f"{args.family}: {kind} {which} theta {settings['theta']} "
+    if "relevance_weights" in settings:
+        which = f"a weighted mean of {len(settings['relevance_heads'])} heads"
+    else:
+        which = f"heads {settings['relevance_heads']}" if "relevance_heads" in settings else f"layers {settings['relevance_layers']}"
+    print(f"{args.family}: {which}, theta {settings['theta']} "
           f"-> anchor precision {settings['precision']:.3f} recall {settings['recall']:.3f} on {len(is_anchor)} "
           f"slots (best whole layers: min(P, R) {settings['whole_layers']['min_pr']:.3f}); wrote {path}")
 
