@@ -34,79 +34,23 @@ from pathlib import Path
 import torch
 
 from bench.report import run_info, write_markdown_section
-from lvspec import Engine, Replay, SpecConfig, generate
+from bench.shapes import TEXT, real_config, real_processor
+from lvspec import Engine, Replay, SpecConfig, dummy, generate
 from lvspec.adapter import left_pad_rows, text_config
 from lvspec.decoder import ATTENTION, TextDecoder
 from lvspec.graphs import Stages
 from toyworld import families
 
-# Text shapes of the real checkpoints' configs (hidden, intermediate, layers, heads, kv heads, vocab).
-TEXT = {
-    "qwen2_5_vl": {"72b": (8192, 29568, 80, 64, 8, 152064), "32b": (5120, 27648, 64, 40, 8, 152064),
-                   "7b": (3584, 18944, 28, 28, 4, 152064), "3b": (2048, 11008, 36, 16, 2, 151936)},
-    "llava_onevision": {"72b": (8192, 29568, 80, 64, 8, 152064), "7b": (3584, 18944, 28, 28, 4, 152064),
-                        "0.5b": (896, 4864, 24, 14, 2, 151936)},
-}
-TIED = {("qwen2_5_vl", "3b"), ("llava_onevision", "0.5b")}
-VISION = {
-    "qwen2_5_vl": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
-                   "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "tokens_per_second": 2,
-                   "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"},
-    "llava_onevision": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 26,
-                        "num_attention_heads": 16, "image_size": 384, "patch_size": 14},
-}
 PROMPT = "Describe this video in detail."
 SHORT = 16  # new tokens of a warm-up run
 HBM_BYTES_PER_S = 4.8e12  # H200 datasheet (the reference probe's floor uses the same)
 
 
-def real_config(family: str, size: str):
-    """The toy target's config (token ids, family settings) with the real size's shapes."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(families.model_dir(family, "target"), local_files_only=True)
-    hidden, inter, layers, heads, kv, vocab = TEXT[family][size]
-    text = cfg.get_text_config()
-    for key, value in {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-                       "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
-                       "head_dim": hidden // heads, "max_position_embeddings": 32768}.items():
-        setattr(text, key, value)
-    if hasattr(text, "layer_types"):
-        text.layer_types = ["full_attention"] * layers
-    tied = (family, size) in TIED
-    cfg.tie_word_embeddings = text.tie_word_embeddings = tied
-    for key, value in VISION[family].items():
-        setattr(cfg.vision_config, key, value)
-    if family == "qwen2_5_vl":
-        cfg.vision_config.out_hidden_size = hidden
-        text.rope_parameters = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
-    return cfg
-
-
 def build(family: str, size: str, device: str, dtype=torch.bfloat16):
-    from transformers import AutoModelForImageTextToText
-
-    cfg = real_config(family, size)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
+    """A random-weight model of a real size (the product's load format `dummy`), stop tokens off."""
+    model = dummy.from_config(real_config(family, size), dtype, device)
     model.generation_config.eos_token_id = None
-    return model.eval()
-
-
-def real_processor(family: str):
-    """The toy tokenizer with the family's real video processor at its default resolution."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(families.model_dir(family, "target"), local_files_only=True)
-    vp = type(processor.video_processor)
-    if family == "qwen2_5_vl":
-        processor.video_processor = vp(patch_size=14, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=True,
-                                       size={"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28})
-    else:
-        processor.video_processor = vp(size={"height": 384, "width": 384})
-        processor.num_image_tokens = (384 // 14) ** 2
-    return processor
+    return model
 
 
 def video_rows(processor, n: int, frames: int, side: int, seed: int = 0) -> list[dict]:

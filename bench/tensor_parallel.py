@@ -20,8 +20,6 @@ replayed acceptance as `bench.realsize run`.
 from __future__ import annotations
 
 import argparse
-import copy
-import fnmatch
 import json
 import statistics
 import time
@@ -31,9 +29,10 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from bench.realsize import TEXT, _pairs, _stats, real_config, real_processor, regroup, video_rows
+from bench.realsize import _pairs, _stats, regroup, video_rows
+from bench.shapes import TEXT, real_config, real_processor
 from bench.report import run_info
-from lvspec import Engine, Replay, SpecConfig, parallel
+from lvspec import Engine, Replay, SpecConfig, dummy, parallel
 from lvspec.adapter import text_config
 
 TINY = (256, 512, 2, 2, 2, 151936)  # CPU smoke: hidden, intermediate, layers, heads, kv heads, vocab (head 128)
@@ -50,50 +49,14 @@ def _small_vision(cfg) -> None:
 
 
 def build_shard(family: str, size: str, device: torch.device, world: int, dtype=torch.bfloat16):
-    """This rank's shard of a random-weight real-shape model (a started `world`-rank group)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from transformers import AutoModelForImageTextToText
-    from transformers.distributed.tensor_parallel import apply_tensor_parallelism
-
+    """This rank's shard of a random-weight real-shape model (a started `world`-rank group): the
+    product's load format `dummy`, from the shape table; stop tokens off."""
     cfg = real_config(family, size)
     if size.startswith("tin"):
         _small_vision(cfg)
-    if world == 1:
-        with torch.device(device):
-            model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
-        model.generation_config.eos_token_id = None
-        return model.eval()
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype)
-    prefix = "model.language_model."
-    styles = {prefix + k: v for k, v in cfg.get_text_config().base_model_tp_plan.items()
-              if not k.startswith("embed_tokens")}
-    styles.update({f"{prefix}embed_tokens": "replicate", "lm_head": "replicate"})  # as parallel.PLAN
-    plan = {}
-    for name, module in model.named_modules():
-        style = next((s for pattern, s in styles.items() if fnmatch.fnmatchcase(name, pattern)), None)
-        if style is None or style == "replicate":
-            continue
-        plan[name] = style
-        plan.update({f"{name}.{p}": style for p, _ in module.named_parameters(recurse=False)})
-    apply_tensor_parallelism(model, init_device_mesh(device.type, (world,)), plan)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            (p.to_local() if hasattr(p, "to_local") else p).normal_(0.0, 0.02)
-        # Buffers computed at construction (rotary frequencies) were lost on meta: take them from a
-        # one-layer model of the same config.
-        small = copy.deepcopy(cfg)
-        small.get_text_config().num_hidden_layers = 1
-        small.get_text_config().layer_types = ["full_attention"]
-        _small_vision(small)
-        with torch.device(device):
-            ref = dict(AutoModelForImageTextToText.from_config(small, dtype=dtype).named_buffers())
-        for name, buf in model.named_buffers():
-            if name in ref and ref[name].shape == buf.shape:
-                buf.copy_(ref[name])
+    model = dummy.from_config(cfg, dtype, device, world)
     model.generation_config.eos_token_id = None
-    return model.eval()
+    return model
 
 
 def _device(args, rank: int) -> torch.device:

@@ -70,9 +70,7 @@ def main(argv=None) -> int:
     from pipeline.caption import load_engine
 
     rows = calibrate.sample(cfg, args.videos, log)
-    base, tokenizer = load_engine(target=cfg.model.target, draft=cfg.model.draft, dtype=cfg.model.dtype,
-                                  cache_dir=cfg.model.cache_dir, storage_options=cfg.model.storage_options,
-                                  generation=cfg.generation, num_cpus=cfg.caption.num_cpus,
+    base, tokenizer = load_engine(cfg.model, cfg.generation, num_cpus=cfg.caption.num_cpus,
                                   slots=cfg.caption.slots or cfg.caption.batch_size)
     if base.draft is None:
         print("error: config key 'model.draft': calibration compares lvspec with sd and needs a draft", file=sys.stderr)

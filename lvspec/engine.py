@@ -40,6 +40,7 @@ from lvspec.verify import Verdict, verify
 
 CORRECTION, BONUS = 3, 4
 EXACT = "lvspec_exact"  # a row carrying EXACT=True is verified strictly in any mode: exact greedy output (audits)
+REPLAY_KEY = "lvspec_replay_key"  # a row's int that picks its replayed record and length (default: its index)
 IDLE_TICK_S = 10.0  # tensor parallelism: an idle rank 0 tells its peers so this often
 KIND_NAMES = ("accepted_exact", "accepted_loose", "accepted_shift", "corrections", "bonus")
 COUNTERS = ("num_tokens", "num_cycles", "target_forwards", "draft_forwards", *KIND_NAMES, "rejected_anchor",
@@ -206,7 +207,7 @@ class Engine:
 
     # ---- the API ---------------------------------------------------------------------------------
     def generate(self, rows: list[dict], tokenizer=None, trace: bool = False,
-                 replay: Replay | None = None) -> list[RowOutput]:
+                 replay: Replay | None = None, static: bool = False) -> list[RowOutput]:
         """Caption prepared video prompts (one processor output per row); outputs in row order.
 
         With `tokenizer`, outputs carry decoded text; with `trace`, every verified slot's relevance
@@ -215,16 +216,18 @@ class Engine:
         than slots stream through them (see `stream`).
         """
         out: list[RowOutput | None] = [None] * len(rows)
-        for i, result in self.stream(rows, tokenizer, trace, replay):
+        for i, result in self.stream(rows, tokenizer, trace, replay, static):
             out[i] = result
         return out
 
     def stream(self, rows: Iterable[dict], tokenizer=None, trace: bool = False,
-               replay: Replay | None = None) -> Iterator[tuple[int, RowOutput]]:
+               replay: Replay | None = None, static: bool = False) -> Iterator[tuple[int, RowOutput]]:
         """Continuous batching: each slot takes the next row the moment its row finishes (rows are
         prefilled into free slots between cycles). Yields (index among `rows`, output) as rows
         finish. Rows are read from `rows` only when a slot is free for them; `rows` may be a
-        `RowFeed` that other threads keep filling (its keys replace the indices)."""
+        `RowFeed` that other threads keep filling (its keys replace the indices). With `static`,
+        new rows enter only once every slot is free (static batches: what continuous batching is
+        measured against)."""
         if self.tp is not None and not self.tp.leader:
             raise RuntimeError(f"rank {self.tp.rank} of a tensor-parallel target decodes through follow(); "
                                "rows go to rank 0")
@@ -234,8 +237,8 @@ class Engine:
                 raise ValueError("streaming rows of unknown count needs Engine(..., slots=N)")
             return
         if self.tp is not None:  # the peers start the same stream; its rows reach them as rank 0 reads them
-            self.tp.share({"slots": slots, "trace": trace, "replay": replay})
-        yield from self._run(_Stream(self, rows, slots, tokenizer, trace, replay))
+            self.tp.share({"slots": slots, "trace": trace, "replay": replay, "static": static})
+        yield from self._run(_Stream(self, rows, slots, tokenizer, trace, replay, static))
 
     def follow(self) -> None:
         """A peer rank of a tensor-parallel target: decode every stream rank 0 runs, in step with it,
@@ -245,7 +248,8 @@ class Engine:
             raise RuntimeError("follow() is for ranks other than 0 of a tensor-parallel target")
         while (call := self.tp.share()) is not None:
             try:
-                for _ in self._run(_Stream(self, None, call["slots"], None, call["trace"], call["replay"])):
+                for _ in self._run(_Stream(self, None, call["slots"], None, call["trace"], call["replay"],
+                                           call["static"])):
                     pass
             except Exception as e:  # noqa: BLE001 - rank 0 sees the same error and reports it
                 print(f"lvspec rank {self.tp.rank}: stream failed as on rank 0: {type(e).__name__}: {e}", flush=True)
@@ -509,8 +513,9 @@ class _Stream:
     finished (None when every row is done)."""
 
     def __init__(self, engine: Engine, rows: Iterable[dict], slots: int, tokenizer, trace: bool,
-                 replay: Replay | None):
+                 replay: Replay | None, static: bool = False):
         self.engine, self.slots, self.tokenizer, self.trace, self.replay = engine, slots, tokenizer, trace, replay
+        self.static = static
         self.feed = rows if isinstance(rows, RowFeed) else None  # rows from other threads, keyed by the feed
         # Rows from an iterable; None: a peer rank's stream (rank 0 reads and shares, see _read).
         self.rows = iter(enumerate(rows)) if self.feed is None and rows is not None else None
@@ -566,7 +571,7 @@ class _Stream:
     def _refill(self) -> None:
         e = self.engine
         in_flight = any(row is not None for row in self.slot_row)
-        if self.draining and in_flight:
+        if (self.draining or self.static) and in_flight:
             return
         self.draining = False
         free = [s for s, row in enumerate(self.slot_row) if row is None]
@@ -586,11 +591,12 @@ class _Stream:
             free = list(range(self.slots))
         slots = free[:len(group)]
         index = torch.tensor(slots, device=e.device)
-        budget = self.replay.lengths_of([i for i, _ in group]) if self.replay is not None else None
+        keys = [row.get(REPLAY_KEY, i) for i, row in group]  # what each row replays
+        budget = self.replay.lengths_of(keys) if self.replay is not None else None
         exact = torch.tensor([bool(row.get(EXACT, False)) for row in rows], device=e.device)
         e._prefill(self.st, prompt, draft_prompt, index, None if budget is None else budget.to(e.device), exact)
         if self.replay is not None:
-            self.replay.assign(index, [i for i, _ in group])
+            self.replay.assign(index, keys)
         for slot, (i, _) in zip(slots, group):
             self.slot_row[slot] = i
             self.traces[i], self.kept[i] = [], []

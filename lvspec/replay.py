@@ -9,9 +9,31 @@ many drafts instead of what verification chose. Figures measured so are labelled
 
 from __future__ import annotations
 
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
 import torch
 
 from lvspec.verify import EXACT, LOOSE, Verdict
+
+
+# Caption lengths of real detailed captions vary several-fold; recorded toy captions do not. Replayed
+# rows take lengths from a lognormal as a stand-in: median 150 tokens, sigma 0.6, clipped to [16, 512].
+LENGTHS = ("lognormal", "recorded")
+LOGNORMAL = {"median": 150.0, "sigma": 0.6, "low": 16, "high": 512}
+
+
+def lognormal_lengths(n: int = 4096, median: float = LOGNORMAL["median"], sigma: float = LOGNORMAL["sigma"],
+                      low: int = LOGNORMAL["low"], high: int = LOGNORMAL["high"], seed: int = 0) -> list[int]:
+    """n caption lengths at the lognormal's n quantiles (i + 0.5) / n, clipped, in a seeded order."""
+    normal = statistics.NormalDist()
+    lengths = [min(high, max(low, round(median * math.exp(sigma * normal.inv_cdf((i + 0.5) / n)))))
+               for i in range(n)]
+    random.Random(seed).shuffle(lengths)
+    return lengths
 
 
 class Replay:
@@ -37,6 +59,19 @@ class Replay:
         self.lengths = lengths
         self.record: torch.Tensor | None = None  # [slots] the record each slot replays
         self.cursor: torch.Tensor | None = None  # [slots] its next cycle
+
+    @classmethod
+    def from_file(cls, path: str | Path, family: str, mode: str, lengths: str = "lognormal") -> Replay:
+        """The records of one family and mode in a patterns file (`bench.realsize record`'s JSON:
+        {"families": {family: {"sd": [[n, ...], ...], "lvspec": [...]}}}); `ar` replays lengths only
+        (lvspec's records). `lengths`: "lognormal" (see LOGNORMAL) or "recorded" (the toy rows' own)."""
+        records = patterns(path, family, "lvspec" if mode == "ar" else mode)
+        if lengths not in LENGTHS:
+            raise ValueError(f"replay lengths must be one of {LENGTHS}, got {lengths!r}")
+        counts = lognormal_lengths() if lengths == "lognormal" else [cls.recorded_length(a) for a in records]
+        if lengths == "lognormal":  # every length with every record: R records x n lengths, keyed together
+            records = [records[i % len(records)] for i in range(len(counts))]
+        return cls(records, counts)
 
     @classmethod
     def from_outputs(cls, outputs) -> Replay:
@@ -79,3 +114,21 @@ class Replay:
         return Verdict(accepted=n, kind=torch.where(exact, EXACT, LOOSE),
                        next_token=v.target_tokens.gather(1, n[:, None])[:, 0], gated=v.gated,
                        anchor_rejected=torch.zeros_like(v.anchor_rejected), target_tokens=v.target_tokens)
+
+
+def patterns(path: str | Path, family: str, mode: str) -> list[list[int]]:
+    """Recorded accepted-draft counts of `family` in `mode` from a patterns file; clear errors."""
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read replay patterns {str(path)!r}: {type(e).__name__}: {e}") from None
+    families = found.get("families") if isinstance(found, dict) else None
+    if not isinstance(families, dict):
+        raise ValueError(f"{path}: not a replay patterns file (no 'families' mapping)")
+    if family not in families or mode not in families[family]:
+        have = {f: sorted(m) for f, m in families.items()}
+        raise ValueError(f"{path} holds no {mode!r} records of family {family!r} (it has {have})")
+    records = families[family][mode]
+    if not isinstance(records, list) or not any(records):
+        raise ValueError(f"{path}: no recorded cycles for {family} {mode}")
+    return records

@@ -18,7 +18,7 @@ import time
 import pyarrow as pa
 
 from lvspec.config import shipped_settings
-from pipeline.config import GenerationConfig, spec_config
+from pipeline.config import CaptionConfig, GenerationConfig, ModelConfig, spec_config
 from pipeline.decode import DECODED
 
 STATS = ("num_cycles", "target_forwards", "draft_forwards", "accepted_exact", "accepted_loose",
@@ -31,55 +31,73 @@ CAPTIONED = pa.schema(
     + [(name, pa.int32()) for name in STATS]
     + [("generate_ms", pa.float64()), ("batch_rows", pa.int32()), ("audit_caption", pa.string()),
        ("audit_agreement", pa.float64()), ("captioned_at", pa.float64()), ("config_hash", pa.string()),
-       ("job_id", pa.string())]
+       ("job_id", pa.string()), ("load_format", pa.string()), ("acceptance_replayed", pa.bool_())]
 )
 
-def load_engine(target: str, draft: str | None, dtype: str, cache_dir: str, storage_options: dict,
-                generation: GenerationConfig, num_cpus: float, slots: int, rank: int = 0, world: int = 1):
+
+def load_engine(model: ModelConfig, generation: GenerationConfig, num_cpus: float, slots: int, rank: int = 0,
+                world: int = 1):
     """One rank of a replica: its part of the target (all of it when `world` is 1; a started
-    tensor-parallel group otherwise), the whole draft, and the Engine over them; with the tokenizer."""
+    tensor-parallel group otherwise), the whole draft, and the Engine over them; with the tokenizer.
+    With `model.load_format: dummy` both are random-weight models of their configs' shapes."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    from lvspec import Engine, parallel
+    from lvspec import Engine, dummy, parallel
     from pipeline.models import resolve
 
     torch.set_num_threads(max(1, int(num_cpus) // world))
     cuda = torch.cuda.is_available()
     device = f"cuda:{rank}" if cuda else "cpu"
     torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-                   "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    target_dir = resolve(target, cache_dir, storage_options)
-    model = parallel.load(target_dir, world, torch_dtype, device if world == 1 else None)
+                   "bfloat16": torch.bfloat16, "float16": torch.float16}[model.dtype]
+    fake = model.load_format == "dummy"
+    target_dir = resolve(model.target, model.cache_dir, model.storage_options)
+    target = parallel.load(target_dir, world, torch_dtype, device if world == 1 or fake else None, model.load_format)
     small = None
-    if draft and generation.mode != "ar":
-        small = AutoModelForImageTextToText.from_pretrained(
-            resolve(draft, cache_dir, storage_options), dtype=torch_dtype).to(device).eval()
+    if model.draft and generation.mode != "ar":
+        draft_dir = resolve(model.draft, model.cache_dir, model.storage_options)
+        small = (dummy.model(draft_dir, torch_dtype, device) if fake else
+                 AutoModelForImageTextToText.from_pretrained(draft_dir, dtype=torch_dtype).to(device).eval())
     spec = spec_config(generation, shipped_settings(target_dir))
-    return Engine(model, small, spec, slots=slots), AutoTokenizer.from_pretrained(target_dir)
+    tokenizer = dummy.tokenizer(target_dir) if fake else AutoTokenizer.from_pretrained(target_dir)
+    return Engine(target, small, spec, slots=slots), tokenizer
+
+
+def replay_key(video_id: str) -> int:
+    """A video's replay key: its replayed record and length follow the video, not the order rows arrive in."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(video_id.encode()).digest()[:7], "big")
 
 
 class CaptionStage:
-    def __init__(self, target: str, draft: str | None, dtype: str, cache_dir: str, storage_options: dict,
-                 generation: GenerationConfig, job_id: str, config_hash: str, num_cpus: float, slots: int,
-                 tensor_parallel: int = 1, audit_fraction: float = 0.0):
-        from lvspec import RowFeed
+    def __init__(self, model: ModelConfig, generation: GenerationConfig, caption: CaptionConfig, job_id: str,
+                 config_hash: str, audit_fraction: float = 0.0):
+        from lvspec import Replay, RowFeed
 
-        load = dict(target=target, draft=draft, dtype=dtype, cache_dir=cache_dir, storage_options=storage_options,
-                    generation=generation, num_cpus=num_cpus, slots=slots)
+        load = dict(model=model, generation=generation, num_cpus=caption.num_cpus,
+                    slots=caption.slots or caption.batch_size)
         self.peers = None
-        if tensor_parallel > 1:  # this actor is rank 0; it starts and watches ranks 1..N-1
+        if caption.tensor_parallel > 1:  # this actor is rank 0; it starts and watches ranks 1..N-1
             from pipeline.peers import Peers
 
-            self.peers = Peers(tensor_parallel, load)
-        self.engine, self.tokenizer = load_engine(**load, world=tensor_parallel)
-        # Audit twins only where captions are loosened (ar and sd captions are exact already).
-        self.audit_fraction = audit_fraction if generation.mode == "lvspec" else 0.0
-        self.fixed = {"mode": generation.mode, "target_model": target,
-                      "draft_model": draft if self.engine.draft is not None else None,
-                      "config_hash": config_hash, "job_id": job_id}
+            self.peers = Peers(caption.tensor_parallel, load)
+        self.engine, self.tokenizer = load_engine(**load, world=caption.tensor_parallel)
+        # Benchmarks: a trained pair's acceptance replayed on (random-weight) models.
+        self.replay = Replay.from_file(generation.replay, self.engine.adapter.family, generation.mode,
+                                       generation.replay_lengths) if generation.replay else None
+        self.static = caption.batching == "static"
+        # Audit twins only where captions are loosened (ar and sd captions are exact already) by the
+        # pair itself (a replayed twin would replay the same acceptance).
+        self.audit_fraction = audit_fraction if generation.mode == "lvspec" and not generation.replay else 0.0
+        self.fixed = {"mode": generation.mode, "target_model": model.target,
+                      "draft_model": model.draft if self.engine.draft is not None else None,
+                      "config_hash": config_hash, "job_id": job_id, "load_format": model.load_format,
+                      "acceptance_replayed": self.replay is not None}
         self.feed = RowFeed()
         self.busy_ms: dict[int, float] = {}  # per row: its share of the thread's decoding time
+        self.done_at: dict[int, float] = {}  # per row: when its caption was ready (time.time())
         threading.Thread(target=self._decode, name="lvspec-decode", daemon=True).start()
 
     def _decode(self) -> None:
@@ -89,9 +107,11 @@ class CaptionStage:
         while True:
             mark, waited = time.perf_counter(), self.feed.waited_s
             try:
-                for key, result in self.engine.stream(self.feed, tokenizer=self.tokenizer):
+                for key, result in self.engine.stream(self.feed, tokenizer=self.tokenizer, replay=self.replay,
+                                                      static=self.static):
                     now = time.perf_counter()
                     self.busy_ms[key] = (now - mark - (self.feed.waited_s - waited)) * 1e3
+                    self.done_at[key] = time.time()
                     mark, waited = now, self.feed.waited_s
                     self.feed.resolve(key, result)
                 return  # the feed was closed
@@ -101,23 +121,24 @@ class CaptionStage:
                 for key, row in self.feed.in_flight():  # whoever failed, fails alone
                     start = time.perf_counter()
                     try:
-                        result = self.engine.generate([row], tokenizer=self.tokenizer)[0]
+                        result = self.engine.generate([row], tokenizer=self.tokenizer, replay=self.replay)[0]
                     except Exception as e:
                         result = e
                     self.busy_ms[key] = (time.perf_counter() - start) * 1e3
+                    self.done_at[key] = time.time()
                     self.feed.resolve(key, result)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from safetensors.torch import load
 
-        from lvspec.engine import EXACT
+        from lvspec.engine import EXACT, REPLAY_KEY
         from pipeline.audit import agreement, selected
 
         rows = batch.to_pylist()
         ready = [r for r in rows if r["error"] is None]
         futures, twins = [], []
         for r in ready:
-            inputs = load(r["inputs"])
+            inputs = load(r["inputs"]) | {REPLAY_KEY: replay_key(r["video_id"])}
             futures.append(self.feed.submit(inputs))
             # The audit twin decodes beside it, in a slot verified strictly: the exact caption.
             audited = selected(r["video_id"], self.audit_fraction)
@@ -125,15 +146,17 @@ class CaptionStage:
         for row, future, twin in zip(ready, futures, twins):
             res = self._result(future)
             share = self.busy_ms.pop(future.key, None)
+            done_at = self.done_at.pop(future.key, None)
             exact = self._result(twin) if twin is not None else None
             if twin is not None:
                 self.busy_ms.pop(twin.key, None)
+                self.done_at.pop(twin.key, None)
             if isinstance(res, Exception):
                 row["error"] = f"caption: {type(res).__name__}: {str(res).splitlines()[0][:300] if str(res) else ''}"
                 continue
             row.update(caption=res.text, num_tokens=res.stats.num_tokens, finished_by=res.finished_by,
                        mean_accepted_length=res.stats.mean_accepted_length,
-                       mean_draft_length=res.stats.mean_draft_length, generate_ms=share, captioned_at=time.time(),
+                       mean_draft_length=res.stats.mean_draft_length, generate_ms=share, captioned_at=done_at,
                        batch_rows=len(ready), **{k: getattr(res.stats, k) for k in STATS})
             if exact is not None and not isinstance(exact, Exception):
                 row.update(audit_caption=exact.text, audit_agreement=agreement(res.text, exact.text))

@@ -20,9 +20,12 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lvspec.config import MODES, RELEVANCE_KEYS, SpecConfig
+from lvspec.parallel import LOAD_FORMATS
+from lvspec.replay import LENGTHS
 
 SOURCE_FORMATS = ("auto", "webdataset", "files", "manifest")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+BATCHING = ("continuous", "static")
 VIDEO_EXTENSIONS = ["mp4", "webm", "mkv", "mov", "avi", "m4v"]
 
 
@@ -53,6 +56,9 @@ class ModelConfig:
     target: str = MISSING  # HF id, local dir, or s3:// URI (synced to local disk once per node)
     draft: str | None = None  # needed for sd and lvspec
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    # auto: read the weights; dummy (benchmarks): random weights of config.json's shapes, built on the
+    # replica's GPU (real-shape directories without weights: bench/models/); captions are noise
+    load_format: str = "auto"
     prompt: str = "Describe the video."
     storage_options: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = "~/.cache/lvspec/models"
@@ -72,6 +78,12 @@ class GenerationConfig:
     relevance_weights: list[float] | None = None  # one per relevance_heads pair (None: equal weights)
     max_new_tokens: int = 64
     cuda_graphs: bool = True  # on GPUs, capture the decoding stages as CUDA graphs (off: eager, for debugging)
+    # Benchmarks only: keep the recorded number of drafts per cycle (lvspec.Replay) from this patterns
+    # file (bench/replay_patterns.json), so that a dummy pair does a trained pair's work. Rows and the
+    # summary say so. Rows end at replayed lengths (stop tokens off), drawn per video_id as
+    # replay_lengths says: lognormal (median 150 tokens, sigma 0.6, [16, 512]) or recorded (the toy rows').
+    replay: str | None = None
+    replay_lengths: str = "lognormal"
 
 
 @dataclass
@@ -82,6 +94,7 @@ class CaptionConfig:
     batch_size: int = 8  # rows per Ray Data call; a replica keeps two calls in flight
     slots: int | None = None  # rows a replica decodes at once (continuous batching); None: batch_size
     tensor_parallel: int = 1  # processes (GPUs) one replica's target is sharded over; num_gpus is then N (or 0: CPU)
+    batching: str = "continuous"  # continuous: a finished row's slot takes the next row; static: whole batches
 
 
 @dataclass
@@ -178,6 +191,15 @@ def check(job: JobConfig) -> None:
         raise ConfigError(f"config key 'model.dtype' must be one of {DTYPES}, got {job.model.dtype!r}")
     if job.generation.mode not in MODES:
         raise ConfigError(f"config key 'generation.mode' must be one of {MODES}, got {job.generation.mode!r}")
+    if job.model.load_format not in LOAD_FORMATS:
+        raise ConfigError(f"config key 'model.load_format' must be one of {LOAD_FORMATS}, got {job.model.load_format!r}")
+    if job.caption.batching not in BATCHING:
+        raise ConfigError(f"config key 'caption.batching' must be one of {BATCHING}, got {job.caption.batching!r}")
+    if job.generation.replay_lengths not in LENGTHS:
+        raise ConfigError(f"config key 'generation.replay_lengths' must be one of {LENGTHS}, "
+                          f"got {job.generation.replay_lengths!r}")
+    if job.generation.replay is not None:
+        _check_replay(job.generation.replay)
     if job.generation.mode != "ar" and not job.model.draft:
         raise ConfigError(f"config key 'model.draft' is required for generation.mode={job.generation.mode}")
     try:
@@ -218,17 +240,23 @@ def check(job: JobConfig) -> None:
         # Whether N ranks split the target's heads needs its config.json: see check_tensor_parallel.
 
 
-def check_tensor_parallel(job: JobConfig) -> None:
-    """caption.tensor_parallel against the target's own config.json (local dir or fsspec URI; a
-    hub id is checked when the replica loads it). Reads storage: run by the job's preflight."""
-    from transformers import PretrainedConfig
+def _check_replay(path: str) -> None:
+    """A replay patterns file that exists and holds records (which family's: see check_replay_family)."""
+    try:
+        found = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'generation.replay': cannot read {path!r}: {type(e).__name__}: {e}") from None
+    if not isinstance(found, dict) or not isinstance(found.get("families"), dict):
+        raise ConfigError(f"config key 'generation.replay': {path!r} is not a replay patterns file "
+                          "(no 'families' mapping; see bench.realsize record)")
 
-    from lvspec.parallel import check_shardable
 
-    tp, model = job.caption.tensor_parallel, job.model
+def _target_config(job: JobConfig) -> dict | None:
+    """The target's config.json (local dir or fsspec URI); None for a hub id (checked when loaded)."""
+    model = job.model
     uri = model.target[len("file://"):] if model.target.startswith("file://") else model.target
-    if tp == 1 or ("://" not in uri and not Path(uri).expanduser().is_dir()):
-        return
+    if "://" not in uri and not Path(uri).expanduser().is_dir():
+        return None
     import fsspec
 
     remote = "://" in uri
@@ -236,9 +264,37 @@ def check_tensor_parallel(job: JobConfig) -> None:
     try:
         with fsspec.open(path if remote else os.path.expanduser(path), "r",
                          **(model.storage_options if remote else {})) as f:
-            found = json.load(f)
+            return json.load(f)
     except Exception as e:
         raise ConfigError(f"config key 'model.target': cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def check_replay_family(job: JobConfig) -> None:
+    """generation.replay holds records of the target's family in this mode (reads the target's
+    config.json: run by the job's preflight)."""
+    from lvspec.replay import patterns
+
+    gen = job.generation
+    found = _target_config(job) if gen.replay is not None else None
+    if found is None:
+        return
+    try:
+        patterns(Path(gen.replay).expanduser(), found.get("model_type"), "lvspec" if gen.mode == "ar" else gen.mode)
+    except ValueError as e:
+        raise ConfigError(f"config key 'generation.replay': {e}") from None
+
+
+def check_tensor_parallel(job: JobConfig) -> None:
+    """caption.tensor_parallel against the target's own config.json (local dir or fsspec URI; a
+    hub id is checked when the replica loads it). Reads storage: run by the job's preflight."""
+    from transformers import PretrainedConfig
+
+    from lvspec.parallel import check_shardable
+
+    tp = job.caption.tensor_parallel
+    found = _target_config(job) if tp > 1 else None
+    if found is None:
+        return
     text = found.get("text_config", found)
     try:
         check_shardable(PretrainedConfig(**{k: text[k] for k in ("num_attention_heads", "num_key_value_heads",
@@ -294,6 +350,7 @@ def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfi
     k = int(gen.k) if str(gen.k).strip().isdigit() else gen.k
     return SpecConfig(mode=gen.mode, k=k, k_max=gen.k_max, theta=theta, alpha=gen.alpha, top_k=gen.top_k,
                       shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens, cuda_graphs=gen.cuda_graphs,
+                      stop_token_ids=() if gen.replay is not None else None,  # replayed rows end at replayed lengths
                       **relevance)
 
 

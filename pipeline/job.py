@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from pipeline import sources
 from pipeline.audit import estimate, interval
 from pipeline.caption import CaptionStage
-from pipeline.config import ConfigError, JobConfig, check_tensor_parallel, config_hash
+from pipeline.config import ConfigError, JobConfig, check_replay_family, check_tensor_parallel, config_hash
 from pipeline.decode import DecodeStage
 
 
@@ -28,8 +28,9 @@ def output_dir(cfg: JobConfig):
 
 def preflight(cfg: JobConfig, out: str | None = None) -> None:
     """Checks that need storage but no cluster: the target splits over caption.tensor_parallel
-    ranks, the source exists, the output takes writes."""
+    ranks, a replay file holds its family, the source exists, the output takes writes."""
     check_tensor_parallel(cfg)
+    check_replay_family(cfg)
     fs, root = sources.filesystem(cfg.source.uri, cfg.source.storage_options)
     try:
         exists = fs.exists(root)
@@ -145,12 +146,8 @@ def build(cfg: JobConfig, admission):
         # batch's rows already wait in the replica's feed for the slots they free.
         compute=_pool(cfg.caption.replicas, calls_per_actor=2), num_gpus=cfg.caption.num_gpus,
         num_cpus=cfg.caption.num_cpus,
-        fn_constructor_kwargs=dict(
-            target=cfg.model.target, draft=cfg.model.draft, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
-            storage_options=cfg.model.storage_options, generation=cfg.generation, job_id=cfg.job_id,
-            config_hash=config_hash(cfg), num_cpus=cfg.caption.num_cpus,
-            slots=cfg.caption.slots or cfg.caption.batch_size, tensor_parallel=cfg.caption.tensor_parallel,
-            audit_fraction=cfg.audit.fraction))
+        fn_constructor_kwargs=dict(model=cfg.model, generation=cfg.generation, caption=cfg.caption, job_id=cfg.job_id,
+                                   config_hash=config_hash(cfg), audit_fraction=cfg.audit.fraction))
 
 
 def start_ray(cfg: JobConfig) -> None:
@@ -197,7 +194,9 @@ def run(cfg: JobConfig, log=None, quality=None, out: str | None = None, done: np
     if quality is not None and table is not None:
         summary |= quality(table)
     summary.update(job_id=cfg.job_id, output=fs.unstrip_protocol(out), files_written=len(new),
-                   config_hash=config_hash(cfg))
+                   config_hash=config_hash(cfg), load_format=cfg.model.load_format,
+                   acceptance_replayed=(f"{cfg.generation.replay} ({cfg.generation.replay_lengths} lengths)"
+                                        if cfg.generation.replay else None))
     with fs.open(f"{out}/_summary.json", "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -238,6 +237,10 @@ def summarize(table: pa.Table | None, wall_s: float) -> dict:
 def human_summary(s: dict) -> str:
     lines = [f"job {s.get('job_id')}: {s['videos']} videos captioned this run ({s['ok']} ok, {s['failed']} failed) "
              f"in {s['wall_s']:.1f}s"]
+    if s.get("load_format") == "dummy" or s.get("acceptance_replayed"):
+        lines.append("  BENCHMARK: " + "; ".join(
+            (["random weights (model.load_format=dummy): captions are noise"] if s.get("load_format") == "dummy" else [])
+            + ([f"acceptance replayed from {s['acceptance_replayed']}"] if s.get("acceptance_replayed") else [])))
     if s["videos"]:
         c, d = s["caption"], s["decode"]
         sh = c["shares"]

@@ -40,7 +40,8 @@ class Peers:
         from lvspec import parallel
 
         port = _free_port()
-        spec = json.dumps({**load, "generation": dataclasses.asdict(load["generation"]), "world": world, "port": port})
+        spec = json.dumps({**load, "model": dataclasses.asdict(load["model"]),
+                           "generation": dataclasses.asdict(load["generation"]), "world": world, "port": port})
         self.procs = [subprocess.Popen([sys.executable, "-m", "pipeline.peers", str(rank), spec])
                       for rank in range(1, world)]
         for proc in self.procs:
@@ -78,11 +79,12 @@ def _exit_with_parent(parent: int) -> None:
 def main(rank: int, spec: dict) -> None:
     from lvspec import parallel
     from pipeline.caption import load_engine
-    from pipeline.config import GenerationConfig
+    from pipeline.config import GenerationConfig, ModelConfig
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     world, port = spec.pop("world"), spec.pop("port")
     spec["generation"] = GenerationConfig(**spec["generation"])
+    spec["model"] = ModelConfig(**spec["model"])
     parallel.start(rank, world, port)
     engine, _ = load_engine(**spec, rank=rank, world=world)
     engine.follow()

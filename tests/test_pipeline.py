@@ -268,6 +268,11 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("nightly.stale_after_s=1", "nightly.stale_after_s"),
     ("caption.tensor_parallel=4", "caption.tensor_parallel"),  # the toy target has 2 KV heads
     ("caption.tensor_parallel=0", "caption.tensor_parallel"),
+    ("model.load_format=random", "model.load_format"),
+    ("caption.batching=dynamic", "caption.batching"),
+    ("generation.replay=no/such/patterns.json", "generation.replay"),
+    ("generation.replay=README.md", "generation.replay"),  # not a patterns file
+    ("generation.replay_lengths=uniform", "generation.replay_lengths"),
 ])
 def test_a_bad_config_fails_before_ray_starts_naming_the_key(override, key):
     out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml", override],
@@ -338,3 +343,5 @@ def test_config_files_shipped_with_the_project_are_valid():
     load_config(ROOT / "jobs/configs/cluster.yaml", ["job_id=nightly"])
     big = load_config(ROOT / "jobs/configs/cluster-72b.yaml", ["job_id=nightly"])
     assert big.caption.tensor_parallel == 2 and big.caption.num_gpus == 2
+    bench = load_config(ROOT / "jobs/configs/gpu-bench.yaml", ["job_id=b", "source.uri=/tmp/in", "output.uri=/tmp/o"])
+    assert bench.model.load_format == "dummy" and bench.generation.replay and bench.caption.num_gpus == 1

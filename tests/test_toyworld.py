@@ -161,11 +161,11 @@ def test_evaluation_cli_writes_the_documented_json(tmp_path):
     ("llava_onevision", "7b", 8.03), ("llava_onevision", "0.5b", 0.894),
 ])
 def test_real_size_speed_models_have_the_real_checkpoints_parameter_counts(family, size, billions):
-    """The random-weight models of `bench.realsize` (built on the meta device here) must be the
+    """The random-weight models of `bench.shapes` (built on the meta device here) must be the
     published sizes, vision tower and projector included, or their speed says nothing."""
     from transformers import AutoModelForImageTextToText
 
-    from bench.realsize import real_config
+    from bench.shapes import real_config
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(real_config(family, size))

@@ -1,0 +1,44 @@
+#!/bin/bash
+# The Ray job on one lent GPU (device tool), measured against the engine alone (bench/pipeline_gpu.py),
+# in three parts, each one call, run back to back while the machine stays warm (what one part
+# installs into .site/ stays there for the next). Results under $OUT.
+#   bench/gpu_pipeline.sh engine   # carry .gpu-a: ray, transformers... ; the engine alone: lvspec continuous and
+#                                  # static, ar continuous, three runs each
+#   bench/gpu_pipeline.sh jobs     # carry .gpu-b: av, decord ; renders the shards, `ray start --head`, the job
+#                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate
+#   bench/gpu_pipeline.sh jobs2    # the job: lvspec static x3, ar continuous x3
+# Here, after: python -m bench.pipeline_gpu report --json <the three JSONs> --markdown BENCHMARKS.md
+# Bundles: bench/gpu_wheels.sh (here, once).
+set -o pipefail
+cd "$(dirname "$0")/.."
+ROWS=${ROWS:-192}
+SHARDS=$PWD/.scratch/shards
+export PYTHONPATH=$PWD/.site:$PWD PATH=$PWD/.site/bin:$PATH HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+quiet() { grep --line-buffered -v -i "warn"; }
+head_up() {  # a fresh single-node cluster with this machine's CPUs and its GPU
+  ray stop --force >/dev/null 2>&1
+  ray start --head --num-gpus 1 --disable-usage-stats --dashboard-host 127.0.0.1 2>&1 | tail -2
+}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv,noheader
+case "$1" in
+  engine)
+    bench/gpu_install.sh .gpu-a || exit 1
+    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/static ar/continuous \
+      --json $OUT/engine.json 2>&1 | quiet | grep "^\[" ;;
+  jobs)
+    bench/gpu_install.sh .gpu-b || exit 1
+    test -d $SHARDS || python3 -m bench.videos --out $SHARDS --rows $ROWS --distinct 48 --workers 14 2>&1 | quiet
+    head_up
+    python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/continuous \
+      --json $OUT/jobs.json 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror"
+    python3 -m bench.pipeline_gpu decode --shards $SHARDS --frames 16 64 --json $OUT/decode.json 2>&1 | quiet \
+      | grep "^\[" ;;
+  jobs2)
+    head_up
+    python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/static ar/continuous \
+      --json $OUT/jobs2.json 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror" ;;
+  *) echo "usage: $0 engine|jobs|jobs2"; exit 2 ;;
+esac
+ray stop --force >/dev/null 2>&1
+exit 0

@@ -1,0 +1,407 @@
+"""The Ray job on a GPU, measured end to end against the engine alone (bench/gpu_pipeline.sh runs it).
+
+    # on the GPU machine (a Ray head started there, the rows' shards written by bench.videos):
+    python -m bench.pipeline_gpu engine --rows 192 --json $OUT/engine.json
+    python -m bench.pipeline_gpu job --shards /tmp/shards --rows 192 --json $OUT/jobs.json
+    # here: the acceptance figures into bench/pipeline_gpu.json and BENCHMARKS.md
+    python -m bench.pipeline_gpu report --json engine.json jobs.json --out bench/pipeline_gpu.json \\
+        --markdown BENCHMARKS.md
+
+Both sides run jobs/configs/gpu-bench.yaml's replica: LLaVA-OneVision 7B / 0.5B built with random
+weights by the product's loader (`model.load_format: dummy`), acceptance replayed per video_id
+(`generation.replay`, heavy-tailed caption lengths), the same slots. `job` submits the captioning
+job through `ray job submit` (decode actors, the caption replica, Parquet) and samples the GPU's
+utilisation (nvidia-smi) while it runs; `engine` streams the same video_ids through `load_engine`'s
+Engine in-process (prompts from random frames of the same size: with random weights and replayed
+acceptance, pixels change no work). Throughput is compared over the steady state: the rows that
+finish between the 10th and 90th percentile of finish times, tokens over that time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+CONFIG = "jobs/configs/gpu-bench.yaml"
+DASHBOARD = "http://127.0.0.1:8265"  # the head `ray start --head` started on this machine
+WINDOW = (0.1, 0.9)  # steady state: rows finishing between these quantiles of finish time
+EXCLUDES = [".site", ".gpu-a", ".gpu-b", ".whl", ".whl-job", ".venv", ".scratch", "data", "out", ".git"]
+
+
+def steady(finished: list[tuple[float, int]], window=WINDOW) -> dict:
+    """Tokens/s and rows/s over the steady state of (finish time, tokens) pairs: the rows finishing
+    between the window's quantiles of finish time, over the time between them."""
+    times = sorted(t for t, _ in finished)
+    lo, hi = times[int(window[0] * (len(times) - 1))], times[int(window[1] * (len(times) - 1))]
+    inside = [(t, n) for t, n in finished if lo < t <= hi]
+    span = max(hi - lo, 1e-9)
+    return {"start": lo, "end": hi, "seconds": span, "rows": len(inside),
+            "tokens_per_s": sum(n for _, n in inside) / span, "rows_per_s": len(inside) / span}
+
+
+def stats(values: list[float]) -> dict:
+    """Median and spread ((max - min) / median) of repeated measurements."""
+    mid = statistics.median(values)
+    return {"median": mid, "spread": (max(values) - min(values)) / mid if mid else 0.0, "runs": values}
+
+
+def _config(overrides: list[str]):
+    from pipeline.config import load_config
+
+    return load_config(CONFIG, ["job_id=bench", "source.uri=/tmp", "output.uri=/tmp", *overrides])
+
+
+def ids(rows: int, seed: int = 0) -> list[str]:
+    from bench.videos import video_id
+
+    return [video_id(seed, i) for i in range(rows)]
+
+
+# ---- the engine alone ------------------------------------------------------------------------
+def engine(args, out: dict) -> dict:
+    """The replica's Engine in-process: each mode and batching over the same video_ids, three runs."""
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor
+
+    from bench.videos import HEIGHT, WIDTH
+    from lvspec import Engine, Replay
+    from lvspec.config import shipped_settings
+    from lvspec.engine import REPLAY_KEY
+    from pipeline.caption import load_engine, replay_key
+    from pipeline.config import spec_config
+    from pipeline.decode import chat_prompt
+
+    cfg = _config(args.overrides)
+    gen, caption = cfg.generation, cfg.caption
+    t0 = time.perf_counter()
+    base, tokenizer = load_engine(cfg.model, gen, caption.num_cpus, caption.slots or caption.batch_size)
+    built_s = time.perf_counter() - t0
+    processor = AutoProcessor.from_pretrained(cfg.model.target)
+    text = chat_prompt(processor, cfg.model.prompt)
+    rng = np.random.default_rng(0)
+    prompts = [dict(processor(text=[text], videos=[rng.integers(0, 256, (cfg.decode.num_frames, HEIGHT, WIDTH, 3),
+                                                                dtype=np.uint8)], return_tensors="pt"))
+               for _ in range(4)]
+    rows = [{**prompts[i % len(prompts)], REPLAY_KEY: replay_key(v)} for i, v in enumerate(ids(args.rows))]
+    out.update(rows=args.rows, frames=cfg.decode.num_frames, slots=base.slots, built_s=built_s,
+               prompt_tokens=int(rows[0]["input_ids"].shape[1]), runs=[])
+    shipped = shipped_settings(cfg.model.target)
+    for mode in dict.fromkeys(m for m, _ in args.runs):
+        spec = spec_config(dataclasses.replace(gen, mode=mode), shipped)
+        eng = Engine(base.target, base.draft if mode != "ar" else None, spec, slots=base.slots)
+        replay = Replay.from_file(gen.replay, eng.adapter.family, mode, gen.replay_lengths)
+        list(eng.stream(rows[:2 * base.slots], tokenizer=tokenizer, replay=replay))  # warm-up: state, graphs, costs
+        for repeat in range(args.repeats):
+            for batching in [b for m, b in args.runs if m == mode]:
+                torch.cuda.synchronize() if torch.cuda.is_available() else None
+                start, finished, cycles = time.perf_counter(), [], 0
+                for _, result in eng.stream(rows, tokenizer=tokenizer, replay=replay, static=batching == "static"):
+                    finished.append((time.perf_counter(), result.stats.num_tokens))
+                    cycles += result.stats.num_cycles
+                wall = time.perf_counter() - start
+                tokens = sum(n for _, n in finished)
+                run = {"mode": mode, "batching": batching, "repeat": repeat, "tokens": tokens, "wall_s": wall,
+                       "tokens_per_s_whole": tokens / wall, "steady": steady(finished),
+                       "prefill_s": eng.timing["prefill_s"], "cycles": eng.timing["cycles"],
+                       "tau": (tokens - len(finished)) / max(cycles, 1),
+                       "k_median": statistics.median(eng.timing["k"]) if eng.timing["k"] else 0}
+                out["runs"].append(run)
+                print(f"[engine] {mode:6s} {batching:10s} run {repeat}: {run['steady']['tokens_per_s']:8.1f} tok/s "
+                      f"steady, {run['tokens_per_s_whole']:8.1f} whole ({tokens} tokens, {wall:.1f} s, prefill "
+                      f"{run['prefill_s']:.1f} s, tau {run['tau']:.2f})", flush=True)
+                _write(args.json, out)
+        del eng
+    return out
+
+
+# ---- the job through the front door ---------------------------------------------------------
+class GpuSampler:
+    """nvidia-smi's utilisation.gpu (percent of time a kernel ran) every `ms`, with timestamps."""
+
+    def __init__(self, ms: int = 100):
+        self.samples: list[tuple[float, float, float]] = []  # (unix time, util %, memory MiB)
+        self.proc = None
+        if shutil.which("nvidia-smi") is None:  # a CPU smoke run: nothing to sample
+            return
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+             f"-lms={ms}"], stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                stamp, util, mem = (x.strip() for x in line.split(","))
+                when = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                self.samples.append((when, float(util), float(mem)))
+            except ValueError:
+                continue
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def between(self, lo: float, hi: float) -> dict:
+        inside = [(u, m) for t, u, m in self.samples if lo <= t <= hi]
+        if not inside:
+            return {"samples": 0}
+        return {"samples": len(inside), "busy_fraction": sum(u for u, _ in inside) / len(inside) / 100,
+                "memory_mib_max": max(m for _, m in inside)}
+
+
+def _rows(out_dir: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    files = sorted(out_dir.rglob("*.parquet"))
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def job(args, out: dict) -> dict:
+    """Submit the captioning job per mode, batching and repeat; read its rows; sample the GPU."""
+    cfg = _config(args.overrides)
+    actors = cfg.decode.actors["max"]
+    out.update(rows=args.rows, shards=args.shards, decode_actors=actors, frames=cfg.decode.num_frames, runs=[])
+    root = Path(args.work)
+    for repeat in range(args.repeats):
+        for mode, batching in args.runs:
+            job_id = f"bench-{mode}-{batching}-{repeat}-{int(time.time())}"
+            overrides = [f"job_id={job_id}", f"source.uri={args.shards}", f"output.uri={root}",
+                         f"generation.mode={mode}", f"caption.batching={batching}", *args.overrides]
+            command = ["ray", "job", "submit", "--address", DASHBOARD, "--runtime-env-json",
+                       json.dumps({"working_dir": ".", "excludes": EXCLUDES}), "--",
+                       sys.executable, "-m", "jobs.caption", "--config", CONFIG, *overrides]
+            sampler = GpuSampler()
+            start = time.time()
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                code, log = done.returncode, done.stdout + done.stderr
+            except subprocess.TimeoutExpired as e:
+                code, log = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) \
+                    else (e.stdout or "")
+                subprocess.run(["ray", "job", "stop", "--address", DASHBOARD, job_id], capture_output=True)
+            wall = time.time() - start
+            sampler.stop()
+            run = {"mode": mode, "batching": batching, "repeat": repeat, "job_id": job_id, "exit": code,
+                   "wall_s": wall, "log_tail": log[-3000:]}
+            rows = _rows(root / job_id) if (root / job_id).exists() else []
+            ok = [r for r in rows if r["error"] is None and r["captioned_at"] is not None]
+            run.update(written=len(rows), ok=len(ok), distinct_ids=len({r["video_id"] for r in rows}),
+                       errors=sorted({r["error"] for r in rows if r["error"]})[:5])
+            if ok:
+                s = steady([(r["captioned_at"], r["num_tokens"]) for r in ok])
+                frames = sum(r["num_frames"] for r in ok)
+                decode_s = sum(r["decode_ms"] for r in rows) / 1e3
+                inside = [r for r in ok if s["start"] < r["captioned_at"] <= s["end"]]
+                consumed = sum(r["num_frames"] for r in inside) / s["seconds"]
+                per_core = frames / max(decode_s, 1e-9)  # one CPU per decode actor
+                run.update(steady=s, gpu=sampler.between(s["start"], s["end"]),
+                           first_caption_s=min(r["captioned_at"] for r in ok) - start,
+                           tokens=sum(r["num_tokens"] for r in ok),
+                           tau=statistics.mean(r["mean_accepted_length"] for r in ok),
+                           replayed=all(r["acceptance_replayed"] for r in ok),
+                           decode={"frames_per_s_per_core": per_core, "capacity_frames_per_s": per_core * actors,
+                                   "consumed_frames_per_s": consumed,
+                                   "headroom": per_core * actors / max(consumed, 1e-9),
+                                   "ms_per_video": decode_s * 1e3 / len(rows)})
+            summary = root / job_id / "_summary.json"
+            if summary.exists():
+                run["summary"] = json.loads(summary.read_text())
+            spill = subprocess.run(["ray", "memory", "--stats-only"], capture_output=True, text=True)
+            run["object_store"] = [line for line in spill.stdout.splitlines() if "pill" in line or "Plasma" in line]
+            out["runs"].append(run)
+            s, g = run.get("steady", {}), run.get("gpu", {})
+            print(f"[job] {mode:6s} {batching:10s} run {repeat}: exit {code}, {run['ok']}/{args.rows} rows, "
+                  f"{s.get('tokens_per_s', 0):8.1f} tok/s steady, GPU busy {g.get('busy_fraction', 0):.2f}, "
+                  f"decode headroom {run.get('decode', {}).get('headroom', 0):.2f}, wall {wall:.0f} s "
+                  f"(first caption at {run.get('first_caption_s', 0):.0f} s)", flush=True)
+            if code != 0:
+                print(log[-2000:], flush=True)
+            _write(args.json, out)
+    return out
+
+
+def decode_rate(args, out: dict) -> dict:
+    """Frames/s one core decodes (decord + the processor, as a decode actor) at each frame count."""
+    import tarfile
+
+    import pyarrow as pa
+
+    from pipeline.decode import DecodeStage
+
+    cfg = _config(args.overrides)
+    videos = []
+    with tarfile.open(sorted(Path(args.shards).glob("*.tar"))[0]) as tar:
+        for m in tar.getmembers():
+            if m.name.endswith(".mp4"):
+                videos.append((m.name[:-4], tar.extractfile(m).read()))
+    out["rates"] = rates = {}
+    for frames in args.frames:
+        stage = DecodeStage(cfg.model.target, cfg.model.cache_dir, {}, cfg.model.prompt, frames, None,
+                            cfg.decode.max_frames, cfg.decode.max_side, cfg.decode.max_bytes, {})
+        batch = pa.Table.from_pylist([{"video_id": k, "source_uri": k, "shard": "", "video": v, "truth": None,
+                                       "error": None} for k, v in videos[:args.videos]])
+        t0 = time.perf_counter()
+        rows = stage(batch).to_pylist()
+        seconds = time.perf_counter() - t0
+        rates[str(frames)] = {"videos": len(rows), "frames_per_s_per_core": len(rows) * frames / seconds,
+                              "errors": [r["error"] for r in rows if r["error"]]}
+        print(f"[decode] {frames} frames: {rates[str(frames)]['frames_per_s_per_core']:.1f} frames/s on one core",
+              flush=True)
+    _write(args.json, out)
+    return out
+
+
+def _write(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+
+
+# ---- the report (here) ---------------------------------------------------------------------
+def report(args) -> dict:
+    """The acceptance figures from the GPU sitting's JSONs, medians of three with spread."""
+    from bench.report import write_markdown_section
+
+    parts = [json.loads(Path(p).read_text()) for p in args.json]
+    engine_runs = [r for p in parts if p.get("kind") == "engine" for r in p["runs"]]
+    job_runs = [r for p in parts if p.get("kind") == "job" for r in p["runs"] if r.get("steady")]
+    decode = next((p["rates"] for p in parts if p.get("kind") == "decode"), {})
+    meta = next(p for p in parts if p.get("kind") == "job")
+
+    def engine_tps(mode, batching):
+        return stats([r["steady"]["tokens_per_s"] for r in engine_runs if (r["mode"], r["batching"]) == (mode, batching)])
+
+    def job_field(mode, batching, get):
+        return stats([get(r) for r in job_runs if (r["mode"], r["batching"]) == (mode, batching)])
+
+    res = {"machine": meta.get("machine"), "date": meta.get("date"), "commands": [p.get("command") for p in parts],
+           "rows": meta["rows"], "frames": meta["frames"], "slots": parts[0].get("slots"),
+           "decode_actors": meta["decode_actors"], "engine": {}, "job": {}}
+    for mode in ("lvspec", "ar"):
+        for batching in ("continuous", "static"):
+            key = f"{mode}/{batching}"
+            if any((r["mode"], r["batching"]) == (mode, batching) for r in engine_runs):
+                res["engine"][key] = engine_tps(mode, batching)
+            if any((r["mode"], r["batching"]) == (mode, batching) for r in job_runs):
+                res["job"][key] = {
+                    "tokens_per_s": job_field(mode, batching, lambda r: r["steady"]["tokens_per_s"]),
+                    "gpu_busy_fraction": job_field(mode, batching, lambda r: r["gpu"].get("busy_fraction", 0.0)),
+                    "decode_headroom": job_field(mode, batching, lambda r: r["decode"]["headroom"]),
+                    "frames_per_s_per_core": job_field(mode, batching, lambda r: r["decode"]["frames_per_s_per_core"]),
+                    "consumed_frames_per_s": job_field(mode, batching, lambda r: r["decode"]["consumed_frames_per_s"]),
+                    "rows_written": [r["written"] for r in job_runs if (r["mode"], r["batching"]) == (mode, batching)]}
+    j, e = res["job"], res["engine"]
+    figures = {}
+    if "lvspec/continuous" in j and "lvspec/continuous" in e:
+        figures["pipeline_efficiency"] = j["lvspec/continuous"]["tokens_per_s"]["median"] / e["lvspec/continuous"]["median"]
+        figures["gpu_busy_fraction"] = j["lvspec/continuous"]["gpu_busy_fraction"]["median"]
+        figures["decode_headroom"] = j["lvspec/continuous"]["decode_headroom"]["median"]
+    if "lvspec/static" in j:
+        figures["continuous_vs_static"] = (j["lvspec/continuous"]["tokens_per_s"]["median"]
+                                           / j["lvspec/static"]["tokens_per_s"]["median"])
+    if "lvspec/static" in e:
+        figures["engine_continuous_vs_static"] = e["lvspec/continuous"]["median"] / e["lvspec/static"]["median"]
+    if "ar/continuous" in j:
+        figures["job_lvspec_over_ar"] = j["lvspec/continuous"]["tokens_per_s"]["median"] / j["ar/continuous"]["tokens_per_s"]["median"]
+    if "ar/continuous" in e:
+        figures["engine_lvspec_over_ar"] = e["lvspec/continuous"]["median"] / e["ar/continuous"]["median"]
+        if "ar/continuous" in j:
+            figures["pipeline_efficiency_ar"] = j["ar/continuous"]["tokens_per_s"]["median"] / e["ar/continuous"]["median"]
+    if "lvspec/continuous" in j:
+        consumed = j["lvspec/continuous"]["consumed_frames_per_s"]["median"]
+        per_core = {f: d["frames_per_s_per_core"] for f, d in decode.items()} or \
+            {str(res["frames"]): j["lvspec/continuous"]["frames_per_s_per_core"]["median"]}
+        figures["cores_per_gpu"] = {f: round(1.2 * consumed * (int(f) / res["frames"]) / rate, 1)
+                                    for f, rate in per_core.items()}
+    res["figures"] = figures
+    Path(args.out).write_text(json.dumps({"parts": parts, **res}, indent=1) + "\n")
+    if args.markdown:
+        write_markdown_section(Path(args.markdown), markdown(res), tag="pipeline-gpu",
+                               title="The Ray job on a GPU (real size, random weights, replayed acceptance)")
+    print(markdown(res))
+    return res
+
+
+def markdown(res: dict) -> str:
+    f = res["figures"]
+    fmt = lambda s: f"{s['median']:.1f} ({s['spread']:.1%})"  # noqa: E731
+    lines = [f"Machine: {res['machine']}  ", f"Date: {res['date']}  ",
+             "Commands: " + "; ".join(f"`{c}`" for c in res["commands"] if c) + "  ",
+             f"LLaVA-OV 7B / 0.5B (random weights, `model.load_format: dummy`), acceptance replayed per video "
+             f"(lognormal lengths, median 150 tokens), {res['frames']} frames a video, {res['rows']} rows a run, "
+             f"{res['slots']} slots, {res['decode_actors']} decode actors. Steady state = rows finishing between "
+             f"the 10th and 90th percentile of finish times. Median of three (spread = (max - min) / median).", "",
+             "| | engine alone tok/s | job tok/s | job / engine | GPU busy | decode headroom |", "|---|---|---|---|---|---|"]
+    for key in ("lvspec/continuous", "lvspec/static", "ar/continuous"):
+        e, j = res["engine"].get(key), res["job"].get(key)
+        if not (e or j):
+            continue
+        ratio = f"{j['tokens_per_s']['median'] / e['median']:.2f}" if e and j else "-"
+        lines.append(f"| {key} | {fmt(e) if e else '-'} | {fmt(j['tokens_per_s']) if j else '-'} | {ratio} | "
+                     f"{j['gpu_busy_fraction']['median']:.2f} | {j['decode_headroom']['median']:.2f} |" if j else
+                     f"| {key} | {fmt(e)} | - | - | - | - |")
+    lines += ["", "| figure | value | needed |", "|---|---|---|"]
+    needed = {"pipeline_efficiency": ">= 0.9", "gpu_busy_fraction": ">= 0.9", "continuous_vs_static": ">= 1.3",
+              "decode_headroom": ">= 1.2"}
+    for name, value in f.items():
+        shown = ", ".join(f"{k} frames: {v}" for k, v in value.items()) if isinstance(value, dict) else f"{value:.2f}"
+        lines.append(f"| {name} | {shown} | {needed.get(name, '')} |")
+    return "\n".join(lines)
+
+
+def _run(text: str) -> tuple[str, str]:
+    mode, _, batching = text.partition("/")
+    if mode not in ("ar", "sd", "lvspec") or batching not in ("continuous", "static"):
+        raise argparse.ArgumentTypeError(f"{text!r}: want MODE/BATCHING, e.g. lvspec/static")
+    return mode, batching
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    en = sub.add_parser("engine", help="the replica's Engine in-process (GPU)")
+    jo = sub.add_parser("job", help="the job through ray job submit (a Ray head running here)")
+    de = sub.add_parser("decode", help="one core's decode rate at each frame count")
+    for p in (en, jo, de):
+        p.add_argument("--rows", type=int, default=192)
+        p.add_argument("--json", required=True)
+        p.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
+    for p in (en, jo):
+        p.add_argument("--runs", nargs="+", type=_run, default=[("lvspec", "continuous")],
+                       help="MODE/BATCHING pairs, e.g. lvspec/continuous lvspec/static ar/continuous")
+        p.add_argument("--repeats", type=int, default=3)
+    jo.add_argument("--shards", required=True)
+    jo.add_argument("--work", default="/tmp/lvspec-bench-out")
+    jo.add_argument("--timeout", type=float, default=300)
+    de.add_argument("--shards", required=True)
+    de.add_argument("--frames", type=int, nargs="+", default=[16, 64])
+    de.add_argument("--videos", type=int, default=8)
+    rep = sub.add_parser("report", help="merge the sitting's JSONs into the acceptance figures (here)")
+    rep.add_argument("--json", nargs="+", required=True)
+    rep.add_argument("--out", default="bench/pipeline_gpu.json")
+    rep.add_argument("--markdown")
+    args = ap.parse_args(argv)
+    if args.command == "report":
+        return report(args)
+    from bench.report import run_info
+
+    result = {**run_info("bench.pipeline_gpu", argv), "kind": args.command}
+    {"engine": engine, "job": job, "decode": decode_rate}[args.command](args, result)
+    _write(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
