@@ -136,7 +136,7 @@ class GpuSampler:
             return
         self.proc = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-             f"-lms={ms}"], stdout=subprocess.PIPE, text=True)
+             f"--loop-ms={ms}"], stdout=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
