@@ -21,7 +21,7 @@ for d in "$@"; do
   bundles+=("$(cd "$d" && pwd)/bundle.tar.xz")
 done
 cd "$(dirname "$0")/.."
-site=$PWD/.site
+site=${SITE:-$PWD/.site}  # SITE=/tmp/...: outside the repo, where a warm machine keeps it between calls
 mkdir -p "$site/bin"
 
 "$PY" - "$site" "${bundles[@]}" <<'EOF'

@@ -12,8 +12,9 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 ROWS=${ROWS:-192}
-SHARDS=$PWD/.scratch/shards
-export PYTHONPATH=$PWD/.site:$PWD PATH=$PWD/.site/bin:$PATH HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+SHARDS=/tmp/lvspec-shards
+export SITE=/tmp/lvspec-site  # the machine keeps /tmp between calls while warm (not the repo's ignored folders)
+export PYTHONPATH=$SITE:$PWD PATH=$SITE/bin:$PATH HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
   PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 quiet() { grep --line-buffered -v -i "warn"; }
 head_up() {  # a fresh single-node cluster with this machine's CPUs and its GPU
@@ -22,6 +23,11 @@ head_up() {  # a fresh single-node cluster with this machine's CPUs and its GPU
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv,noheader
 case "$1" in
+  prefill)  # carry .gpu-a: where a row's prefill goes
+    bench/gpu_install.sh .gpu-a >/dev/null || exit 1
+    python3 -m bench.pipeline_gpu prefill --json $OUT/prefill.json 2>&1 | quiet | grep "^\[\|Error" ;;
+  install)
+    bench/gpu_install.sh .gpu-a | tail -3; exit ;;
   engine)
     bench/gpu_install.sh .gpu-a || exit 1
     python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/static ar/continuous \
@@ -37,6 +43,7 @@ case "$1" in
   jobs2)
     head_up
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/static ar/continuous \
+      --repeats ${REPEATS:-3} \
       --json $OUT/jobs2.json 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror" ;;
   *) echo "usage: $0 engine|jobs|jobs2"; exit 2 ;;
 esac
