@@ -65,7 +65,7 @@ class Replay:
         """The records of one family and mode in a patterns file (`bench.realsize record`'s JSON:
         {"families": {family: {"sd": [[n, ...], ...], "lvspec": [...]}}}); `ar` replays lengths only
         (lvspec's records). `lengths`: "lognormal" (see LOGNORMAL) or "recorded" (the toy rows' own)."""
-        records = patterns(path, family, "lvspec" if mode == "ar" else mode)
+        records = patterns(path, family, mode)
         if lengths not in LENGTHS:
             raise ValueError(f"replay lengths must be one of {LENGTHS}, got {lengths!r}")
         counts = lognormal_lengths() if lengths == "lognormal" else [cls.recorded_length(a) for a in records]
@@ -116,15 +116,23 @@ class Replay:
                        anchor_rejected=torch.zeros_like(v.anchor_rejected), target_tokens=v.target_tokens)
 
 
-def patterns(path: str | Path, family: str, mode: str) -> list[list[int]]:
-    """Recorded accepted-draft counts of `family` in `mode` from a patterns file; clear errors."""
+def families_of(path: str | Path) -> dict:
+    """The {family: {mode: records}} mapping of a patterns file; clear errors."""
     try:
-        found = json.loads(Path(path).read_text())
+        found = json.loads(Path(path).expanduser().read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read replay patterns {str(path)!r}: {type(e).__name__}: {e}") from None
     families = found.get("families") if isinstance(found, dict) else None
     if not isinstance(families, dict):
-        raise ValueError(f"{path}: not a replay patterns file (no 'families' mapping)")
+        raise ValueError(f"{path}: not a replay patterns file (no 'families' mapping; see bench.realsize record)")
+    return families
+
+
+def patterns(path: str | Path, family: str, mode: str) -> list[list[int]]:
+    """Recorded accepted-draft counts of `family` in `mode` from a patterns file (`ar`, which
+    replays lengths only, takes lvspec's records); clear errors."""
+    families = families_of(path)
+    mode = "lvspec" if mode == "ar" else mode
     if family not in families or mode not in families[family]:
         have = {f: sorted(m) for f, m in families.items()}
         raise ValueError(f"{path} holds no {mode!r} records of family {family!r} (it has {have})")

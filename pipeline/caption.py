@@ -96,8 +96,8 @@ class CaptionStage:
                       "config_hash": config_hash, "job_id": job_id, "load_format": model.load_format,
                       "acceptance_replayed": self.replay is not None}
         self.feed = RowFeed()
-        self.busy_ms: dict[int, float] = {}  # per row: its share of the thread's decoding time
-        self.done_at: dict[int, float] = {}  # per row: when its caption was ready (time.time())
+        # Per row: its share of the thread's decoding time (ms) and when its caption was ready (Unix time).
+        self.finished: dict[int, tuple[float, float]] = {}
         threading.Thread(target=self._decode, name="lvspec-decode", daemon=True).start()
 
     def _decode(self) -> None:
@@ -110,8 +110,7 @@ class CaptionStage:
                 for key, result in self.engine.stream(self.feed, tokenizer=self.tokenizer, replay=self.replay,
                                                       static=self.static):
                     now = time.perf_counter()
-                    self.busy_ms[key] = (now - mark - (self.feed.waited_s - waited)) * 1e3
-                    self.done_at[key] = time.time()
+                    self.finished[key] = ((now - mark - (self.feed.waited_s - waited)) * 1e3, time.time())
                     mark, waited = now, self.feed.waited_s
                     self.feed.resolve(key, result)
                 return  # the feed was closed
@@ -124,8 +123,7 @@ class CaptionStage:
                         result = self.engine.generate([row], tokenizer=self.tokenizer, replay=self.replay)[0]
                     except Exception as e:
                         result = e
-                    self.busy_ms[key] = (time.perf_counter() - start) * 1e3
-                    self.done_at[key] = time.time()
+                    self.finished[key] = ((time.perf_counter() - start) * 1e3, time.time())
                     self.feed.resolve(key, result)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -145,12 +143,10 @@ class CaptionStage:
             twins.append(self.feed.submit({**inputs, EXACT: True}) if audited else None)
         for row, future, twin in zip(ready, futures, twins):
             res = self._result(future)
-            share = self.busy_ms.pop(future.key, None)
-            done_at = self.done_at.pop(future.key, None)
+            share, done_at = self.finished.pop(future.key, (None, None))
             exact = self._result(twin) if twin is not None else None
             if twin is not None:
-                self.busy_ms.pop(twin.key, None)
-                self.done_at.pop(twin.key, None)
+                self.finished.pop(twin.key, None)
             if isinstance(res, Exception):
                 row["error"] = f"caption: {type(res).__name__}: {str(res).splitlines()[0][:300] if str(res) else ''}"
                 continue

@@ -149,7 +149,9 @@ def test_a_crashed_night_is_recorded_and_the_next_night_picks_up_what_it_missed(
     import fsspec
 
     fs, root = fsspec.filesystem("file"), str(tmp_path)
-    videos = add_shards(root, 0, 3, None)
+    # Enough videos that the kill lands mid-run: with a few, the night could commit them all between
+    # the first file's appearance and the kill (seen: 2 runs in 3 at 6 videos).
+    videos = add_shards(root, 0, 10, None)
     quick = ["nightly.heartbeat_s=1", "nightly.stale_after_s=4", "output.rows_per_file=1", "caption.batch_size=1"]
     log_path = tmp_path / "crashed.log"
     with open(log_path, "w") as log:
