@@ -23,9 +23,10 @@ head_up() {  # a fresh single-node cluster with this machine's CPUs and its GPU
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv,noheader
 case "$1" in
-  prefill)  # carry .gpu-a: where a row's prefill goes
+  prefill)  # carry .gpu-a: where a row's prefill goes; torch.profiler tables of it and of the engine's loop
     bench/gpu_install.sh .gpu-a >/dev/null || exit 1
-    python3 -m bench.pipeline_gpu prefill --json $OUT/prefill.json 2>&1 | quiet | grep "^\[\|Error" ;;
+    python3 -m bench.pipeline_gpu prefill --rows 48 --profile $OUT/profile.txt --json $OUT/prefill.json 2>&1 \
+      | quiet | grep "^\[\|Error" ;;
   install)
     bench/gpu_install.sh .gpu-a | tail -3; exit ;;
   engine)

@@ -277,7 +277,7 @@ def prefill(args, out: dict) -> dict:
     from pipeline.decode import chat_prompt
 
     cfg = _config(args.overrides)
-    eng, _ = load_engine(cfg.model, cfg.generation, cfg.caption.num_cpus, 4)
+    eng, _ = load_engine(cfg.model, cfg.generation, cfg.caption.num_cpus, cfg.caption.slots)
     processor = AutoProcessor.from_pretrained(cfg.model.target)
     frames = np.random.default_rng(0).integers(0, 256, (cfg.decode.num_frames, HEIGHT, WIDTH, 3), dtype=np.uint8)
     row = dict(processor(text=[chat_prompt(processor, cfg.model.prompt)], videos=[frames], return_tensors="pt"))
@@ -299,9 +299,13 @@ def prefill(args, out: dict) -> dict:
             runs.append(a.elapsed_time(b))
         return statistics.median(runs)
 
+    def on_device(rows):  # pixels already on the GPU in the model's dtype: the vision work alone
+        return [{k: v.to(eng.device, eng.target.dtype) if k.startswith("pixel_values") else v
+                 for k, v in r.items()} for r in rows]
+
     out["rows"] = []
     with torch.inference_mode():
-        for group in (1, 4):
+        for group in args.groups:
             rows = [row] * group
             for name, model, decoder in (("target", eng.target, eng.T), ("draft", eng.draft, eng.D)):
                 prompt = eng.adapter.prompt(model, rows)
@@ -309,28 +313,80 @@ def prefill(args, out: dict) -> dict:
                 cache = decoder.new_cache(group, -(-width // 128) * 128)
                 slots = torch.arange(group, device=eng.device)
                 lm = model.model.language_model
+                ready = on_device(rows)
+                pixels = torch.cat([r["pixel_values_videos"] for r in ready])
+                pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels
 
-                def forward(masked: bool):
-                    if not masked:  # HF's own causal path, no cache: what an unmasked prompt forward could cost
+                def forward(how: str):
+                    if how == "nocache":  # HF's own causal path, no cache
                         lm(inputs_embeds=prompt.embeds, position_ids=prompt.position_ids, use_cache=False)
                         return
                     view = cache.prefill_view(slots, prompt.pad)
-                    lm(inputs_embeds=prompt.embeds, attention_mask=view.mask(width), position_ids=prompt.position_ids,
+                    mask = view.band(width) if how == "band" else view.mask(width)
+                    lm(inputs_embeds=prompt.embeds, attention_mask=mask, position_ids=prompt.position_ids,
                        past_key_values=view, use_cache=True)
 
                 params = sum(p.numel() for p in lm.parameters())
+                vision = model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower
+                vparams = sum(p.numel() for p in vision.parameters())
+                patches = pixels.shape[0] * (729 if pixels.dim() == 4 else 1)  # SigLIP 384/14: 27^2 a frame
                 result = {"model": name, "rows": group, "prompt_tokens": width,
                           "vision_and_splice_ms": ms(lambda: eng.adapter.prompt(model, rows)),
-                          "lm_masked_ms": ms(lambda: forward(True)),
-                          "lm_floor_ms": 2 * params * width * group / 700e12 * 1e3}
+                          "vision_and_splice_on_device_ms": ms(lambda: eng.adapter.prompt(model, ready)),
+                          "lm_band_ms": ms(lambda: forward("band")),
+                          "lm_engine_ms": ms(lambda: forward("engine")),
+                          "lm_floor_ms": 2 * params * width * group / 700e12 * 1e3,
+                          "vision_floor_ms": 2 * vparams * patches / 700e12 * 1e3}
+                if hasattr(model.model, "vision_tower"):
+                    result["vision_tower_ms"] = ms(lambda: model.model.vision_tower(pixels))
                 try:
-                    result["lm_causal_ms"] = ms(lambda: forward(False))
+                    result["lm_nocache_ms"] = ms(lambda: forward("nocache"))
                 except Exception as e:  # noqa: BLE001 - report what failed
-                    result["lm_causal_ms"] = f"{type(e).__name__}: {e}"[:200]
+                    result["lm_nocache_ms"] = f"{type(e).__name__}: {e}"[:200]
                 out["rows"].append(result)
                 print(f"[prefill] {result}", flush=True)
+                if args.profile and group == 1:
+                    _profile(args.profile, f"{name}: prompt (pixels from the host)",
+                             lambda: eng.adapter.prompt(model, rows))
+                    _profile(args.profile, f"{name}: vision on device", lambda: eng.adapter.prompt(model, ready))
+                    _profile(args.profile, f"{name}: language model (engine path)", lambda: forward("engine"))
                 del cache
+        if args.profile:  # the engine's whole loop: where the GPU waits
+            from lvspec import Replay
+            from lvspec.engine import REPLAY_KEY
+            from pipeline.caption import replay_key
+
+            replay = Replay.from_file(cfg.generation.replay, eng.adapter.family, cfg.generation.mode,
+                                      cfg.generation.replay_lengths)
+            stream = [{**row, REPLAY_KEY: replay_key(v)} for v in ids(args.rows)]
+            list(eng.stream(stream[:8], replay=replay))  # state, graphs
+            _profile(args.profile, f"engine: {args.rows} rows, continuous, {eng.slots} slots",
+                     lambda: list(eng.stream(stream, replay=replay)), rows=25)
     return out
+
+
+def _profile(path: str, title: str, fn, rows: int = 15) -> None:
+    """Append the top kernels (device time) and host ops (own CPU time) of one call of `fn` to `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        fn()
+        sync()
+    wall = (time.perf_counter() - t0) * 1e3
+    events = prof.key_averages()
+    device_ms = sum(e.self_device_time_total for e in events) / 1e3
+    with open(path, "a") as f:
+        f.write(f"\n==== {title}: wall {wall:.1f} ms (profiled), kernels {device_ms:.1f} ms\n")
+        if cuda:
+            f.write(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
+    print(f"[profile] {title}: wall {wall:.1f} ms, kernels {device_ms:.1f} ms", flush=True)
 
 
 def _write(path: str, result: dict) -> None:
@@ -468,6 +524,8 @@ def main(argv=None):
         p.add_argument("--rows", type=int, default=192)
         p.add_argument("--json", required=True)
         p.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
+    pf.add_argument("--profile", help="also append torch.profiler tables to this file (the engine's loop over --rows)")
+    pf.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="rows prefilled together")
     for p in (en, jo):
         p.add_argument("--runs", nargs="+", type=_run, default=[("lvspec", "continuous")],
                        help="MODE/BATCHING pairs, e.g. lvspec/continuous lvspec/static ar/continuous")

@@ -35,6 +35,12 @@ def _left_pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(t, (width - t.shape[-1], 0), value=value) for t in tensors])
 
 
+def pixels_on(rows: list[dict], device, dtype) -> list[dict]:
+    """Rows with their pixels moved to `device` in `dtype` once, for both models' prompts (each
+    adapter's own `.to` is then a no-op)."""
+    return [{k: v.to(device, dtype) if k.startswith("pixel_values") else v for k, v in row.items()} for row in rows]
+
+
 def left_pad_rows(rows: list[dict], key: str, value: int = 0) -> torch.Tensor:
     """Stack a per-row [1, L] field of processor outputs into [B, P], padded on the left."""
     return _left_pad([r[key].reshape(-1) for r in rows], value)

@@ -29,14 +29,20 @@ class StaticCache:
 
 
 class PrefillView:
-    """Duck-types the one cache method HF attention layers call, `update`, for the prompt forward:
-    the prompt's keys go into the static cache (at the given slots) and attention runs over the
-    prompt alone."""
+    """Duck-types what HF's modules call on a cache in the prompt forward: `update` (the prompt's
+    keys go into the static cache, at the given slots; attention runs over the prompt alone) and
+    the sizes mask creation asks for (a fresh prompt: no offset, keys as long as the queries), so
+    that a forward without an explicit mask takes SDPA's causal path (flash)."""
 
     def __init__(self, cache: StaticCache, slots: torch.Tensor, pad: torch.Tensor):
         self.cache, self.slots, self.pad = cache, slots, pad
 
-    def mask(self, width: int) -> torch.Tensor:
+    def mask(self, width: int) -> torch.Tensor | None:
+        """What the forward attends with: None when no row is padded (the usual case, prompts of one
+        width: HF then takes SDPA's causal path, flash attention), else the band."""
+        return self.band(width) if bool(self.pad.any()) else None
+
+    def band(self, width: int) -> torch.Tensor:
         """Causal band over the left-padded prompt, [rows, 1, width, width]; padding sees itself."""
         slots = torch.arange(width, device=self.pad.device)
         causal = slots[None, :] <= slots[:, None]  # [query, key]
@@ -52,3 +58,9 @@ class PrefillView:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0

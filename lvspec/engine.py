@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lvspec.adapter import Prompt, adapter_for, check_pair, shared_vocab, text_config
+from lvspec.adapter import Prompt, adapter_for, check_pair, pixels_on, shared_vocab, text_config
 from lvspec.config import SpecConfig
 from lvspec.decoder import ATTENTION, TextDecoder
 from lvspec.draft_length import Costs, DraftLength
@@ -579,7 +579,7 @@ class _Stream:
         if not group:
             return
         t0 = time.perf_counter()
-        rows = [row for _, row in group]
+        rows = pixels_on([row for _, row in group], e.device, e.target.dtype)
         prompt = e.adapter.prompt(e.target, rows)
         draft_prompt = e.adapter.prompt(e.draft, rows) if e.draft is not None else None
         width = max(p.embeds.shape[1] for p in (prompt, draft_prompt) if p is not None)

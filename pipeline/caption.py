@@ -18,8 +18,8 @@ import time
 import pyarrow as pa
 
 from lvspec.config import shipped_settings
-from pipeline.config import CaptionConfig, GenerationConfig, ModelConfig, spec_config
-from pipeline.decode import DECODED
+from pipeline.config import CaptionConfig, GenerationConfig, ModelConfig, replica_dtype, spec_config
+from pipeline.decode import DECODED, unpack, values
 
 STATS = ("num_cycles", "target_forwards", "draft_forwards", "accepted_exact", "accepted_loose",
          "accepted_shift", "corrections", "bonus", "rejected_anchor", "drafted")
@@ -49,8 +49,7 @@ def load_engine(model: ModelConfig, generation: GenerationConfig, num_cpus: floa
     torch.set_num_threads(max(1, int(num_cpus) // world))
     cuda = torch.cuda.is_available()
     device = f"cuda:{rank}" if cuda else "cpu"
-    torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-                   "bfloat16": torch.bfloat16, "float16": torch.float16}[model.dtype]
+    torch_dtype = getattr(torch, replica_dtype(model, cuda))
     fake = model.load_format == "dummy"
     target_dir = resolve(model.target, model.cache_dir, model.storage_options)
     target = parallel.load(target_dir, world, torch_dtype, device if world == 1 or fake else None, model.load_format)
@@ -127,22 +126,23 @@ class CaptionStage:
                     self.feed.resolve(key, result)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from safetensors.torch import load
-
         from lvspec.engine import EXACT, REPLAY_KEY
         from pipeline.audit import agreement, selected
 
-        rows = batch.to_pylist()
-        ready = [r for r in rows if r["error"] is None]
+        # The processor outputs stay in the batch's Arrow memory (`unpack` views them): a row's
+        # pixels are copied once, to the GPU, by the decoding thread, not under this thread's GIL.
+        packed = values(batch.column("inputs"))
+        rows = batch.drop_columns(["inputs"]).to_pylist()
+        ready = [i for i, r in enumerate(rows) if r["error"] is None]
         futures, twins = [], []
-        for r in ready:
-            inputs = load(r["inputs"]) | {REPLAY_KEY: replay_key(r["video_id"])}
+        for i in ready:
+            inputs = unpack(packed[i]) | {REPLAY_KEY: replay_key(rows[i]["video_id"])}
             futures.append(self.feed.submit(inputs))
             # The audit twin decodes beside it, in a slot verified strictly: the exact caption.
-            audited = selected(r["video_id"], self.audit_fraction)
+            audited = selected(rows[i]["video_id"], self.audit_fraction)
             twins.append(self.feed.submit({**inputs, EXACT: True}) if audited else None)
-        for row, future, twin in zip(ready, futures, twins):
-            res = self._result(future)
+        for i, future, twin in zip(ready, futures, twins):
+            row, res = rows[i], self._result(future)
             share, done_at = self.finished.pop(future.key, (None, None))
             exact = self._result(twin) if twin is not None else None
             if twin is not None:
@@ -157,7 +157,6 @@ class CaptionStage:
             if exact is not None and not isinstance(exact, Exception):
                 row.update(audit_caption=exact.text, audit_agreement=agreement(res.text, exact.text))
         for row in rows:
-            row.pop("inputs")
             row.update(self.fixed)
         return pa.Table.from_pylist(rows, schema=CAPTIONED)
 

@@ -335,6 +335,14 @@ def pool_size(value, key: str) -> dict:
     return {"min": lo, "max": hi}
 
 
+def replica_dtype(model: ModelConfig, on_gpu: bool) -> str:
+    """The dtype a replica computes in: model.dtype, where auto is bfloat16 on GPUs, float32 on CPUs.
+    The decode stage hands pixels over in it (the replica would cast them anyway: same values)."""
+    if model.dtype != "auto":
+        return model.dtype
+    return "bfloat16" if on_gpu else "float32"
+
+
 def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfig:
     """The lvspec SpecConfig of a generation section.
 

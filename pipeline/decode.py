@@ -25,10 +25,67 @@ def chat_prompt(processor, prompt: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def pack(features: dict, pixel_dtype: str) -> bytes:
+    """A row's processor outputs as safetensors bytes, pixels in the replica's dtype."""
+    import torch
+    from safetensors.torch import save
+
+    cast = getattr(torch, pixel_dtype)
+    return save({k: (v.to(cast) if k.startswith("pixel_values") else v).contiguous()
+                 for k, v in features.items() if hasattr(v, "contiguous")})
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def values(column: pa.ChunkedArray) -> list[pa.Buffer | None]:
+    """Each value of a binary column as a view of the column's memory (indexing a column, or
+    to_pylist, copies each value: tens of MB a row for pixels)."""
+    import numpy as np
+
+    out = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets, dtype=width)[chunk.offset:chunk.offset + len(chunk) + 1]
+        null = chunk.is_null().to_pylist()
+        out += [None if null[i] else data.slice(int(offsets[i]), int(offsets[i + 1] - offsets[i]))
+                for i in range(len(chunk))]
+    return out
+
+
+def unpack(buf: pa.Buffer) -> dict:
+    """`pack`'s tensors as views of `buf` (safetensors.torch.load copies each twice, under the GIL);
+    a tensor whose bytes are not aligned for its dtype is copied once."""
+    import json
+    import warnings
+
+    import torch
+
+    view = memoryview(buf)
+    size = int.from_bytes(view[:8], "little")
+    header = json.loads(bytes(view[8:8 + size]))
+    header.pop("__metadata__", None)
+    start = 8 + size
+    out = {}
+    for name, spec in header.items():
+        dtype = getattr(torch, _SAFETENSORS_DTYPES[spec["dtype"]])
+        lo, hi = spec["data_offsets"]
+        data = view[start + lo:start + hi]
+        if (buf.address + start + lo) % dtype.itemsize:
+            data = bytearray(data)
+        with warnings.catch_warnings():  # Arrow memory is read-only; nothing writes to these tensors
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(data, dtype=dtype) if hi > lo else torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(spec["shape"])
+    return out
+
+
 class DecodeStage:
     def __init__(self, model_uri: str, cache_dir: str, model_storage_options: dict, prompt: str,
                  num_frames: int, fps: float | None, max_frames: int, max_side: int, max_bytes: int,
-                 source_storage_options: dict):
+                 source_storage_options: dict, pixel_dtype: str = "float32"):
         import torch
         from transformers import AutoProcessor
 
@@ -40,6 +97,7 @@ class DecodeStage:
         self.sampling = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, max_side=max_side)
         self.max_bytes = max_bytes
         self.source_options = source_storage_options
+        self.pixel_dtype = pixel_dtype
 
     def _fetch(self, uri: str) -> bytes:
         import fsspec
@@ -52,14 +110,11 @@ class DecodeStage:
             return f.read()
 
     def _inputs(self, data: bytes) -> tuple[bytes, int, dict]:
-        from safetensors.torch import save
-
         if len(data) > self.max_bytes:
             raise VideoError(f"video is {len(data)} bytes, over decode.max_bytes={self.max_bytes}")
         frames, meta = read_frames(data, **self.sampling)
         features = self.processor(text=[self.text], videos=[frames], return_tensors="pt")
-        tensors = {k: v.contiguous() for k, v in features.items() if hasattr(v, "contiguous")}
-        return save(tensors), len(frames), meta
+        return pack(features, self.pixel_dtype), len(frames), meta
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 from pipeline import sources
 from pipeline.audit import estimate, interval
 from pipeline.caption import CaptionStage
-from pipeline.config import ConfigError, JobConfig, check_replay_family, check_tensor_parallel, config_hash
+from pipeline.config import (ConfigError, JobConfig, check_replay_family, check_tensor_parallel, config_hash,
+                             replica_dtype)
 from pipeline.decode import DecodeStage
 
 
@@ -139,7 +140,8 @@ def build(cfg: JobConfig, admission):
             model_uri=cfg.model.target, cache_dir=cfg.model.cache_dir, model_storage_options=cfg.model.storage_options,
             prompt=cfg.model.prompt, num_frames=cfg.decode.num_frames, fps=cfg.decode.fps,
             max_frames=cfg.decode.max_frames, max_side=cfg.decode.max_side, max_bytes=cfg.decode.max_bytes,
-            source_storage_options=cfg.source.storage_options))
+            source_storage_options=cfg.source.storage_options,
+            pixel_dtype=replica_dtype(cfg.model, cfg.caption.num_gpus > 0)))
     return ds.map_batches(
         CaptionStage, batch_format="pyarrow", batch_size=cfg.caption.batch_size,
         # Two calls in flight per replica, on threads: while one batch's last rows decode, the next

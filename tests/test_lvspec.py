@@ -307,6 +307,57 @@ def test_every_attention_path_computes_the_same_forward(pair):
                 assert torch.allclose(outs[mode], outs[ATTENTION[0]], atol=1e-10), (mode, q)
 
 
+def test_llava_video_features_equal_hfs(pair):
+    """LLaVA-OneVision's video features (pooled channels-last, for speed) are HF's, exactly."""
+    family, processor, target, draft = pair
+    if family != "llava_onevision":
+        pytest.skip("LLaVA-OneVision's pooling")
+    from lvspec.llava_onevision import video_features
+
+    rows = make_rows(processor, [6, 6], prompts=[grammar.prompt_for(None)] * 2)
+    pixels = torch.cat([r["pixel_values_videos"] for r in rows]).to(torch.float64)
+    for model in (target, draft):
+        cfg = model.config
+        with torch.inference_mode():
+            ours = video_features(model, pixels)
+            hf = model.model.get_video_features(pixels, vision_feature_layer=cfg.vision_feature_layer,
+                                                vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        assert ours.shape == hf.pooler_output.shape and torch.equal(ours, hf.pooler_output)
+
+
+def test_unpadded_prompts_take_the_causal_path_and_write_the_same_cache(pair):
+    """Prompts of one width prefill without a mask (SDPA's causal path: flash attention on a GPU);
+    keys, values and the last position's hidden state match the explicit band's exactly, and a
+    padded group still gets the band."""
+    from lvspec.decoder import TextDecoder
+
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [6, 6], prompts=[grammar.prompt_for(None)] * 2)
+    assert rows[0]["input_ids"].shape == rows[1]["input_ids"].shape
+    for model in (target, draft):
+        prompt = Engine(target, draft, SpecConfig(mode="ar")).adapter.prompt(model, rows)
+        width = prompt.embeds.shape[1]
+        decoder = TextDecoder(model, model.config.get_text_config().vocab_size)
+        caches, hidden = [], []
+        for causal in (True, False):
+            cache = decoder.new_cache(2, width + 8)
+            view = cache.prefill_view(torch.arange(2), prompt.pad)
+            mask = view.mask(width) if causal else view.band(width)
+            assert (mask is None) == causal
+            with torch.inference_mode():
+                hidden.append(model.model.language_model(
+                    inputs_embeds=prompt.embeds, attention_mask=mask, position_ids=prompt.position_ids,
+                    past_key_values=view, use_cache=True).last_hidden_state[:, -1])
+            caches.append(cache)
+        assert torch.allclose(hidden[0], hidden[1], atol=1e-10)
+        assert torch.allclose(caches[0].k, caches[1].k, atol=1e-10) and torch.allclose(caches[0].v, caches[1].v)
+        assert caches[0].k[:, :, :, :width].abs().sum() > 0  # the keys were written
+    padded = make_rows(processor, [6, 4])
+    prompt = Engine(target, draft, SpecConfig(mode="ar")).adapter.prompt(target, padded)
+    cache = TextDecoder(target, target.config.get_text_config().vocab_size).new_cache(2, 512)
+    assert cache.prefill_view(torch.arange(2), prompt.pad).mask(prompt.embeds.shape[1]) is not None
+
+
 def test_a_held_engine_reuses_its_state_across_batches_with_idle_slots(pair):
     """One engine, fixed slots, batches of 2, 4 and 3 rows: every batch decodes exactly like HF
     greedy, whatever the earlier batches left in the cache, and the state is built once."""

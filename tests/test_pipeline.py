@@ -311,6 +311,40 @@ def test_decoding_a_4k_clip_keeps_memory_bounded(tmp_path):
     assert grown_kb < 120_000 and grown_kb < full_kb - 150_000  # 8 full 4K frames alone are 199 MB
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_processor_outputs_cross_to_the_replica_as_views_of_arrow_memory(family):
+    """What the decode stage writes comes back in the caption stage with the same values, pixels
+    in the replica's dtype, without copies where the bytes are aligned (a row of odd length puts
+    the next one off alignment: that one is copied, still right)."""
+    import pyarrow as pa
+    import torch
+    from transformers import AutoProcessor
+
+    from pipeline.decode import chat_prompt, pack, unpack, values
+    from toyworld.families import model_dir, render_videos
+
+    processor = AutoProcessor.from_pretrained(model_dir(family, "target"))
+    _, _, frames = render_videos(1, seed=5, num_frames=4)
+    features = dict(processor(text=[chat_prompt(processor, "Describe the video.")], videos=frames,
+                              return_tensors="pt"))
+    odd = pack({"x": torch.zeros(3, dtype=torch.uint8)}, "float32")
+    rows = [pack(features, "bfloat16"), odd, pack(features, "float32"), pack(features, "bfloat16")]
+    chunk = pa.array(rows, pa.binary())
+    buffers = values(pa.chunked_array([chunk[:2], chunk[2:]]))  # a batch of two chunks, the second sliced
+    data = chunk.buffers()[2]
+    views = []
+    for i, dtype in ((0, torch.bfloat16), (2, torch.float32), (3, torch.bfloat16)):
+        got = unpack(buffers[i])
+        assert set(got) == {k for k, v in features.items() if isinstance(v, torch.Tensor)}
+        for name, tensor in got.items():
+            want = features[name].to(dtype) if name.startswith("pixel_values") else features[name]
+            assert tensor.dtype == want.dtype and torch.equal(tensor, want), (i, name)
+        views.append(data.address <= got["pixel_values_videos"].data_ptr() < data.address + data.size)
+    assert buffers[0].address % 8 == 0 and views[0]  # the buffer's start: a view of the batch
+    assert buffers[2].address % 2 == 1 and not views[1]  # after the odd row: copied
+    assert values(pa.chunked_array([pa.array([None, rows[1]], pa.binary())]))[0] is None
+
+
 def test_theta_and_relevance_come_from_the_config_then_the_checkpoint():
     from lvspec.config import SpecConfig, shipped_settings
     from pipeline.config import spec_config
