@@ -5,7 +5,8 @@
 #   bench/gpu_pipeline.sh engine   # carry .gpu-a: ray, transformers... ; the engine alone: lvspec continuous and
 #                                  # static, ar continuous, three runs each
 #   bench/gpu_pipeline.sh jobs     # carry .gpu-b: av, decord ; renders the shards, `ray start --head`, the job
-#                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate
+#                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate;
+#                                  # then the engine: lvspec continuous without overlap x1, the prefill's parts
 #   bench/gpu_pipeline.sh jobs2    # the job: lvspec static x3, ar continuous x3
 # Here, after: python -m bench.pipeline_gpu report --json <the three JSONs> --markdown BENCHMARKS.md
 # Bundles: bench/gpu_wheels.sh (here, once).
@@ -40,7 +41,11 @@ case "$1" in
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/continuous \
       --json $OUT/jobs.json 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror"
     python3 -m bench.pipeline_gpu decode --shards $SHARDS --frames 16 64 --json $OUT/decode.json 2>&1 | quiet \
-      | grep "^\[" ;;
+      | grep "^\[" 
+    ray stop --force >/dev/null 2>&1  # the GPU to the engine alone: continuous without overlap, the prefill's parts
+    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/serial --repeats 1 \
+      --json $OUT/engine_serial.json 2>&1 | quiet | grep "^\[" 
+    python3 -m bench.pipeline_gpu prefill --groups 1 --json $OUT/prefill.json 2>&1 | quiet | grep "^\[\|Error" ;;
   jobs2)
     head_up
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/static ar/continuous \

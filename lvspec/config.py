@@ -38,6 +38,10 @@ class SpecConfig:
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] | None = None  # None: the target's generation_config eos ids
     cuda_graphs: bool = True  # on CUDA, capture each decoding stage once and replay it (off: run eagerly)
+    # Continuous batching: prefill rows entering freed slots on a second CUDA stream while the
+    # other slots keep decoding (compute-bound prefill beside memory-bound decoding); off: decoding
+    # waits for each prefill. Not under tensor parallelism (its collectives keep one order).
+    overlap_prefill: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:

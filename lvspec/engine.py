@@ -18,6 +18,7 @@ over ranks (`parallel`) runs the same loop on every rank: rank 0 reads the rows,
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import statistics
 import time
@@ -198,6 +199,12 @@ class Engine:
         self.graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.stop = _stop_ids(target, cfg)
         self.slots = slots
+        # Prefill beside decoding (continuous batching): decoding on a high-priority stream, prompts
+        # on a low-priority one. CPU: the same steps, run in order.
+        self.overlap = cfg.overlap_prefill and self.tp is None
+        cuda = self.device.type == "cuda"
+        self._decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        self._prefill_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
         self._state: _State | None = None
         # Acceptance counts of earlier calls (cycles that reached / kept each draft slot), halved at
         # every call: a new batch starts from what this pair accepted lately, not from nothing.
@@ -259,10 +266,15 @@ class Engine:
         if self.tp is not None and self.tp.leader:
             self.tp.share(None)
 
+    def _on(self, stream) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
     def _run(self, run: _Stream) -> Iterator[tuple[int, RowOutput]]:
+        if self._decode_stream is not None:  # what the caller queued (e.g. weights) comes first
+            self._decode_stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             while True:
-                with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS):
+                with torch.inference_mode(), sdpa_kernel(_ATTENTION_BACKENDS), self._on(self._decode_stream):
                     finished = run.step()
                 if finished is None:
                     break
@@ -363,10 +375,37 @@ class Engine:
                  budget: torch.Tensor | None = None, exact_only: torch.Tensor | None = None) -> None:
         """Place new rows in free `slots`: their prompts' keys into both caches, their first token.
         `budget`: tokens each may emit (default max_new_tokens); `exact_only`: rows to verify strictly."""
-        width = prompt.embeds.shape[1]
+        self._place(st, self._prompt_keys(st, prompt, draft_prompt, slots), prompt, draft_prompt, slots, budget,
+                    exact_only)
+
+    def _prompt_keys(self, st: _State, prompt: Prompt, draft_prompt: Prompt | None, slots: torch.Tensor):
+        """The heavy half of a prefill: both models' prompt forwards, keys into the caches' `slots`
+        (nothing else of the state: it may run beside a decoding cycle, on another stream, when the
+        slots are `_reserve`d). The target's first tokens [B]."""
         if self.tp is not None:  # rank 0's video features on every rank: one prompt, one verdict
             self.tp.broadcast(prompt.embeds)
         first = self._prompt_forward(self.target, self.T, st.T, prompt, slots).argmax(-1)
+        if self.D is not None:
+            self._prompt_forward(self.draft, self.D, st.D, draft_prompt, slots)
+        return first
+
+    def _reserve(self, st: _State, slots: torch.Tensor) -> None:
+        """Idle `slots` about to be prefilled beside decoding: cycles write every slot's keys at its
+        length, so park these at the caches' tails, past any prompt (capacity holds prompt +
+        max_new_tokens + k_max + 2)."""
+        for cache in (st.T, st.D):
+            if cache is not None:
+                cache.length[slots] = st.capacity - self.k_max - 2
+
+    def _place(self, st: _State, first: torch.Tensor, prompt: Prompt, draft_prompt: Prompt | None,
+               slots: torch.Tensor, budget: torch.Tensor | None, exact_only: torch.Tensor | None) -> None:
+        """The light half: the slots' state (cache lengths, first token, budget, flags) after `_prompt_keys`."""
+        width = prompt.embeds.shape[1]
+        for cache, p in ((st.T, prompt), (st.D, draft_prompt)):
+            if cache is not None:
+                cache.length[slots] = p.embeds.shape[1]
+                cache.pad[slots] = p.pad
+                cache.offset[slots] = p.next_position - p.embeds.shape[1]  # position id of slot s >= width: s + offset
         st.video[slots] = False
         st.video[slots, :width] = prompt.video_mask
         st.exact_only[slots] = False if exact_only is None else exact_only
@@ -381,7 +420,6 @@ class Engine:
         st.budget[slots] = self.cfg.max_new_tokens if budget is None else budget.clamp(1, self.cfg.max_new_tokens)
         st.active[slots] = ~stop & (st.budget[slots] > 1)
         if self.D is not None:
-            self._prompt_forward(self.draft, self.D, st.D, draft_prompt, slots)
             # The draft re-reads the prompt's last token with the first generated one: every draft
             # loop then starts from two known tokens, one shape for all slots.
             st.D.length[slots] -= 1
@@ -397,9 +435,6 @@ class Engine:
         hidden = model.model.language_model(
             inputs_embeds=prompt.embeds, attention_mask=view.mask(width), position_ids=prompt.position_ids,
             past_key_values=view, use_cache=True).last_hidden_state
-        cache.length[slots] = width
-        cache.pad[slots] = prompt.pad
-        cache.offset[slots] = prompt.next_position - width  # position id of slot s >= width is s + offset
         return F.linear(hidden[:, -1], decoder.head)
 
     # ---- the three stages of a cycle (fixed shapes, no host sync: captured as CUDA graphs) -------
@@ -507,6 +542,22 @@ class Engine:
         return out
 
 
+@dataclass
+class _Pending:
+    """A group of rows being prefilled into `slots`: what `_Stream._launch` queued, for `_land`."""
+
+    group: list[tuple[int, dict]]
+    slots: list[int]
+    index: torch.Tensor | None = None
+    prompt: Prompt | None = None
+    draft_prompt: Prompt | None = None
+    first: torch.Tensor | None = None
+    keys: list[int] = field(default_factory=list)
+    budget: torch.Tensor | None = None
+    exact: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None  # recorded after the prompt forwards (CUDA)
+
+
 class _Stream:
     """The host's side of one stream: which row each slot holds, rows read but not yet placed,
     traces, and the clock. `step` refills free slots, runs one cycle and returns the rows that
@@ -530,6 +581,8 @@ class _Stream:
         self.cuda = engine.device.type == "cuda"
         self.clock, self.marks, self.ks = _Clock(self.cuda), [], []
         self.start, self.prefill_s, self.prefills, self.placed, self.peak = time.perf_counter(), 0.0, 0, 0, 0
+        self.pending: _Pending | None = None  # a group being prefilled, not placed yet
+        self.overlapped = 0  # prefills run beside decoding
 
     def _sync(self) -> None:
         if self.cuda:
@@ -569,9 +622,13 @@ class _Stream:
             self.replay.start(self.slots, e.device)
 
     def _refill(self) -> None:
+        """Place rows in free slots: beside the rows in flight when the engine overlaps prefill
+        (`_launch` on the prefill stream; `_land` places them at a later step, once done), else
+        at once. One group of rows is prefilled at a time."""
         e = self.engine
+        self._land(wait=False)
         in_flight = any(row is not None for row in self.slot_row)
-        if (self.draining or self.static) and in_flight:
+        if self.pending is not None or ((self.draining or self.static) and in_flight):
             return
         self.draining = False
         free = [s for s, row in enumerate(self.slot_row) if row is None]
@@ -579,32 +636,61 @@ class _Stream:
         if not group:
             return
         t0 = time.perf_counter()
-        rows = pixels_on([row for _, row in group], e.device, e.target.dtype)
-        prompt = e.adapter.prompt(e.target, rows)
-        draft_prompt = e.adapter.prompt(e.draft, rows) if e.draft is not None else None
-        width = max(p.embeds.shape[1] for p in (prompt, draft_prompt) if p is not None)
+        width = max(row["input_ids"].shape[-1] for _, row in group)  # the group's prompts are left-padded to it
         if self.st is None or not e._fits(self.st, self.slots, width):
             if in_flight:  # a longer prompt: finish the rows in flight, then grow the state
                 self.waiting, self.draining = group + self.waiting, True
                 return
             self._begin(e._state_for(self.slots, width))
             free = list(range(self.slots))
-        slots = free[:len(group)]
-        index = torch.tensor(slots, device=e.device)
-        keys = [row.get(REPLAY_KEY, i) for i, row in group]  # what each row replays
-        budget = self.replay.lengths_of(keys) if self.replay is not None else None
-        exact = torch.tensor([bool(row.get(EXACT, False)) for row in rows], device=e.device)
-        e._prefill(self.st, prompt, draft_prompt, index, None if budget is None else budget.to(e.device), exact)
+        self.pending = _Pending(group, free[:len(group)])
+        if e.overlap and in_flight:
+            e._reserve(self.st, torch.tensor(self.pending.slots, device=e.device))
+            if e._prefill_stream is not None:
+                e._prefill_stream.wait_stream(torch.cuda.current_stream(e.device))  # after the reservation
+            with e._on(e._prefill_stream):
+                self._launch(self.pending)
+            self.overlapped += 1
+        else:
+            self._launch(self.pending)
+            self._land(wait=True)
+        self.prefill_s += time.perf_counter() - t0
+
+    def _launch(self, p: _Pending) -> None:
+        """Queue a group's prompt forwards (`Engine._prompt_keys`) on the current stream."""
+        e = self.engine
+        rows = pixels_on([row for _, row in p.group], e.device, e.target.dtype)
+        p.index = torch.tensor(p.slots, device=e.device)
+        p.prompt = e.adapter.prompt(e.target, rows)
+        p.draft_prompt = e.adapter.prompt(e.draft, rows) if e.draft is not None else None
+        p.first = e._prompt_keys(self.st, p.prompt, p.draft_prompt, p.index)
+        p.keys = [row.get(REPLAY_KEY, i) for i, row in p.group]  # what each row replays
+        budget = self.replay.lengths_of(p.keys) if self.replay is not None else None
+        p.budget = budget.to(e.device) if budget is not None else None
+        p.exact = torch.tensor([bool(row.get(EXACT, False)) for row in rows], device=e.device)
+        if self.cuda:
+            p.done = torch.cuda.Event()
+            p.done.record()
+
+    def _land(self, wait: bool) -> None:
+        """Place the pending group's rows (their slots' state, on the decoding stream) if its
+        prefill is done, or with `wait`, once it is."""
+        p, e = self.pending, self.engine
+        if p is None or not (wait or p.done is None or p.done.query()):
+            return
+        if p.done is not None:
+            torch.cuda.current_stream(e.device).wait_event(p.done)
+        e._place(self.st, p.first, p.prompt, p.draft_prompt, p.index, p.budget, p.exact)
         if self.replay is not None:
-            self.replay.assign(index, keys)
-        for slot, (i, _) in zip(slots, group):
+            self.replay.assign(p.index, p.keys)
+        for slot, (i, _) in zip(p.slots, p.group):
             self.slot_row[slot] = i
             self.traces[i], self.kept[i] = [], []
+        # The host read waits for this stream: past it, nothing reads the group's tensors any more.
         self.status = self.st.status.tolist()
-        self._sync()
-        self.prefill_s += time.perf_counter() - t0
+        self.pending = None
         self.prefills += 1
-        self.placed += len(group)
+        self.placed += len(p.group)
 
     def _finished(self) -> list[tuple[int, RowOutput]]:
         """Rows whose slot went idle (at its prefill or in the last cycle); their slots free up."""
@@ -630,7 +716,10 @@ class _Stream:
         finished = self._finished()
         if finished:
             return finished
-        if not self.status[0]:  # nothing in flight: more rows to place, or done
+        if not self.status[0]:  # nothing decoding: a prefill to land, more rows to place, or done
+            if self.pending is not None:
+                self._land(wait=True)
+                return []
             return None if self.exhausted and not self.waiting else []
         st, status = self.st, self.status
         remaining = status[1] - 1  # the target adds one token of its own
@@ -668,7 +757,7 @@ class _Stream:
             "draft_s": sum(clock.seconds(a, b) for a, b, _, _ in marks),
             "draft_steps": sum(k for *_, k in marks),
             "verify_s": sum(clock.seconds(b, c) for _, b, c, _ in marks), "verifies": len(marks),
-            "prefills": self.prefills, "rows": self.placed, "peak_active": self.peak,
+            "prefills": self.prefills, "overlapped_prefills": self.overlapped, "rows": self.placed, "peak_active": self.peak,
             "costs": asdict(self.st.costs) if self.st is not None and self.st.costs else None,
             "attention": {"target": dict(e.T.attention), "draft": dict(e.D.attention) if e.D else None}}
 

@@ -412,6 +412,35 @@ def test_a_decoding_cycle_never_waits_on_the_host(pair, mode):
     assert int(st.count[0].min()) > 1  # the cycles emitted tokens
 
 
+def test_a_prefill_beside_a_cycle_keeps_its_slots_keys(pair):
+    """A group prefilled while the other slots run a cycle (overlap: another CUDA stream) keeps
+    exactly the keys a prefill alone writes: the cycle writes every slot's keys at its length, so
+    the reserved slot is parked at the caches' tails (here a fresh slot, length 0, where the cycle
+    would write over the prompt's first keys)."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 6])
+    engine = Engine(target, draft, SpecConfig(mode="sd", k=4, max_new_tokens=48), slots=2)
+    engine.generate(rows)  # builds the decode state
+    st, one, two = engine._state, torch.tensor([0]), torch.tensor([1])
+    prompts = [(engine.adapter.prompt(target, [r]), engine.adapter.prompt(draft, [r])) for r in rows]
+    width = prompts[1][0].embeds.shape[1]
+    keys = []
+    for beside in (True, False):
+        with torch.inference_mode():
+            st.reset()
+            engine._prefill(st, *prompts[0], one)
+            if beside:
+                engine._reserve(st, two)
+            first = engine._prompt_keys(st, *prompts[1], two)
+            if beside:
+                engine._draft(st, 4)
+                engine._verify(st, 4)
+                engine._commit(st, 4)
+            engine._place(st, first, *prompts[1], two, None, None)
+        keys.append([c.k[:, 1, :, :width].clone() for c in (st.T, st.D)] + [st.T.length[1].item()])
+    assert all(torch.equal(a, b) for a, b in zip(keys[0][:2], keys[1][:2])) and keys[0][2] == keys[1][2] == width
+
+
 def test_the_draft_length_pays_for_itself():
     """k=auto: a small K when drafting costs about what verifying does, a large one when drafting
     is cheap; more acceptance, longer drafts; never past k_max or the remaining budget."""
@@ -458,8 +487,13 @@ def test_a_stream_refills_slots_and_decodes_like_the_batch_api(pair):
     assert order != sorted(order)  # rows finished out of order: short ones left early
     t = engine.timing
     assert t["rows"] == len(rows) and t["peak_active"] == 3 and t["prefills"] >= 4  # slots were refilled
+    # Refills ran beside the cycles of the rows in flight (placed a step later, their slots parked
+    # at the caches' tails meanwhile); without overlap, every refill waits: the same tokens.
+    assert t["overlapped_prefills"] >= 3
     for i, result in outputs.items():
         assert_counters_add_up(result, cfg.k)
+    serial = Engine(target, draft, dataclasses.replace(cfg, overlap_prefill=False), slots=3)
+    assert [r.tokens for r in serial.generate(rows)] == expected and serial.timing["overlapped_prefills"] == 0
     batch = Engine(target, draft, cfg).generate(rows)  # one slot per row
     assert [r.tokens for r in batch] == expected
     # (Counters of drafting may differ by a token or two: near the end, K is capped by the largest
