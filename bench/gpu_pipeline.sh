@@ -3,11 +3,11 @@
 # in three parts, each one call, run back to back while the machine stays warm (what one part
 # installs into .site/ stays there for the next). Results under $OUT.
 #   bench/gpu_pipeline.sh engine   # carry .gpu-a: ray, transformers... ; the engine alone: lvspec continuous and
-#                                  # static, ar continuous, three runs each
+#                                  # static x3; lvspec serial (no overlap) and ar continuous x$REPEATS (3);
+#                                  # the prefill's parts
 #   bench/gpu_pipeline.sh jobs     # carry .gpu-b: av, decord ; renders the shards, `ray start --head`, the job
-#                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate;
-#                                  # then the engine: lvspec continuous without overlap x1, the prefill's parts
-#   bench/gpu_pipeline.sh jobs2    # the job: lvspec static x3, ar continuous x3
+#                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate
+#   bench/gpu_pipeline.sh jobs2    # the job: lvspec static, ar continuous, x$REPEATS (3) each
 # Here, after: python -m bench.pipeline_gpu report --json <the three JSONs> --markdown BENCHMARKS.md
 # Bundles: bench/gpu_wheels.sh (here, once).
 set -o pipefail
@@ -32,8 +32,11 @@ case "$1" in
     bench/gpu_install.sh .gpu-a | tail -3; exit ;;
   engine)
     bench/gpu_install.sh .gpu-a || exit 1
-    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/static ar/continuous \
-      --json $OUT/engine.json 2>&1 | quiet | grep "^\[" ;;
+    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/static \
+      --json $OUT/engine.json 2>&1 | quiet | grep "^\["
+    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/serial ar/continuous --repeats ${REPEATS:-3} \
+      --json $OUT/engine2.json 2>&1 | quiet | grep "^\["
+    python3 -m bench.pipeline_gpu prefill --groups 1 --json $OUT/prefill.json 2>&1 | quiet | grep "^\[\|Error" ;;
   jobs)
     bench/gpu_install.sh .gpu-b || exit 1
     test -d $SHARDS || python3 -m bench.videos --out $SHARDS --rows $ROWS --distinct 48 --workers 14 2>&1 | quiet
@@ -41,11 +44,7 @@ case "$1" in
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/continuous \
       --json $OUT/jobs.json 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror"
     python3 -m bench.pipeline_gpu decode --shards $SHARDS --frames 16 64 --json $OUT/decode.json 2>&1 | quiet \
-      | grep "^\[" 
-    ray stop --force >/dev/null 2>&1  # the GPU to the engine alone: continuous without overlap, the prefill's parts
-    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/serial --repeats 1 \
-      --json $OUT/engine_serial.json 2>&1 | quiet | grep "^\[" 
-    python3 -m bench.pipeline_gpu prefill --groups 1 --json $OUT/prefill.json 2>&1 | quiet | grep "^\[\|Error" ;;
+      | grep "^\[" ;;
   jobs2)
     head_up
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/static ar/continuous \

@@ -329,7 +329,7 @@ def prefill(args, out: dict) -> dict:
                     if how == "nocache":  # HF's own causal path, no cache
                         lm(inputs_embeds=prompt.embeds, position_ids=prompt.position_ids, use_cache=False)
                         return
-                    view = cache.prefill_view(slots, prompt.pad)
+                    view = cache.prefill_view(slots, prompt.pad, prompt.padded)
                     mask = view.band(width) if how == "band" else view.mask(width)
                     lm(inputs_embeds=prompt.embeds, attention_mask=mask, position_ids=prompt.position_ids,
                        past_key_values=view, use_cache=True)

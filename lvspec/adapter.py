@@ -22,6 +22,7 @@ class Prompt:
     video_mask: torch.Tensor  # [B, P] bool: slots holding video tokens
     next_position: torch.Tensor  # [B] position id of the first generated token
     last_token: torch.Tensor  # [B] id of the prompt's last token (text, never padding: prompts are left-padded)
+    padded: bool = True  # any row left-padded (known on the host: prompts of one width need no mask)
 
 
 class Adapter(Protocol):
@@ -35,10 +36,20 @@ def _left_pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(t, (width - t.shape[-1], 0), value=value) for t in tensors])
 
 
-def pixels_on(rows: list[dict], device, dtype) -> list[dict]:
-    """Rows with their pixels moved to `device` in `dtype` once, for both models' prompts (each
-    adapter's own `.to` is then a no-op)."""
-    return [{k: v.to(device, dtype) if k.startswith("pixel_values") else v for k, v in row.items()} for row in rows]
+def rows_on(rows: list[dict], device, dtype) -> list[dict]:
+    """Rows with their tensors moved to `device` once, pixels in `dtype`, for both models' prompts
+    (the adapters' own `.to` are then no-ops). Done before any model work is queued: a copy from
+    pageable host memory waits for everything queued before it on its stream."""
+    def on(key, v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.to(device, dtype) if key.startswith("pixel_values") else v.to(device)
+    return [{k: on(k, v) for k, v in row.items()} for row in rows]
+
+
+def padded(rows: list[dict]) -> bool:
+    """Whether a group's prompts differ in length (left padding), from the host's shapes."""
+    return len({r["input_ids"].shape[-1] for r in rows}) > 1
 
 
 def left_pad_rows(rows: list[dict], key: str, value: int = 0) -> torch.Tensor:
@@ -46,12 +57,19 @@ def left_pad_rows(rows: list[dict], key: str, value: int = 0) -> torch.Tensor:
     return _left_pad([r[key].reshape(-1) for r in rows], value)
 
 
+def check_video_rows(model, rows: list[dict], family: str | None = None) -> None:
+    """Every row holds a video (pixels and video tokens); on the host's copies of the ids (on the
+    GPU, looking would wait for the stream)."""
+    for i, row in enumerate(rows):
+        if "pixel_values_videos" not in row or not bool((row["input_ids"] == model.config.video_token_id).any()):
+            raise ValueError(f"row {i} has no video: {family or model.config.model_type} rows need "
+                             "pixel_values_videos and video tokens")
+
+
 def video_prompt_ids(model, rows: list[dict], family: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded input_ids and attention_mask [B, P] on the model's device; every row must hold a video."""
     cfg = model.config
-    for i, row in enumerate(rows):
-        if "pixel_values_videos" not in row or not bool((row["input_ids"] == cfg.video_token_id).any()):
-            raise ValueError(f"row {i} has no video: {family} rows need pixel_values_videos and video tokens")
+    check_video_rows(model, [r for r in rows if r["input_ids"].device.type == "cpu"], family)
     ids = left_pad_rows(rows, "input_ids", cfg.get_text_config().pad_token_id or 0).to(model.device)
     return ids, left_pad_rows(rows, "attention_mask", 0).to(model.device)
 

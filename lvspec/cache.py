@@ -23,9 +23,10 @@ class StaticCache:
         self.offset = torch.zeros(slots, dtype=torch.long, device=device)  # position id of slot s is s + offset
         self.capacity = capacity
 
-    def prefill_view(self, slots: torch.Tensor, pad: torch.Tensor) -> PrefillView:
-        """What HF's modules write the prompts of rows placed in `slots` through."""
-        return PrefillView(self, slots, pad)
+    def prefill_view(self, slots: torch.Tensor, pad: torch.Tensor, padded: bool = True) -> PrefillView:
+        """What HF's modules write the prompts of rows placed in `slots` through (`padded`: any
+        row is left-padded by `pad`)."""
+        return PrefillView(self, slots, pad, padded)
 
 
 class PrefillView:
@@ -34,13 +35,13 @@ class PrefillView:
     the sizes mask creation asks for (a fresh prompt: no offset, keys as long as the queries), so
     that a forward without an explicit mask takes SDPA's causal path (flash)."""
 
-    def __init__(self, cache: StaticCache, slots: torch.Tensor, pad: torch.Tensor):
-        self.cache, self.slots, self.pad = cache, slots, pad
+    def __init__(self, cache: StaticCache, slots: torch.Tensor, pad: torch.Tensor, padded: bool = True):
+        self.cache, self.slots, self.pad, self.padded = cache, slots, pad, padded
 
     def mask(self, width: int) -> torch.Tensor | None:
         """What the forward attends with: None when no row is padded (the usual case, prompts of one
         width: HF then takes SDPA's causal path, flash attention), else the band."""
-        return self.band(width) if bool(self.pad.any()) else None
+        return self.band(width) if self.padded else None
 
     def band(self, width: int) -> torch.Tensor:
         """Causal band over the left-padded prompt, [rows, 1, width, width]; padding sees itself."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lvspec.adapter import Prompt, adapter_for, check_pair, pixels_on, shared_vocab, text_config
+from lvspec.adapter import Prompt, adapter_for, check_pair, check_video_rows, rows_on, shared_vocab, text_config
 from lvspec.config import SpecConfig
 from lvspec.decoder import ATTENTION, TextDecoder
 from lvspec.draft_length import Costs, DraftLength
@@ -431,7 +431,7 @@ class Engine:
     def _prompt_forward(model, decoder: TextDecoder, cache, prompt: Prompt, slots: torch.Tensor) -> torch.Tensor:
         """The prompts through the HF modules, their keys into the cache's `slots`; logits of their end [B, V]."""
         width = prompt.embeds.shape[1]
-        view = cache.prefill_view(slots, prompt.pad)
+        view = cache.prefill_view(slots, prompt.pad, prompt.padded)
         hidden = model.model.language_model(
             inputs_embeds=prompt.embeds, attention_mask=view.mask(width), position_ids=prompt.position_ids,
             past_key_values=view, use_cache=True).last_hidden_state
@@ -659,15 +659,17 @@ class _Stream:
     def _launch(self, p: _Pending) -> None:
         """Queue a group's prompt forwards (`Engine._prompt_keys`) on the current stream."""
         e = self.engine
-        rows = pixels_on([row for _, row in p.group], e.device, e.target.dtype)
+        # Every copy from the host first (each waits for what its stream has queued), then the models.
+        check_video_rows(e.target, [row for _, row in p.group])
+        rows = rows_on([row for _, row in p.group], e.device, e.target.dtype)
         p.index = torch.tensor(p.slots, device=e.device)
-        p.prompt = e.adapter.prompt(e.target, rows)
-        p.draft_prompt = e.adapter.prompt(e.draft, rows) if e.draft is not None else None
-        p.first = e._prompt_keys(self.st, p.prompt, p.draft_prompt, p.index)
         p.keys = [row.get(REPLAY_KEY, i) for i, row in p.group]  # what each row replays
         budget = self.replay.lengths_of(p.keys) if self.replay is not None else None
         p.budget = budget.to(e.device) if budget is not None else None
         p.exact = torch.tensor([bool(row.get(EXACT, False)) for row in rows], device=e.device)
+        p.prompt = e.adapter.prompt(e.target, rows)
+        p.draft_prompt = e.adapter.prompt(e.draft, rows) if e.draft is not None else None
+        p.first = e._prompt_keys(self.st, p.prompt, p.draft_prompt, p.index)
         if self.cuda:
             p.done = torch.cuda.Event()
             p.done.record()

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lvspec.adapter import Prompt, video_prompt_ids
+from lvspec.adapter import Prompt, padded, video_prompt_ids
 
 
 class LlavaOnevisionAdapter:
@@ -34,7 +34,7 @@ class LlavaOnevisionAdapter:
                 features[i] = feats
         embeds = embeds.masked_scatter(video_mask[..., None], torch.cat(features).to(embeds.dtype))
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return Prompt(embeds, (mask == 0).sum(-1), positions, video_mask, mask.sum(-1), ids[:, -1])
+        return Prompt(embeds, (mask == 0).sum(-1), positions, video_mask, mask.sum(-1), ids[:, -1], padded(rows))
 
 
 def video_features(model, pixels: torch.Tensor) -> torch.Tensor:

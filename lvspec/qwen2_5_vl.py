@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lvspec.adapter import Prompt, left_pad_rows, video_prompt_ids
+from lvspec.adapter import Prompt, left_pad_rows, padded, video_prompt_ids
 
 
 class Qwen25VLAdapter:
@@ -28,7 +28,7 @@ class Qwen25VLAdapter:
         # Text after the prompt continues at (largest position so far) + 1 on all three axes.
         next_position = positions.masked_fill(~mask.bool()[None], -1).amax(dim=(0, 2)) + 1
         # Generated text has equal positions on all three axes: decoding needs only this 1-D start.
-        return Prompt(embeds, (mask == 0).sum(-1), positions, video_mask, next_position, ids[:, -1])
+        return Prompt(embeds, (mask == 0).sum(-1), positions, video_mask, next_position, ids[:, -1], padded(rows))
 
 
 ADAPTER = Qwen25VLAdapter()

@@ -341,7 +341,7 @@ def test_unpadded_prompts_take_the_causal_path_and_write_the_same_cache(pair):
         caches, hidden = [], []
         for causal in (True, False):
             cache = decoder.new_cache(2, width + 8)
-            view = cache.prefill_view(torch.arange(2), prompt.pad)
+            view = cache.prefill_view(torch.arange(2), prompt.pad, prompt.padded)
             mask = view.mask(width) if causal else view.band(width)
             assert (mask is None) == causal
             with torch.inference_mode():
@@ -355,7 +355,8 @@ def test_unpadded_prompts_take_the_causal_path_and_write_the_same_cache(pair):
     padded = make_rows(processor, [6, 4])
     prompt = Engine(target, draft, SpecConfig(mode="ar")).adapter.prompt(target, padded)
     cache = TextDecoder(target, target.config.get_text_config().vocab_size).new_cache(2, 512)
-    assert cache.prefill_view(torch.arange(2), prompt.pad).mask(prompt.embeds.shape[1]) is not None
+    assert prompt.padded and cache.prefill_view(torch.arange(2), prompt.pad, prompt.padded).mask(
+        prompt.embeds.shape[1]) is not None
 
 
 def test_a_held_engine_reuses_its_state_across_batches_with_idle_slots(pair):
