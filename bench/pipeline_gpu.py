@@ -493,7 +493,7 @@ def markdown(res: dict) -> str:
              f"the 10th and 90th percentile of finish times; spread = (max - min) / median.", "",
              "| | engine alone tok/s (prefill share of its time) | job tok/s | job / engine | job GPU busy | decode headroom |",
              "|---|---|---|---|---|---|"]
-    for key in ("lvspec/continuous", "lvspec/static", "ar/continuous"):
+    for key in ("lvspec/continuous", "lvspec/serial", "lvspec/static", "ar/continuous"):
         e, j = res["engine"].get(key), res["job"].get(key)
         if not (e or j):
             continue
@@ -509,13 +509,16 @@ def markdown(res: dict) -> str:
         shown = ", ".join(f"{k} frames: {v}" for k, v in value.items()) if isinstance(value, dict) else f"{value:.2f}"
         lines.append(f"| {name} | {shown} | {needed.get(name, '')} |")
     if res.get("prefill"):
-        lines += ["", "Where a row's prefill goes (GPU ms per call, median of 3; floor = 2 x parameters x tokens at "
-                  "700 TFLOP/s; causal = HF's own forward without the engine's mask and cache):", "",
-                  "| model | rows | vision tower + splice | LM, as prefilled | LM, causal | LM floor |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "Where a row's prefill goes (GPU ms per call, median of 3; floors = 2 x parameters x tokens "
+                  "at 700 TFLOP/s; band = the explicit mask the engine used before; no cache = HF's own forward):",
+                  "", "| model | rows | vision + splice (pixels from the host) | on device | vision tower alone | "
+                  "vision floor | LM, as prefilled | LM with the band | LM, no cache | LM floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        num = lambda v: f"{v:.1f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
         for r in res["prefill"]:
-            lines.append(f"| {r['model']} | {r['rows']} | {r['vision_and_splice_ms']:.1f} | {r['lm_masked_ms']:.1f} | "
-                         f"{r['lm_causal_ms']:.1f} | {r['lm_floor_ms']:.1f} |")
+            lines.append(" | ".join([f"| {r['model']}", str(r["rows"])] + [num(r.get(k)) for k in (
+                "vision_and_splice_ms", "vision_and_splice_on_device_ms", "vision_tower_ms", "vision_floor_ms",
+                "lm_engine_ms", "lm_band_ms", "lm_nocache_ms", "lm_floor_ms")]) + " |")
     return "\n".join(lines)
 
 
