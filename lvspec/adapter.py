@@ -27,6 +27,7 @@ class Prompt:
 
 class Adapter(Protocol):
     family: str
+    capturable: bool  # prompt() reads nothing back to the host (it can be captured as a CUDA graph)
 
     def prompt(self, model, rows: list[dict]) -> Prompt: ...
 

@@ -42,6 +42,9 @@ class SpecConfig:
     # other slots keep decoding (compute-bound prefill beside memory-bound decoding); off: decoding
     # waits for each prefill. Not under tensor parallelism (its collectives keep one order).
     overlap_prefill: bool = True
+    # Capture a group's prompt forwards as CUDA graphs (per input shapes, groups of up to 4 rows), so
+    # that launching them costs the decoding loop no host time. Off until measured on a GPU.
+    prompt_graphs: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -34,7 +34,7 @@ from lvspec.config import SpecConfig
 from lvspec.decoder import ATTENTION, TextDecoder
 from lvspec.draft_length import Costs, DraftLength
 from lvspec.feed import RowFeed
-from lvspec.graphs import Stages
+from lvspec.graphs import PromptGraphs, Stages
 from lvspec.relevance import RelevanceProbe, relevance_heads, relevance_weights
 from lvspec.replay import Replay
 from lvspec.verify import Verdict, verify
@@ -122,6 +122,7 @@ class _State:
         self.reached, self.kept = self.status[2:2 + k], self.status[2 + k:2 + 2 * k]
         self.slot_active = self.status[2 + 2 * k:]
         self.stages = Stages(engine.graphs, _snapshot(self.small()))
+        self.prompts = PromptGraphs(engine.prompt_graphs)  # they write into this state's caches
         self.costs: Costs | None = None
 
     def small(self) -> list[torch.Tensor]:
@@ -205,6 +206,8 @@ class Engine:
         cuda = self.device.type == "cuda"
         self._decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         self._prefill_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
+        capturable = cfg.prompt_graphs and self.tp is None and getattr(self.adapter, "capturable", False)
+        self.prompt_graphs = ("cuda" if self.graphs else "static") if capturable else "off"
         self._state: _State | None = None
         # Acceptance counts of earlier calls (cycles that reached / kept each draft slot), halved at
         # every call: a new batch starts from what this pair accepted lately, not from nothing.
@@ -388,6 +391,13 @@ class Engine:
         if self.D is not None:
             self._prompt_forward(self.draft, self.D, st.D, draft_prompt, slots)
         return first
+
+    def _prompt_group(self, st: _State, rows: list[dict], slots: torch.Tensor):
+        """Both models' prompts of a group (rows on the device) through `_prompt_keys`: what
+        `PromptGraphs` captures. (target prompt, draft prompt, first tokens)."""
+        prompt = self.adapter.prompt(self.target, rows)
+        draft_prompt = self.adapter.prompt(self.draft, rows) if self.draft is not None else None
+        return prompt, draft_prompt, self._prompt_keys(st, prompt, draft_prompt, slots)
 
     def _reserve(self, st: _State, slots: torch.Tensor) -> None:
         """Idle `slots` about to be prefilled beside decoding: cycles write every slot's keys at its
@@ -667,9 +677,8 @@ class _Stream:
         budget = self.replay.lengths_of(p.keys) if self.replay is not None else None
         p.budget = budget.to(e.device) if budget is not None else None
         p.exact = torch.tensor([bool(row.get(EXACT, False)) for row in rows], device=e.device)
-        p.prompt = e.adapter.prompt(e.target, rows)
-        p.draft_prompt = e.adapter.prompt(e.draft, rows) if e.draft is not None else None
-        p.first = e._prompt_keys(self.st, p.prompt, p.draft_prompt, p.index)
+        st = self.st
+        p.prompt, p.draft_prompt, p.first = st.prompts.run(lambda r, i: e._prompt_group(st, r, i), rows, p.index)
         if self.cuda:
             p.done = torch.cuda.Event()
             p.done.record()

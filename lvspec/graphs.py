@@ -70,3 +70,76 @@ class Stages:
         with torch.cuda.graph(graph, pool=self.pool):
             stage()
         return graph
+
+
+class PromptGraphs:
+    """A group's prompt forwards (both models' prompts, their keys into the caches, the first
+    tokens) captured once per input shapes and replayed: an eager prompt forward costs about as
+    much host time to launch as the GPU spends on it, time the decoding loop (same thread) waits.
+
+    `run(fn, rows, index)` copies the rows' tensors and the slots into the graph's static copies,
+    replays, and returns the graph's own outputs, overwritten by the next run (the caller places
+    them first). Mode "cuda": CUDA graphs, in a memory pool of their own (they replay beside the
+    decoding stages, on another stream); a function that cannot be captured runs eagerly, with a
+    warning. Mode "static" (CPU): the same static copies and fixed outputs, `fn` re-run (what tests
+    check the plumbing with). Off: `fn` runs on the rows. Groups of more than `max_rows` rows run
+    eagerly (their launch cost is shared by many rows; their graphs would hold much memory)."""
+
+    def __init__(self, mode: str, max_rows: int = 4):
+        self.mode, self.max_rows = mode, max_rows
+        self.captured: dict[Hashable, tuple | None] = {}
+        self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
+
+    @staticmethod
+    def key(rows: list[dict]) -> tuple:
+        return tuple(tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(r.items()) if isinstance(v, torch.Tensor))
+                     for r in rows)
+
+    def run(self, fn: Callable, rows: list[dict], index: torch.Tensor):
+        if self.mode == "off" or len(rows) > self.max_rows:
+            return fn(rows, index)
+        key = self.key(rows)
+        if key not in self.captured:
+            self.captured[key] = self._capture(fn, rows, index)
+        entry = self.captured[key]
+        if entry is None:
+            return fn(rows, index)
+        replay, static_rows, static_index, out = entry
+        for static, row in zip(static_rows, rows):
+            for k, v in row.items():
+                if isinstance(v, torch.Tensor):
+                    static[k].copy_(v)
+        static_index.copy_(index)
+        replay()
+        return out
+
+    def _capture(self, fn: Callable, rows: list[dict], index: torch.Tensor) -> tuple | None:
+        static_rows = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in rows]
+        static_index = index.clone()
+        if self.mode == "static":
+            out = fn(static_rows, static_index)
+            return (lambda: _copy_into(out, fn(static_rows, static_index))), static_rows, static_index, out
+        try:
+            fn(static_rows, static_index)  # warm-up (lazy initialisation); writes only the slots being filled
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.current_stream(),
+                                  capture_error_mode="thread_local"):
+                out = fn(static_rows, static_index)
+        except RuntimeError as e:
+            import warnings
+
+            warnings.warn(f"lvspec: a prompt forward could not be captured, it runs eagerly: {e}", stacklevel=2)
+            return None
+        return graph.replay, static_rows, static_index, out
+
+
+def _copy_into(fixed, fresh) -> None:
+    """Copy every tensor of `fresh` into the same place in `fixed` (tensors, dataclasses, tuples)."""
+    if isinstance(fixed, torch.Tensor):
+        fixed.copy_(fresh)
+    elif isinstance(fixed, (tuple, list)):
+        for a, b in zip(fixed, fresh):
+            _copy_into(a, b)
+    elif hasattr(fixed, "__dataclass_fields__"):
+        for name in fixed.__dataclass_fields__:
+            _copy_into(getattr(fixed, name), getattr(fresh, name))

@@ -16,6 +16,7 @@ from lvspec.adapter import Prompt, padded, video_prompt_ids
 
 class LlavaOnevisionAdapter:
     family = "llava_onevision"
+    capturable = True  # its prompt needs no host read: a CUDA graph can hold it (engine prompt_graphs)
 
     def prompt(self, model, rows: list[dict]) -> Prompt:
         cfg = model.config

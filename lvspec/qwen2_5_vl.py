@@ -9,6 +9,7 @@ from lvspec.adapter import Prompt, left_pad_rows, padded, video_prompt_ids
 
 class Qwen25VLAdapter:
     family = "qwen2_5_vl"
+    capturable = False  # HF's get_rope_index reads the video grid on the host
 
     def prompt(self, model, rows: list[dict]) -> Prompt:
         cfg = model.config

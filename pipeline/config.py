@@ -78,6 +78,11 @@ class GenerationConfig:
     relevance_weights: list[float] | None = None  # one per relevance_heads pair (None: equal weights)
     max_new_tokens: int = 64
     cuda_graphs: bool = True  # on GPUs, capture the decoding stages as CUDA graphs (off: eager, for debugging)
+    # Continuous batching: prefill new rows beside the other slots' decoding (a second CUDA stream).
+    overlap_prefill: bool = True
+    # Capture prompt forwards (groups of up to 4 rows, per input shapes) as CUDA graphs, so launching
+    # them stops holding up decoding (LLaVA-OneVision). Off until measured on a GPU (BENCHMARKS).
+    prompt_graphs: bool = False
     # Benchmarks only: keep the recorded number of drafts per cycle (lvspec.Replay) from this patterns
     # file (bench/replay_patterns.json), so that a dummy pair does a trained pair's work. Rows and the
     # summary say so. Rows end at replayed lengths (stop tokens off), drawn per video_id as
@@ -357,6 +362,7 @@ def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfi
     k = int(gen.k) if str(gen.k).strip().isdigit() else gen.k
     return SpecConfig(mode=gen.mode, k=k, k_max=gen.k_max, theta=theta, alpha=gen.alpha, top_k=gen.top_k,
                       shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens, cuda_graphs=gen.cuda_graphs,
+                      overlap_prefill=gen.overlap_prefill, prompt_graphs=gen.prompt_graphs,
                       stop_token_ids=() if gen.replay is not None else None,  # replayed rows end at replayed lengths
                       **relevance)
 
@@ -372,7 +378,7 @@ def local_path(uri: str) -> str:
 
 # Keys that decide how fast or where a job runs, never what a caption says.
 OPERATIONAL = {"decode": ("actors", "num_cpus", "batch_size"), "model": ("storage_options", "cache_dir"),
-               "generation": ("cuda_graphs",)}
+               "generation": ("cuda_graphs", "overlap_prefill", "prompt_graphs")}
 
 
 def config_hash(job: JobConfig) -> str:

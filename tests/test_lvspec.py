@@ -495,6 +495,15 @@ def test_a_stream_refills_slots_and_decodes_like_the_batch_api(pair):
         assert_counters_add_up(result, cfg.k)
     serial = Engine(target, draft, dataclasses.replace(cfg, overlap_prefill=False), slots=3)
     assert [r.tokens for r in serial.generate(rows)] == expected and serial.timing["overlapped_prefills"] == 0
+    # Prompt forwards through static copies of their inputs and fixed outputs (CUDA graphs on a GPU;
+    # here the same plumbing, re-run): groups of several shapes reuse them, the same tokens.
+    captured = Engine(target, draft, dataclasses.replace(cfg, prompt_graphs=True), slots=3)
+    assert [r.tokens for r in captured.generate(rows)] == expected
+    shapes = captured._state.prompts.captured
+    if captured.adapter.capturable:
+        assert captured.prompt_graphs == "static" and len(shapes) >= 3 and all(shapes.values())
+    else:
+        assert captured.prompt_graphs == "off" and not shapes
     batch = Engine(target, draft, cfg).generate(rows)  # one slot per row
     assert [r.tokens for r in batch] == expected
     # (Counters of drafting may differ by a token or two: near the end, K is capped by the largest
