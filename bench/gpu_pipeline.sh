@@ -8,11 +8,13 @@
 #   bench/gpu_pipeline.sh jobs     # carry .gpu-b: av, decord ; renders the shards, `ray start --head`, the job
 #                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate
 #   bench/gpu_pipeline.sh jobs2    # the job: lvspec static, ar continuous, x$REPEATS (3) each
-# Here, after: python -m bench.pipeline_gpu report --json <the three JSONs> --markdown BENCHMARKS.md
+# OVERRIDES="key=value ..." go to every engine and job run (e.g. generation.prompt_graphs=true).
+# Here, after: python -m bench.pipeline_gpu report --json <the JSONs> --markdown BENCHMARKS.md
 # Bundles: bench/gpu_wheels.sh (here, once).
 set -o pipefail
 cd "$(dirname "$0")/.."
 ROWS=${ROWS:-192}
+read -r -a EXTRA <<< "${OVERRIDES:-}"
 SHARDS=/tmp/lvspec-shards
 export SITE=/tmp/lvspec-site  # the machine keeps /tmp between calls while warm (not the repo's ignored folders)
 export PYTHONPATH=$SITE:$PWD PATH=$SITE/bin:$PATH HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -33,23 +35,23 @@ case "$1" in
   engine)
     bench/gpu_install.sh .gpu-a || exit 1
     python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/static \
-      --json $OUT/engine.json 2>&1 | quiet | grep "^\["
+      --json $OUT/engine.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\["
     python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/serial ar/continuous --repeats ${REPEATS:-3} \
-      --json $OUT/engine2.json 2>&1 | quiet | grep "^\["
-    python3 -m bench.pipeline_gpu prefill --groups 1 --json $OUT/prefill.json 2>&1 | quiet | grep "^\[\|Error" ;;
+      --json $OUT/engine2.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\["
+    python3 -m bench.pipeline_gpu prefill --groups 1 --json $OUT/prefill.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;
   jobs)
     bench/gpu_install.sh .gpu-b || exit 1
     test -d $SHARDS || python3 -m bench.videos --out $SHARDS --rows $ROWS --distinct 48 --workers 14 2>&1 | quiet
     head_up
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/continuous \
-      --json $OUT/jobs.json 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror"
+      --json $OUT/jobs.json "${EXTRA[@]}" 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror"
     python3 -m bench.pipeline_gpu decode --shards $SHARDS --frames 16 64 --json $OUT/decode.json 2>&1 | quiet \
       | grep "^\[" ;;
   jobs2)
     head_up
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/static ar/continuous \
       --repeats ${REPEATS:-3} \
-      --json $OUT/jobs2.json 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror" ;;
+      --json $OUT/jobs2.json "${EXTRA[@]}" 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror" ;;
   *) echo "usage: $0 engine|jobs|jobs2"; exit 2 ;;
 esac
 ray stop --force >/dev/null 2>&1
