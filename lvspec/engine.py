@@ -768,7 +768,8 @@ class _Stream:
             "draft_s": sum(clock.seconds(a, b) for a, b, _, _ in marks),
             "draft_steps": sum(k for *_, k in marks),
             "verify_s": sum(clock.seconds(b, c) for _, b, c, _ in marks), "verifies": len(marks),
-            "prefills": self.prefills, "overlapped_prefills": self.overlapped, "rows": self.placed, "peak_active": self.peak,
+            "prefills": self.prefills, "overlapped_prefills": self.overlapped, "rows": self.placed,
+            "peak_active": self.peak,
             "costs": asdict(self.st.costs) if self.st is not None and self.st.costs else None,
             "attention": {"target": dict(e.T.attention), "draft": dict(e.D.attention) if e.D else None}}
 
