@@ -307,12 +307,11 @@ def test_every_attention_path_computes_the_same_forward(pair):
                 assert torch.allclose(outs[mode], outs[ATTENTION[0]], atol=1e-10), (mode, q)
 
 
-def test_llava_video_features_equal_hfs(pair):
+def test_llava_video_features_equal_hfs():
     """LLaVA-OneVision's video features (pooled channels-last, for speed) are HF's, exactly."""
-    family, processor, target, draft = pair
-    if family != "llava_onevision":
-        pytest.skip("LLaVA-OneVision's pooling")
     from lvspec.llava_onevision import video_features
+
+    processor, target, draft = load_pair("llava_onevision", dtype=torch.float64)
 
     rows = make_rows(processor, [6, 6], prompts=[grammar.prompt_for(None)] * 2)
     pixels = torch.cat([r["pixel_values_videos"] for r in rows]).to(torch.float64)
