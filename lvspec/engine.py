@@ -558,7 +558,7 @@ class _Pending:
 
     group: list[tuple[int, dict]]
     slots: list[int]
-    index: torch.Tensor | None = None
+    index: torch.Tensor  # the slots on the device (made on the decoding stream, before the prefill's)
     prompt: Prompt | None = None
     draft_prompt: Prompt | None = None
     first: torch.Tensor | None = None
@@ -653,9 +653,10 @@ class _Stream:
                 return
             self._begin(e._state_for(self.slots, width))
             free = list(range(self.slots))
-        self.pending = _Pending(group, free[:len(group)])
+        slots = free[:len(group)]
+        self.pending = _Pending(group, slots, torch.tensor(slots, device=e.device))
         if e.overlap and in_flight:
-            e._reserve(self.st, torch.tensor(self.pending.slots, device=e.device))
+            e._reserve(self.st, self.pending.index)
             if e._prefill_stream is not None:
                 e._prefill_stream.wait_stream(torch.cuda.current_stream(e.device))  # after the reservation
             with e._on(e._prefill_stream):
@@ -672,7 +673,6 @@ class _Stream:
         # Every copy from the host first (each waits for what its stream has queued), then the models.
         check_video_rows(e.target, [row for _, row in p.group])
         rows = rows_on([row for _, row in p.group], e.device, e.target.dtype)
-        p.index = torch.tensor(p.slots, device=e.device)
         p.keys = [row.get(REPLAY_KEY, i) for i, row in p.group]  # what each row replays
         budget = self.replay.lengths_of(p.keys) if self.replay is not None else None
         p.budget = budget.to(e.device) if budget is not None else None

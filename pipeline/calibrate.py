@@ -31,10 +31,8 @@ THETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 def sample(cfg: JobConfig, videos: int, log=print) -> list[dict]:
     """The first `videos` decodable videos of the job's source, as the caption stage receives them."""
-    from safetensors.torch import load
-
     from pipeline import sources
-    from pipeline.decode import DecodeStage
+    from pipeline.decode import DecodeStage, unpack, values
     from pipeline.job import start_ray
 
     start_ray(cfg)
@@ -44,10 +42,12 @@ def sample(cfg: JobConfig, videos: int, log=print) -> list[dict]:
                         num_frames=cfg.decode.num_frames, fps=cfg.decode.fps, max_frames=cfg.decode.max_frames,
                         max_side=cfg.decode.max_side, max_bytes=cfg.decode.max_bytes,
                         source_storage_options=cfg.source.storage_options)
-    decoded = stage(pa.Table.from_pylist(rows)).to_pylist()
+    table = stage(pa.Table.from_pylist(rows))
+    decoded = [{**r, "inputs": v} for r, v in zip(table.drop_columns(["inputs"]).to_pylist(),
+                                                   values(table.column("inputs")))]
     good = [r for r in decoded if r["error"] is None][:videos]
     log(f"calibrate: {len(good)} videos decoded ({len(decoded) - len(good)} skipped or failed)")
-    return [{"video_id": r["video_id"], "inputs": load(r["inputs"])} for r in good]
+    return [{"video_id": r["video_id"], "inputs": unpack(r["inputs"])} for r in good]
 
 
 def _caption(engine, rows: list[dict], tokenizer) -> tuple[list[str], float]:
