@@ -1,10 +1,10 @@
 #!/bin/bash
 # The Ray job on one lent GPU (device tool), measured against the engine alone (bench/pipeline_gpu.py),
-# in three parts, each one call, run back to back while the machine stays warm (what one part
+# in parts, each one call, run back to back while the machine stays warm (what one part
 # installs into .site/ stays there for the next). Results under $OUT.
-#   bench/gpu_pipeline.sh engine   # carry .gpu-a: ray, transformers... ; the engine alone: lvspec continuous and
-#                                  # static x3; lvspec serial (no overlap) and ar continuous x$REPEATS (3);
-#                                  # the prefill's parts
+#   bench/gpu_pipeline.sh engine   # carry .gpu-a: ray, transformers... ; the prefill's parts and the prompt-graph
+#                                  # check; the engine alone: lvspec continuous and static x3
+#   bench/gpu_pipeline.sh engine2  # lvspec eager (prompt graphs off), serial (no overlap), ar continuous x$REPEATS (3)
 #   bench/gpu_pipeline.sh jobs     # carry .gpu-b: av, decord ; renders the shards, `ray start --head`, the job
 #                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate
 #   bench/gpu_pipeline.sh jobs2    # the job: lvspec static, ar continuous, x$REPEATS (3) each
@@ -32,13 +32,19 @@ case "$1" in
       | quiet | grep "^\[\|Error" ;;
   install)
     bench/gpu_install.sh .gpu-a | tail -3; exit ;;
-  engine)
+  engine)  # first the prompt-graph check (a capture that fails or differs stops the call), then the runs
     bench/gpu_install.sh .gpu-a || exit 1
+    python3 -m bench.pipeline_gpu prefill --groups 1 --json $OUT/prefill.json "${EXTRA[@]}" 2>&1 | quiet \
+      | grep "^\[\|Error"
+    python3 -c "import json, sys; c = json.load(open('$OUT/prefill.json'))['prompt_graphs']
+bad = [r for r in c if r['graphs']['failures'] or not r['first_tokens_equal'] or r['keys_max_abs_diff'] > 0.05]
+sys.exit(f'prompt graphs: {bad}' if bad else 0)" || exit 1
     python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/static \
-      --json $OUT/engine.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\["
-    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/serial ar/continuous --repeats ${REPEATS:-3} \
-      --json $OUT/engine2.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\["
-    python3 -m bench.pipeline_gpu prefill --groups 1 --json $OUT/prefill.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;
+      --json $OUT/engine.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[" ;;
+  engine2)  # carry .gpu-a (installed already on a warm machine: only its manifest is read)
+    bench/gpu_install.sh .gpu-a >/dev/null || exit 1
+    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/eager lvspec/serial ar/continuous \
+      --repeats ${REPEATS:-3} --json $OUT/engine2.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[" ;;
   jobs)
     bench/gpu_install.sh .gpu-b || exit 1
     test -d $SHARDS || python3 -m bench.videos --out $SHARDS --rows $ROWS --distinct 48 --workers 14 2>&1 | quiet
@@ -52,7 +58,7 @@ case "$1" in
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/static ar/continuous \
       --repeats ${REPEATS:-3} \
       --json $OUT/jobs2.json "${EXTRA[@]}" 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror" ;;
-  *) echo "usage: $0 engine|jobs|jobs2"; exit 2 ;;
+  *) echo "usage: $0 prefill|install|engine|engine2|jobs|jobs2"; exit 2 ;;
 esac
 ray stop --force >/dev/null 2>&1
 exit 0

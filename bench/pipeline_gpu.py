@@ -35,8 +35,9 @@ from pathlib import Path
 CONFIG = "jobs/configs/gpu-bench.yaml"
 DASHBOARD = "http://127.0.0.1:8265"  # the head `ray start --head` started on this machine
 # continuous: the product's (prefill beside decoding); serial (engine only): continuous, each
-# prefill waiting for decoding (overlap_prefill off); static: new rows only once all slots are free.
-BATCHINGS = ("continuous", "serial", "static")
+# prefill waiting for decoding (overlap_prefill off); eager (engine only): continuous, prompt
+# forwards launched eagerly (prompt_graphs off); static: new rows only once all slots are free.
+BATCHINGS = ("continuous", "serial", "eager", "static")
 WINDOW = (0.1, 0.9)  # steady state: rows finishing between these quantiles of finish time
 EXCLUDES = [".site", ".gpu-a", ".gpu-b", ".whl", ".whl-job", ".venv", ".scratch", "data", "out", ".git"]
 
@@ -107,11 +108,13 @@ def engine(args, out: dict) -> dict:
         spec = spec_config(dataclasses.replace(gen, mode=mode), shipped)
         eng = Engine(base.target, base.draft if mode != "ar" else None, spec, slots=base.slots)
         replay = Replay.from_file(gen.replay, eng.adapter.family, mode, gen.replay_lengths)
+        graphs = eng.prompt_graphs
         list(eng.stream(rows[:2 * base.slots], tokenizer=tokenizer, replay=replay))  # warm-up: state, graphs, costs
         for repeat in range(args.repeats):
             for batching in [b for m, b in args.runs if m == mode]:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
-                eng.overlap = batching == "continuous"
+                eng.overlap = batching in ("continuous", "eager")
+                eng.prompt_graphs = "off" if batching == "eager" else graphs
                 start, finished, cycles = time.perf_counter(), [], 0
                 for _, result in eng.stream(rows, tokenizer=tokenizer, replay=replay, static=batching == "static"):
                     finished.append((time.perf_counter(), result.stats.num_tokens))
@@ -123,11 +126,12 @@ def engine(args, out: dict) -> dict:
                        "prefill_s": eng.timing["prefill_s"], "cycles": eng.timing["cycles"],
                        "overlapped_prefills": eng.timing["overlapped_prefills"], "prefills": eng.timing["prefills"],
                        "tau": (tokens - len(finished)) / max(cycles, 1),
-                       "k_median": statistics.median(eng.timing["k"]) if eng.timing["k"] else 0}
+                       "k_median": statistics.median(eng.timing["k"]) if eng.timing["k"] else 0,
+                       "prompt_graphs": eng.timing["prompt_graphs"]}
                 out["runs"].append(run)
                 print(f"[engine] {mode:6s} {batching:10s} run {repeat}: {run['steady']['tokens_per_s']:8.1f} tok/s "
                       f"steady, {run['tokens_per_s_whole']:8.1f} whole ({tokens} tokens, {wall:.1f} s, prefill "
-                      f"{run['prefill_s']:.1f} s, tau {run['tau']:.2f})", flush=True)
+                      f"{run['prefill_s']:.1f} s, tau {run['tau']:.2f}; prompt graphs {run['prompt_graphs']})", flush=True)
                 _write(args.json, out)
         del eng
     return out
@@ -359,6 +363,7 @@ def prefill(args, out: dict) -> dict:
                     _profile(args.profile, f"{name}: vision on device", lambda: eng.adapter.prompt(model, ready))
                     _profile(args.profile, f"{name}: language model (engine path)", lambda: forward("engine"))
                 del cache
+        out["prompt_graphs"] = [_prompt_graph_check(eng, row, group) for group in (1, 4)]
         if args.profile:  # the engine's whole loop: where the GPU waits
             from lvspec import Replay
             from lvspec.engine import REPLAY_KEY
@@ -371,6 +376,57 @@ def prefill(args, out: dict) -> dict:
             _profile(args.profile, f"engine: {args.rows} rows, continuous, {eng.slots} slots",
                      lambda: list(eng.stream(stream, replay=replay)), rows=25)
     return out
+
+
+def _prompt_graph_check(eng, row: dict, group: int) -> dict:
+    """A group's prompt forwards (`Engine._prompt_group`: both models, keys into the caches) eagerly
+    and as a replayed `PromptGraphs` capture: host ms to queue each (what the decoding loop waits
+    for), GPU ms, and whether the replay wrote what the eager run did (first tokens, both caches' keys)."""
+    import torch
+
+    from lvspec.adapter import rows_on
+    from lvspec.graphs import PromptGraphs
+
+    cuda = eng.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows = rows_on([row] * group, eng.device, eng.target.dtype)
+    width = int(row["input_ids"].shape[-1])
+    st = eng._state_for(eng.slots, width)
+    index = torch.arange(group, device=eng.device)
+    graphs = PromptGraphs("cuda" if cuda else "static")
+
+    def fn(r, i):
+        return eng._prompt_group(st, r, i)
+
+    def keys():
+        return [c.k[:, :group, :, :width].clone() for c in (st.T, st.D) if c is not None]
+
+    def timed(call) -> tuple[float, float, object]:
+        sync()
+        t0 = time.perf_counter()
+        result = call()
+        host = time.perf_counter() - t0
+        sync()
+        return host * 1e3, (time.perf_counter() - t0) * 1e3, result
+
+    fn(rows, index)  # warm-up
+    eager = [timed(lambda: fn(rows, index)) for _ in range(3)]
+    first, expect = eager[-1][2][2].clone(), keys()
+    graphs.run(fn, rows, index)  # capture
+    for c in (st.T, st.D):
+        if c is not None:
+            c.k[:, :group].zero_()
+    replayed = [timed(lambda: graphs.run(fn, rows, index)) for _ in range(3)]
+    got = keys()
+    result = {"rows": group, "graphs": graphs.summary(),
+              "eager_host_ms": statistics.median(h for h, _, _ in eager),
+              "eager_wall_ms": statistics.median(w for _, w, _ in eager),
+              "replay_host_ms": statistics.median(h for h, _, _ in replayed),
+              "replay_wall_ms": statistics.median(w for _, w, _ in replayed),
+              "first_tokens_equal": bool(torch.equal(first, replayed[-1][2][2])),
+              "keys_max_abs_diff": max(float((a.float() - b.float()).abs().max()) for a, b in zip(expect, got))}
+    print(f"[prompt graphs] {result}", flush=True)
+    return result
 
 
 def _profile(path: str, title: str, fn, rows: int = 15) -> None:
@@ -453,6 +509,8 @@ def report(args) -> dict:
         figures["overlap_gain"] = e["lvspec/continuous"]["median"] / e["lvspec/serial"]["median"]
         if "lvspec/static" in e:
             figures["serial_vs_static"] = e["lvspec/serial"]["median"] / e["lvspec/static"]["median"]
+    if "lvspec/eager" in e:
+        figures["prompt_graph_gain"] = e["lvspec/continuous"]["median"] / e["lvspec/eager"]["median"]
     if "lvspec/static" in j:
         figures["job_continuous_vs_static"] = (j["lvspec/continuous"]["tokens_per_s"]["median"]
                                                / j["lvspec/static"]["tokens_per_s"]["median"])
@@ -493,7 +551,7 @@ def markdown(res: dict) -> str:
              f"the 10th and 90th percentile of finish times; spread = (max - min) / median.", "",
              "| | engine alone tok/s (prefill share of its time) | job tok/s | job / engine | job GPU busy | decode headroom |",
              "|---|---|---|---|---|---|"]
-    for key in ("lvspec/continuous", "lvspec/serial", "lvspec/static", "ar/continuous"):
+    for key in ("lvspec/continuous", "lvspec/eager", "lvspec/serial", "lvspec/static", "ar/continuous"):
         e, j = res["engine"].get(key), res["job"].get(key)
         if not (e or j):
             continue

@@ -678,7 +678,11 @@ class _Stream:
         p.budget = budget.to(e.device) if budget is not None else None
         p.exact = torch.tensor([bool(row.get(EXACT, False)) for row in rows], device=e.device)
         st = self.st
-        p.prompt, p.draft_prompt, p.first = st.prompts.run(lambda r, i: e._prompt_group(st, r, i), rows, p.index)
+        def group(r, i):
+            return e._prompt_group(st, r, i)
+        # e.prompt_graphs may be switched "off" between calls (benchmarks: the same state, eager prompts).
+        p.prompt, p.draft_prompt, p.first = (st.prompts.run(group, rows, p.index) if e.prompt_graphs != "off"
+                                             else group(rows, p.index))
         if self.cuda:
             p.done = torch.cuda.Event()
             p.done.record()
@@ -770,6 +774,7 @@ class _Stream:
             "verify_s": sum(clock.seconds(b, c) for _, b, c, _ in marks), "verifies": len(marks),
             "prefills": self.prefills, "overlapped_prefills": self.overlapped, "rows": self.placed,
             "peak_active": self.peak,
+            "prompt_graphs": self.st.prompts.summary() if self.st is not None else None,
             "costs": asdict(self.st.costs) if self.st is not None and self.st.costs else None,
             "attention": {"target": dict(e.T.attention), "draft": dict(e.D.attention) if e.D else None}}
 

@@ -89,6 +89,13 @@ class PromptGraphs:
         self.mode, self.max_rows = mode, max_rows
         self.captured: dict[Hashable, tuple | None] = {}
         self.pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
+        self.replays = self.eager = 0
+        self.failures: list[str] = []
+
+    def summary(self) -> dict:
+        """What ran how: shapes captured, groups replayed, groups run eagerly, capture failures."""
+        return {"mode": self.mode, "shapes": sum(e is not None for e in self.captured.values()),
+                "replays": self.replays, "eager": self.eager, "failures": list(self.failures)}
 
     @staticmethod
     def key(rows: list[dict]) -> tuple:
@@ -97,13 +104,16 @@ class PromptGraphs:
 
     def run(self, fn: Callable, rows: list[dict], index: torch.Tensor):
         if self.mode == "off" or len(rows) > self.max_rows:
+            self.eager += 1
             return fn(rows, index)
         key = self.key(rows)
         if key not in self.captured:
             self.captured[key] = self._capture(fn, rows, index)
         entry = self.captured[key]
         if entry is None:
+            self.eager += 1
             return fn(rows, index)
+        self.replays += 1
         replay, static_rows, static_index, out = entry
         for static, row in zip(static_rows, rows):
             for k, v in row.items():
@@ -128,6 +138,7 @@ class PromptGraphs:
         except RuntimeError as e:
             import warnings
 
+            self.failures.append(f"{len(rows)} rows: {e}"[:300])
             warnings.warn(f"lvspec: a prompt forward could not be captured, it runs eagerly: {e}", stacklevel=2)
             return None
         return graph.replay, static_rows, static_index, out

@@ -501,6 +501,11 @@ def test_a_stream_refills_slots_and_decodes_like_the_batch_api(pair):
     shapes = captured._state.prompts.captured
     if captured.adapter.capturable:
         assert captured.prompt_graphs == "static" and len(shapes) >= 3 and all(shapes.values())
+        summary = captured.timing["prompt_graphs"]
+        assert summary["replays"] == captured.timing["prefills"] and summary["eager"] == 0
+        captured.prompt_graphs = "off"  # switched off on the same state (benchmarks): eager, the same tokens
+        assert [r.tokens for r in captured.generate(rows)] == expected
+        assert captured.timing["prompt_graphs"]["replays"] == summary["replays"]
     else:
         assert captured.prompt_graphs == "off" and not shapes
     batch = Engine(target, draft, cfg).generate(rows)  # one slot per row
