@@ -129,18 +129,24 @@ class PromptGraphs:
         if self.mode == "static":
             out = fn(static_rows, static_index)
             return (lambda: _copy_into(out, fn(static_rows, static_index))), static_rows, static_index, out
+        # Captured on a side stream (capture needs a non-default stream), ordered after and before
+        # the caller's; replayed on the caller's.
+        caller, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(caller)
         try:
-            fn(static_rows, static_index)  # warm-up (lazy initialisation); writes only the slots being filled
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.current_stream(),
-                                  capture_error_mode="thread_local"):
-                out = fn(static_rows, static_index)
+            with torch.cuda.stream(side):
+                fn(static_rows, static_index)  # warm-up (lazy initialisation); writes only the slots being filled
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
+                    out = fn(static_rows, static_index)
         except RuntimeError as e:
+            caller.wait_stream(side)
             import warnings
 
             self.failures.append(f"{len(rows)} rows: {e}"[:300])
             warnings.warn(f"lvspec: a prompt forward could not be captured, it runs eagerly: {e}", stacklevel=2)
             return None
+        caller.wait_stream(side)
         return graph.replay, static_rows, static_index, out
 
 
