@@ -288,6 +288,8 @@ def prefill(args, out: dict) -> dict:
     from pipeline.caption import load_engine
     from pipeline.decode import chat_prompt
 
+    from lvspec.adapter import rows_on
+
     cfg = _config(args.overrides)
     eng, _ = load_engine(cfg.model, cfg.generation, cfg.caption.num_cpus, cfg.caption.slots)
     processor = AutoProcessor.from_pretrained(cfg.model.target)
@@ -311,10 +313,6 @@ def prefill(args, out: dict) -> dict:
             runs.append(a.elapsed_time(b))
         return statistics.median(runs)
 
-    def on_device(rows):  # pixels already on the GPU in the model's dtype: the vision work alone
-        return [{k: v.to(eng.device, eng.target.dtype) if k.startswith("pixel_values") else v
-                 for k, v in r.items()} for r in rows]
-
     out["rows"] = []
     with torch.inference_mode():
         for group in args.groups:
@@ -325,7 +323,7 @@ def prefill(args, out: dict) -> dict:
                 cache = decoder.new_cache(group, -(-width // 128) * 128)
                 slots = torch.arange(group, device=eng.device)
                 lm = model.model.language_model
-                ready = on_device(rows)
+                ready = rows_on(rows, eng.device, eng.target.dtype)  # as the engine hands them: vision work alone
                 pixels = torch.cat([r["pixel_values_videos"] for r in ready])
                 pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels
 
@@ -387,13 +385,11 @@ def _prompt_graph_check(eng, row: dict, group: int) -> dict:
     from lvspec.adapter import rows_on
     from lvspec.graphs import PromptGraphs
 
-    cuda = eng.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = rows_on([row] * group, eng.device, eng.target.dtype)
     width = int(row["input_ids"].shape[-1])
     st = eng._state_for(eng.slots, width)
     index = torch.arange(group, device=eng.device)
-    graphs = PromptGraphs("cuda" if cuda else "static")
+    graphs = PromptGraphs("cuda" if eng.device.type == "cuda" else "static")
 
     def fn(r, i):
         return eng._prompt_group(st, r, i)
@@ -402,11 +398,11 @@ def _prompt_graph_check(eng, row: dict, group: int) -> dict:
         return [c.k[:, :group, :, :width].clone() for c in (st.T, st.D) if c is not None]
 
     def timed(call) -> tuple[float, float, object]:
-        sync()
+        _sync()
         t0 = time.perf_counter()
         result = call()
         host = time.perf_counter() - t0
-        sync()
+        _sync()
         return host * 1e3, (time.perf_counter() - t0) * 1e3, result
 
     fn(rows, index)  # warm-up
@@ -435,13 +431,12 @@ def _profile(path: str, title: str, fn, rows: int = 15) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()
-    sync()
+    _sync()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         fn()
-        sync()
+        _sync()
     wall = (time.perf_counter() - t0) * 1e3
     events = prof.key_averages()
     device_ms = sum(e.self_device_time_total for e in events) / 1e3
@@ -451,6 +446,13 @@ def _profile(path: str, title: str, fn, rows: int = 15) -> None:
             f.write(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
     print(f"[profile] {title}: wall {wall:.1f} ms, kernels {device_ms:.1f} ms", flush=True)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _write(path: str, result: dict) -> None:

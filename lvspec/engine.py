@@ -678,11 +678,9 @@ class _Stream:
         p.budget = budget.to(e.device) if budget is not None else None
         p.exact = torch.tensor([bool(row.get(EXACT, False)) for row in rows], device=e.device)
         st = self.st
-        def group(r, i):
-            return e._prompt_group(st, r, i)
         # e.prompt_graphs may be switched "off" between calls (benchmarks: the same state, eager prompts).
-        p.prompt, p.draft_prompt, p.first = (st.prompts.run(group, rows, p.index) if e.prompt_graphs != "off"
-                                             else group(rows, p.index))
+        p.prompt, p.draft_prompt, p.first = st.prompts.run(lambda r, i: e._prompt_group(st, r, i), rows, p.index,
+                                                           enabled=e.prompt_graphs != "off")
         if self.cuda:
             p.done = torch.cuda.Event()
             p.done.record()

@@ -102,8 +102,9 @@ class PromptGraphs:
         return tuple(tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(r.items()) if isinstance(v, torch.Tensor))
                      for r in rows)
 
-    def run(self, fn: Callable, rows: list[dict], index: torch.Tensor):
-        if self.mode == "off" or len(rows) > self.max_rows:
+    def run(self, fn: Callable, rows: list[dict], index: torch.Tensor, enabled: bool = True):
+        """`enabled` False: `fn` runs eagerly this time (the captures are kept)."""
+        if not enabled or self.mode == "off" or len(rows) > self.max_rows:
             self.eager += 1
             return fn(rows, index)
         key = self.key(rows)
@@ -140,13 +141,13 @@ class PromptGraphs:
                 with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
                     out = fn(static_rows, static_index)
         except RuntimeError as e:
-            caller.wait_stream(side)
             import warnings
 
             self.failures.append(f"{len(rows)} rows: {e}"[:300])
             warnings.warn(f"lvspec: a prompt forward could not be captured, it runs eagerly: {e}", stacklevel=2)
             return None
-        caller.wait_stream(side)
+        finally:
+            caller.wait_stream(side)
         return graph.replay, static_rows, static_index, out
 
 
