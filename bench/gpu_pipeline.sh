@@ -4,6 +4,8 @@
 # installs into .site/ stays there for the next). Results under $OUT.
 #   bench/gpu_pipeline.sh engine   # carry .gpu-a: ray, transformers... ; the prefill's parts and the prompt-graph
 #                                  # check; the engine alone: lvspec continuous and static x3
+#   bench/gpu_pipeline.sh compile  # carry .gpu-a: the vision path eager vs compiled (compile_vision), profiles
+#   bench/gpu_pipeline.sh engine1  # carry .gpu-a: lvspec continuous and static x3, no prefill check first
 #   bench/gpu_pipeline.sh engine2  # lvspec eager (prompt graphs off), serial (no overlap), ar continuous x$REPEATS (3)
 #   bench/gpu_pipeline.sh jobs     # carry .gpu-b: av, decord ; renders the shards, `ray start --head`, the job
 #                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate
@@ -30,6 +32,15 @@ case "$1" in
     bench/gpu_install.sh .gpu-a >/dev/null || exit 1
     python3 -m bench.pipeline_gpu prefill --rows 48 --profile $OUT/profile.txt --json $OUT/prefill.json 2>&1 \
       | quiet | grep "^\[\|Error" ;;
+  compile)  # carry .gpu-a: the vision path eager and compiled (generation.compile_vision), with profiles
+    bench/gpu_install.sh .gpu-a >/dev/null || exit 1
+    python3 -m bench.pipeline_gpu prefill --groups 1 4 --compile --profile $OUT/profile.txt --rows 48 \
+      --json $OUT/prefill.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;
+  engine1)  # the engine alone without the prefill check: lvspec continuous and static x3 (e.g. with
+            # OVERRIDES=generation.compile_vision=true)
+    bench/gpu_install.sh .gpu-a >/dev/null || exit 1
+    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/static \
+      --json $OUT/engine.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;
   install)
     bench/gpu_install.sh .gpu-a | tail -3; exit ;;
   engine)  # first the prompt-graph check (a capture that fails or differs stops the call), then the runs
@@ -58,7 +69,7 @@ sys.exit(f'prompt graphs: {bad}' if bad else 0)" || exit 1
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/static ar/continuous \
       --repeats ${REPEATS:-3} \
       --json $OUT/jobs2.json "${EXTRA[@]}" 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror" ;;
-  *) echo "usage: $0 prefill|install|engine|engine2|jobs|jobs2"; exit 2 ;;
+  *) echo "usage: $0 prefill|compile|install|engine|engine1|engine2|jobs|jobs2"; exit 2 ;;
 esac
 ray stop --force >/dev/null 2>&1
 exit 0

@@ -362,6 +362,8 @@ def prefill(args, out: dict) -> dict:
                     _profile(args.profile, f"{name}: language model (engine path)", lambda: forward("engine"))
                 del cache
         out["prompt_graphs"] = [_prompt_graph_check(eng, row, group) for group in (1, 4)]
+        if args.compile:  # the engine's vision path again, both towers compiled (generation.compile_vision)
+            out["compiled"] = _compiled_vision(eng, row, args.groups, out["rows"], ms, args.profile)
         if args.profile:  # the engine's whole loop: where the GPU waits
             from lvspec import Replay
             from lvspec.engine import REPLAY_KEY
@@ -374,6 +376,41 @@ def prefill(args, out: dict) -> dict:
             _profile(args.profile, f"engine: {args.rows} rows, continuous, {eng.slots} slots",
                      lambda: list(eng.stream(stream, replay=replay)), rows=25)
     return out
+
+
+def _compiled_vision(eng, row: dict, groups: list[int], eager_rows: list[dict], ms, profile: str | None) -> list[dict]:
+    """Each model's vision + splice (`adapter.prompt`, pixels on the device) with its tower compiled
+    (`Engine.compile_vision`) against the eager rows: GPU ms, the first call's seconds (the compile),
+    and how far the spliced embeddings moved (max abs difference, bf16)."""
+    from lvspec.adapter import rows_on
+
+    eager = {}
+    for group in groups:
+        ready = rows_on([row] * group, eng.device, eng.target.dtype)
+        for name, model in (("target", eng.target), ("draft", eng.draft)):
+            eager[name, group] = eng.adapter.prompt(model, ready).embeds.float()
+    eng.compile_vision()
+    results = []
+    for group in groups:
+        ready = rows_on([row] * group, eng.device, eng.target.dtype)
+        for name, model in (("target", eng.target), ("draft", eng.draft)):
+            _sync()
+            t0 = time.perf_counter()
+            got = eng.adapter.prompt(model, ready).embeds.float()
+            _sync()
+            first = time.perf_counter() - t0
+            before = next(r for r in eager_rows if r["model"] == name and r["rows"] == group)
+            result = {"model": name, "rows": group, "first_call_s": first,
+                      "vision_and_splice_on_device_ms": ms(lambda: eng.adapter.prompt(model, ready)),
+                      "eager_ms": before["vision_and_splice_on_device_ms"],
+                      "embeds_max_abs_diff": float((got - eager[name, group]).abs().max()),
+                      "embeds_scale": float(eager[name, group].abs().max())}
+            result["gain"] = result["eager_ms"] / result["vision_and_splice_on_device_ms"]
+            results.append(result)
+            print(f"[prefill] compiled vision {result}", flush=True)
+            if profile and group == 1:
+                _profile(profile, f"{name}: vision on device, compiled", lambda: eng.adapter.prompt(model, ready))
+    return results
 
 
 def _prompt_graph_check(eng, row: dict, group: int) -> dict:
@@ -471,6 +508,7 @@ def report(args) -> dict:
     decode = next((p["rates"] for p in parts if p.get("kind") == "decode"), {})
     prefill_rows = next((p["rows"] for p in parts if p.get("kind") == "prefill"), [])
     prompt_graphs = next((p["prompt_graphs"] for p in parts if p.get("kind") == "prefill" and "prompt_graphs" in p), [])
+    compiled = next((p["compiled"] for p in parts if p.get("kind") == "prefill" and "compiled" in p), [])
     meta = next(p for p in parts if p.get("kind") == "job")
 
     def engine_tps(mode, batching):
@@ -534,6 +572,7 @@ def report(args) -> dict:
                                     for f, rate in per_core.items()}
     res["prefill"] = prefill_rows
     res["prompt_graphs"] = prompt_graphs
+    res["compiled"] = compiled
     res["figures"] = figures
     Path(args.out).write_text(json.dumps({"parts": parts, **res}, indent=1) + "\n")
     if args.markdown:
@@ -591,6 +630,17 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['rows']} | {r['eager_host_ms']:.1f} / {r['eager_wall_ms']:.1f} | "
                          f"{r['replay_host_ms']:.1f} / {r['replay_wall_ms']:.1f} | {r['first_tokens_equal']} | "
                          f"{r['keys_max_abs_diff']:g} |")
+    if res.get("compiled"):
+        lines += ["", "Vision + splice on the device (`adapter.prompt`), eager and with the tower compiled "
+                  "(`generation.compile_vision`): GPU ms, median of 3; the first compiled call's seconds (the "
+                  "compile, or a recompile); the spliced embeddings' max abs difference from eager (bf16) over "
+                  "their largest magnitude:", "",
+                  "| model | rows | eager ms | compiled ms | gain | first call s | embeds max abs diff / max |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in res["compiled"]:
+            lines.append(f"| {r['model']} | {r['rows']} | {r['eager_ms']:.1f} | {r['vision_and_splice_on_device_ms']:.1f} "
+                         f"| {r['gain']:.2f} | {r['first_call_s']:.1f} | {r['embeds_max_abs_diff']:.3g} / "
+                         f"{r['embeds_scale']:.3g} |")
     return "\n".join(lines)
 
 
@@ -615,6 +665,7 @@ def main(argv=None):
         p.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
     pf.add_argument("--profile", help="also append torch.profiler tables to this file (the engine's loop over --rows)")
     pf.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="rows prefilled together")
+    pf.add_argument("--compile", action="store_true", help="then the vision path with compiled towers (compile_vision)")
     for p in (en, jo):
         p.add_argument("--runs", nargs="+", type=_run, default=[("lvspec", "continuous")],
                        help="MODE/BATCHING pairs, e.g. lvspec/continuous lvspec/static ar/continuous")

@@ -31,6 +31,8 @@ class Adapter(Protocol):
 
     def prompt(self, model, rows: list[dict]) -> Prompt: ...
 
+    def vision(self, model) -> torch.nn.Module: ...  # the vision encoder (engine compile_vision)
+
 
 def _left_pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     width = max(t.shape[-1] for t in tensors)

@@ -208,6 +208,8 @@ class Engine:
         self._prefill_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
         capturable = cfg.prompt_graphs and self.tp is None and getattr(self.adapter, "capturable", False)
         self.prompt_graphs = ("cuda" if self.graphs else "static") if capturable else "off"
+        if cfg.compile_vision:
+            self.compile_vision()
         self._state: _State | None = None
         # Acceptance counts of earlier calls (cycles that reached / kept each draft slot), halved at
         # every call: a new batch starts from what this pair accepted lately, not from nothing.
@@ -216,6 +218,14 @@ class Engine:
         self.attention_timings: dict = {}  # (model, forward size) -> seconds per attention path, when tuned
 
     # ---- the API ---------------------------------------------------------------------------------
+    def compile_vision(self) -> None:
+        """Compile both models' vision encoders in place (torch.compile, inductor), each once: an
+        encoder shared by engines over the same models stays compiled. It compiles on first use."""
+        for model in (self.target, self.draft):
+            tower = self.adapter.vision(model) if model is not None else None
+            if tower is not None and getattr(tower, "_compiled_call_impl", None) is None:
+                tower.compile()
+
     def generate(self, rows: list[dict], tokenizer=None, trace: bool = False,
                  replay: Replay | None = None, static: bool = False) -> list[RowOutput]:
         """Caption prepared video prompts (one processor output per row); outputs in row order.

@@ -18,6 +18,10 @@ class LlavaOnevisionAdapter:
     family = "llava_onevision"
     capturable = True  # its prompt needs no host read: a CUDA graph can hold it (engine prompt_graphs)
 
+    @staticmethod
+    def vision(model) -> torch.nn.Module:
+        return model.model.vision_tower
+
     def prompt(self, model, rows: list[dict]) -> Prompt:
         cfg = model.config
         device = model.device
@@ -46,7 +50,9 @@ def video_features(model, pixels: torch.Tensor) -> torch.Tensor:
     a 16-frame row at the 7B's 3584 channels, on an H200), channels-last one over every output."""
     cfg, m = model.config, model.model
     videos, frames = pixels.shape[:2]
-    states = m.vision_tower(pixels.flatten(0, 1), output_hidden_states=True).hidden_states
+    flat = pixels.flatten(0, 1)
+    torch._dynamo.maybe_mark_dynamic(flat, 0)  # a compiled tower (compile_vision): one graph for any group size
+    states = m.vision_tower(flat, output_hidden_states=True).hidden_states
     layers = cfg.vision_feature_layer
     hidden = states[layers] if isinstance(layers, int) else torch.cat([states[i] for i in layers], -1)
     if cfg.vision_feature_select_strategy == "default":

@@ -11,6 +11,10 @@ class Qwen25VLAdapter:
     family = "qwen2_5_vl"
     capturable = False  # HF's get_rope_index reads the video grid on the host
 
+    @staticmethod
+    def vision(model) -> torch.nn.Module:
+        return model.model.visual
+
     def prompt(self, model, rows: list[dict]) -> Prompt:
         cfg = model.config
         device = model.device

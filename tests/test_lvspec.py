@@ -547,3 +547,21 @@ def test_rows_marked_exact_decode_as_plain_sd_beside_loosened_rows(pair):
     assert [r.tokens for r in mixed[3:]] == [r.tokens for r in exact] == hf_greedy(processor, target, rows)
     assert all(r.stats.accepted_loose == r.stats.accepted_shift == 0 for r in mixed[3:])
     assert sum(r.stats.accepted_loose + r.stats.accepted_shift for r in mixed[:3]) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_vision_towers_decode_the_same_tokens(family):
+    """compile_vision: both vision encoders compiled in place (inductor), once, for any group size;
+    the engine then decodes exactly what it does eagerly (float64: compiled kernels round no differently
+    enough to flip a token)."""
+    processor, target, draft = load_pair(family, dtype=torch.float64)
+    rows = make_rows(processor, [4, 4, 4])  # two slots: a group of two, then a refill of one
+    cfg = SpecConfig(mode="sd", k=3, max_new_tokens=12)
+    expected = [r.tokens for r in Engine(target, draft, cfg, slots=2).generate(rows)]
+    engine = Engine(target, draft, dataclasses.replace(cfg, compile_vision=True), slots=2)
+    towers = [engine.adapter.vision(m) for m in (target, draft)]
+    compiled = [t._compiled_call_impl for t in towers]
+    assert all(c is not None for c in compiled)
+    assert [r.tokens for r in engine.generate(rows)] == expected
+    Engine(target, draft, dataclasses.replace(cfg, compile_vision=True), slots=2)  # another engine, same models
+    assert [t._compiled_call_impl for t in towers] == compiled  # not compiled again
