@@ -362,8 +362,8 @@ def prefill(args, out: dict) -> dict:
                     _profile(args.profile, f"{name}: language model (engine path)", lambda: forward("engine"))
                 del cache
         out["prompt_graphs"] = [_prompt_graph_check(eng, row, group) for group in (1, 4)]
-        if args.compile:  # the engine's vision path again, both towers compiled (generation.compile_vision)
-            out["compiled"] = _compiled_vision(eng, row, args.groups, out["rows"], ms, args.profile)
+        if args.compile:  # the engine's prefill eager and compiled (generation.compile_prefill)
+            out["compiled"] = _compiled_prefill(eng, row, args.groups, ms, args.profile)
         if args.profile:  # the engine's whole loop: where the GPU waits
             from lvspec import Replay
             from lvspec.engine import REPLAY_KEY
@@ -378,38 +378,49 @@ def prefill(args, out: dict) -> dict:
     return out
 
 
-def _compiled_vision(eng, row: dict, groups: list[int], eager_rows: list[dict], ms, profile: str | None) -> list[dict]:
-    """Each model's vision + splice (`adapter.prompt`, pixels on the device) with its tower compiled
-    (`Engine.compile_vision`) against the eager rows: GPU ms, the first call's seconds (the compile),
-    and how far the spliced embeddings moved (max abs difference, bf16)."""
+def _compiled_prefill(eng, row: dict, groups: list[int], ms, profile: str | None) -> list[dict]:
+    """A group's prefill as the engine runs it (`Engine._prompt_group`: both models' vision and
+    prompt forwards, keys into the caches) eagerly and compiled (`Engine.compile_prefill`): GPU ms
+    of the whole and of each model's vision + splice, the first compiled call's seconds (a compile or
+    recompile), and whether the compiled prefill wrote what the eager one did (first tokens, keys'
+    max abs difference over their largest magnitude, bf16)."""
+    import torch
+
     from lvspec.adapter import rows_on
 
-    eager = {}
-    for group in groups:
+    width = int(row["input_ids"].shape[-1])
+    st = eng._state_for(eng.slots, width)
+
+    def run(group: int) -> dict:
         ready = rows_on([row] * group, eng.device, eng.target.dtype)
-        for name, model in (("target", eng.target), ("draft", eng.draft)):
-            eager[name, group] = eng.adapter.prompt(model, ready).embeds.float()
-    eng.compile_vision()
+        index = torch.arange(group, device=eng.device)
+        _sync()
+        t0 = time.perf_counter()
+        first = eng._prompt_group(st, ready, index)[2].clone()
+        _sync()
+        return {"first_call_s": time.perf_counter() - t0, "first": first,
+                "keys": [c.k[:, :group, :, :width].float() for c in (st.T, st.D) if c is not None],
+                "prefill_ms": ms(lambda: eng._prompt_group(st, ready, index)),
+                **{f"{name}_vision_ms": ms(lambda: eng.adapter.prompt(model, ready))
+                   for name, model in (("target", eng.target), ("draft", eng.draft))}}
+
+    eager = {group: run(group) for group in groups}
+    eng.compile_prefill()
     results = []
     for group in groups:
-        ready = rows_on([row] * group, eng.device, eng.target.dtype)
-        for name, model in (("target", eng.target), ("draft", eng.draft)):
-            _sync()
-            t0 = time.perf_counter()
-            got = eng.adapter.prompt(model, ready).embeds.float()
-            _sync()
-            first = time.perf_counter() - t0
-            before = next(r for r in eager_rows if r["model"] == name and r["rows"] == group)
-            result = {"model": name, "rows": group, "first_call_s": first,
-                      "vision_and_splice_on_device_ms": ms(lambda: eng.adapter.prompt(model, ready)),
-                      "eager_ms": before["vision_and_splice_on_device_ms"],
-                      "embeds_max_abs_diff": float((got - eager[name, group]).abs().max()),
-                      "embeds_scale": float(eager[name, group].abs().max())}
-            result["gain"] = result["eager_ms"] / result["vision_and_splice_on_device_ms"]
-            results.append(result)
-            print(f"[prefill] compiled vision {result}", flush=True)
-            if profile and group == 1:
-                _profile(profile, f"{name}: vision on device, compiled", lambda: eng.adapter.prompt(model, ready))
+        got, before = run(group), eager[group]
+        result = {"rows": group, "first_call_s": got["first_call_s"],
+                  "first_tokens_equal": bool(torch.equal(got["first"], before["first"])),
+                  "keys_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(got["keys"], before["keys"])),
+                  "keys_scale": max(float(b.abs().max()) for b in before["keys"])}
+        for key in ("prefill_ms", "target_vision_ms", "draft_vision_ms"):
+            result[key] = {"eager": before[key], "compiled": got[key], "gain": before[key] / got[key]}
+        results.append(result)
+        print(f"[prefill] compiled {result}", flush=True)
+        if profile and group == 1:
+            ready = rows_on([row], eng.device, eng.target.dtype)
+            index = torch.arange(1, device=eng.device)
+            _profile(profile, "a row's prefill (both models), compiled", lambda: eng._prompt_group(st, ready, index))
     return results
 
 
@@ -631,16 +642,17 @@ def markdown(res: dict) -> str:
                          f"{r['replay_host_ms']:.1f} / {r['replay_wall_ms']:.1f} | {r['first_tokens_equal']} | "
                          f"{r['keys_max_abs_diff']:g} |")
     if res.get("compiled"):
-        lines += ["", "Vision + splice on the device (`adapter.prompt`), eager and with the tower compiled "
-                  "(`generation.compile_vision`): GPU ms, median of 3; the first compiled call's seconds (the "
-                  "compile, or a recompile); the spliced embeddings' max abs difference from eager (bf16) over "
-                  "their largest magnitude:", "",
-                  "| model | rows | eager ms | compiled ms | gain | first call s | embeds max abs diff / max |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "A group's prefill as the engine runs it (both models' vision and prompt forwards, keys into "
+                  "the caches), eager and compiled (`generation.compile_prefill`): GPU ms, median of 3, and the "
+                  "vision + splice part of each model; the first compiled call's seconds (compile or recompile); "
+                  "the compiled run's first tokens and keys against the eager run's (bf16):", "",
+                  "| rows | prefill eager / compiled (gain) | target vision | draft vision | first call s | "
+                  "first tokens equal | keys max abs diff / max |", "|---|---|---|---|---|---|---|"]
+        part = lambda d: f"{d['eager']:.1f} / {d['compiled']:.1f} ({d['gain']:.2f}x)"  # noqa: E731
         for r in res["compiled"]:
-            lines.append(f"| {r['model']} | {r['rows']} | {r['eager_ms']:.1f} | {r['vision_and_splice_on_device_ms']:.1f} "
-                         f"| {r['gain']:.2f} | {r['first_call_s']:.1f} | {r['embeds_max_abs_diff']:.3g} / "
-                         f"{r['embeds_scale']:.3g} |")
+            lines.append(f"| {r['rows']} | {part(r['prefill_ms'])} | {part(r['target_vision_ms'])} | "
+                         f"{part(r['draft_vision_ms'])} | {r['first_call_s']:.1f} | {r['first_tokens_equal']} | "
+                         f"{r['keys_max_abs_diff']:.3g} / {r['keys_scale']:.3g} |")
     return "\n".join(lines)
 
 
@@ -665,7 +677,7 @@ def main(argv=None):
         p.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
     pf.add_argument("--profile", help="also append torch.profiler tables to this file (the engine's loop over --rows)")
     pf.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="rows prefilled together")
-    pf.add_argument("--compile", action="store_true", help="then the vision path with compiled towers (compile_vision)")
+    pf.add_argument("--compile", action="store_true", help="then the prefill eager vs compiled (generation.compile_prefill)")
     for p in (en, jo):
         p.add_argument("--runs", nargs="+", type=_run, default=[("lvspec", "continuous")],
                        help="MODE/BATCHING pairs, e.g. lvspec/continuous lvspec/static ar/continuous")

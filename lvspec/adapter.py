@@ -31,7 +31,7 @@ class Adapter(Protocol):
 
     def prompt(self, model, rows: list[dict]) -> Prompt: ...
 
-    def vision(self, model) -> torch.nn.Module: ...  # the vision encoder (engine compile_vision)
+    def vision(self, model) -> torch.nn.Module: ...  # the vision encoder (Engine.compile_prefill)
 
 
 def _left_pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:

@@ -45,10 +45,11 @@ class SpecConfig:
     # Capture a group's prompt forwards as CUDA graphs (per input shapes, groups of up to 4 rows), so
     # that launching them costs the decoding loop no host time. Off until measured on a GPU.
     prompt_graphs: bool = False
-    # Compile both models' vision encoders with torch.compile (inductor; the frames' batch dimension
-    # dynamic): fused kernels for a prefill whose vision is a third of its GPU time. The first rows
-    # wait for the compile (about a minute); its numerics are float rounding away from eager.
-    compile_vision: bool = False
+    # Compile the prefill's modules (both models' vision encoders and prompt forwards) with
+    # torch.compile (inductor; batch dimensions dynamic): fused kernels where eager HF spends a
+    # fifth of the prefill's GPU time on elementwise ops. The first rows wait for the compile
+    # (about a minute); its numerics are float rounding away from eager.
+    compile_prefill: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -208,8 +208,8 @@ class Engine:
         self._prefill_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
         capturable = cfg.prompt_graphs and self.tp is None and getattr(self.adapter, "capturable", False)
         self.prompt_graphs = ("cuda" if self.graphs else "static") if capturable else "off"
-        if cfg.compile_vision:
-            self.compile_vision()
+        if cfg.compile_prefill:
+            self.compile_prefill()
         self._state: _State | None = None
         # Acceptance counts of earlier calls (cycles that reached / kept each draft slot), halved at
         # every call: a new batch starts from what this pair accepted lately, not from nothing.
@@ -218,13 +218,16 @@ class Engine:
         self.attention_timings: dict = {}  # (model, forward size) -> seconds per attention path, when tuned
 
     # ---- the API ---------------------------------------------------------------------------------
-    def compile_vision(self) -> None:
-        """Compile both models' vision encoders in place (torch.compile, inductor), each once: an
-        encoder shared by engines over the same models stays compiled. It compiles on first use."""
+    def compile_prefill(self) -> None:
+        """Compile what a prefill runs through HF's modules, in place (torch.compile, inductor): both
+        models' vision encoders and language models (decoding runs `TextDecoder`'s own graphs, not
+        these). Each module once: engines over the same models share it. It compiles on first use."""
         for model in (self.target, self.draft):
-            tower = self.adapter.vision(model) if model is not None else None
-            if tower is not None and getattr(tower, "_compiled_call_impl", None) is None:
-                tower.compile()
+            if model is None:
+                continue
+            for module in (self.adapter.vision(model), model.model.language_model):
+                if getattr(module, "_compiled_call_impl", None) is None:
+                    module.compile()
 
     def generate(self, rows: list[dict], tokenizer=None, trace: bool = False,
                  replay: Replay | None = None, static: bool = False) -> list[RowOutput]:

@@ -51,7 +51,7 @@ def video_features(model, pixels: torch.Tensor) -> torch.Tensor:
     cfg, m = model.config, model.model
     videos, frames = pixels.shape[:2]
     flat = pixels.flatten(0, 1)
-    torch._dynamo.maybe_mark_dynamic(flat, 0)  # a compiled tower (compile_vision): one graph for any group size
+    torch._dynamo.maybe_mark_dynamic(flat, 0)  # a compiled tower (compile_prefill): one graph for any group size
     states = m.vision_tower(flat, output_hidden_states=True).hidden_states
     layers = cfg.vision_feature_layer
     hidden = states[layers] if isinstance(layers, int) else torch.cat([states[i] for i in layers], -1)

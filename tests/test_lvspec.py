@@ -550,18 +550,18 @@ def test_rows_marked_exact_decode_as_plain_sd_beside_loosened_rows(pair):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_compiled_vision_towers_decode_the_same_tokens(family):
-    """compile_vision: both vision encoders compiled in place (inductor), once, for any group size;
-    the engine then decodes exactly what it does eagerly (float64: compiled kernels round no differently
-    enough to flip a token)."""
+def test_a_compiled_prefill_decodes_the_same_tokens(family):
+    """compile_prefill: both models' vision encoders and language models compiled in place
+    (inductor), once, for any group size; the engine then decodes exactly what it does eagerly
+    (float64: compiled kernels round no differently enough to flip a token)."""
     processor, target, draft = load_pair(family, dtype=torch.float64)
     rows = make_rows(processor, [4, 4, 4])  # two slots: a group of two, then a refill of one
     cfg = SpecConfig(mode="sd", k=3, max_new_tokens=12)
     expected = [r.tokens for r in Engine(target, draft, cfg, slots=2).generate(rows)]
-    engine = Engine(target, draft, dataclasses.replace(cfg, compile_vision=True), slots=2)
-    towers = [engine.adapter.vision(m) for m in (target, draft)]
-    compiled = [t._compiled_call_impl for t in towers]
+    engine = Engine(target, draft, dataclasses.replace(cfg, compile_prefill=True), slots=2)
+    modules = [m for model in (target, draft) for m in (engine.adapter.vision(model), model.model.language_model)]
+    compiled = [m._compiled_call_impl for m in modules]
     assert all(c is not None for c in compiled)
     assert [r.tokens for r in engine.generate(rows)] == expected
-    Engine(target, draft, dataclasses.replace(cfg, compile_vision=True), slots=2)  # another engine, same models
-    assert [t._compiled_call_impl for t in towers] == compiled  # not compiled again
+    Engine(target, draft, dataclasses.replace(cfg, compile_prefill=True), slots=2)  # another engine, same models
+    assert [m._compiled_call_impl for m in modules] == compiled  # not compiled again
