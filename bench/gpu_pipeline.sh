@@ -34,7 +34,7 @@ case "$1" in
       | quiet | grep "^\[\|Error" ;;
   compile)  # carry .gpu-a: the prefill eager and compiled (generation.compile_prefill), with profiles
     bench/gpu_install.sh .gpu-a >/dev/null || exit 1
-    python3 -m bench.pipeline_gpu prefill --groups 1 4 --compile --profile $OUT/profile.txt --rows 48 \
+    python3 -m bench.pipeline_gpu prefill --groups 1 4 --compile ${PROFILE:+--profile $OUT/profile.txt --rows 48} \
       --json $OUT/prefill.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;
   engine1)  # the engine alone without the prefill check: lvspec continuous and static x3 (e.g. with
             # OVERRIDES=generation.compile_prefill=true)

@@ -220,12 +220,16 @@ class Engine:
     # ---- the API ---------------------------------------------------------------------------------
     def compile_prefill(self) -> None:
         """Compile what a prefill runs through HF's modules, in place (torch.compile, inductor): both
-        models' vision encoders and language models (decoding runs `TextDecoder`'s own graphs, not
-        these). Each module once: engines over the same models share it. It compiles on first use."""
+        models' vision encoders, and in their language models every part of a layer but its attention
+        (the norms and MLPs, where eager HF launches one kernel per elementwise op): attention writes
+        the caches, which a compiled graph would copy whole. Decoding runs `TextDecoder`'s own graphs,
+        not these. Each module once (engines over the same models share them); compiles on first use."""
         for model in (self.target, self.draft):
             if model is None:
                 continue
-            for module in (self.adapter.vision(model), model.model.language_model):
+            lm = model.model.language_model
+            parts = [m for layer in lm.layers for name, m in layer.named_children() if name != "self_attn"]
+            for module in [self.adapter.vision(model), lm.norm, *parts]:
                 if getattr(module, "_compiled_call_impl", None) is None:
                     module.compile()
 

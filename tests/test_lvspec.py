@@ -551,15 +551,16 @@ def test_rows_marked_exact_decode_as_plain_sd_beside_loosened_rows(pair):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_compiled_prefill_decodes_the_same_tokens(family):
-    """compile_prefill: both models' vision encoders and language models compiled in place
-    (inductor), once, for any group size; the engine then decodes exactly what it does eagerly
+    """compile_prefill: both models' vision encoders and their layers' norms and MLPs compiled in
+    place (inductor), once, for any group size; the engine then decodes exactly what it does eagerly
     (float64: compiled kernels round no differently enough to flip a token)."""
     processor, target, draft = load_pair(family, dtype=torch.float64)
     rows = make_rows(processor, [4, 4, 4])  # two slots: a group of two, then a refill of one
     cfg = SpecConfig(mode="sd", k=3, max_new_tokens=12)
     expected = [r.tokens for r in Engine(target, draft, cfg, slots=2).generate(rows)]
     engine = Engine(target, draft, dataclasses.replace(cfg, compile_prefill=True), slots=2)
-    modules = [m for model in (target, draft) for m in (engine.adapter.vision(model), model.model.language_model)]
+    modules = [m for model in (target, draft)
+               for m in (engine.adapter.vision(model), model.model.language_model.layers[0].mlp)]
     compiled = [m._compiled_call_impl for m in modules]
     assert all(c is not None for c in compiled)
     assert [r.tokens for r in engine.generate(rows)] == expected
