@@ -61,8 +61,8 @@ sys.exit(f'prompt graphs: {bad}' if bad else 0)" || exit 1
     test -d $SHARDS || python3 -m bench.videos --out $SHARDS --rows $ROWS --distinct 48 --workers 14 2>&1 | quiet
     head_up
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/continuous \
-      --json $OUT/jobs.json "${EXTRA[@]}" 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror"
-    python3 -m bench.pipeline_gpu decode --shards $SHARDS --frames 16 64 --json $OUT/decode.json 2>&1 | quiet \
+      --repeats ${REPEATS:-3} --json $OUT/jobs.json "${EXTRA[@]}" 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror"
+    [ "${DECODE:-1}" = 0 ] || python3 -m bench.pipeline_gpu decode --shards $SHARDS --frames 16 64 --json $OUT/decode.json 2>&1 | quiet \
       | grep "^\[" ;;
   jobs2)
     head_up

@@ -529,7 +529,8 @@ def report(args) -> dict:
         return stats([get(r) for r in job_runs if (r["mode"], r["batching"]) == (mode, batching)])
 
     res = {"machine": meta.get("machine"), "date": meta.get("date"), "commands": [p.get("command") for p in parts],
-           "rows": meta["rows"], "frames": meta["frames"], "slots": parts[0].get("slots"),
+           "rows": meta["rows"], "frames": meta["frames"],
+           "slots": next((p["slots"] for p in parts if p.get("slots")), None),
            "decode_actors": meta["decode_actors"], "engine": {}, "job": {}}
     for mode in ("lvspec", "ar"):
         for batching in BATCHINGS:

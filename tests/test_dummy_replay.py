@@ -109,7 +109,8 @@ def _job(tmp_path, name: str, overrides: list[str]):
 def test_a_job_with_dummy_weights_and_replayed_acceptance_writes_every_row(tmp_path, ray_cluster):
     """Random-weight toy models and replayed acceptance through the whole job: every video is written
     once with a (noise) caption whose length is the replayed one of its video_id, acceptance is the
-    recording's, and rows and summary say it was replayed; static batching writes the same rows."""
+    recording's, and rows and summary say it was replayed; static batching (here with a compiled
+    prefill) writes the same rows."""
     from lvspec.replay import lognormal_lengths
     from pipeline.caption import replay_key
     from pipeline.job import human_summary
@@ -130,8 +131,10 @@ def test_a_job_with_dummy_weights_and_replayed_acceptance_writes_every_row(tmp_p
     assert summary["load_format"] == "dummy" and "replay_patterns.json" in summary["acceptance_replayed"]
     assert "BENCHMARK" in human_summary(summary) and "captions are noise" in human_summary(summary)
 
-    _, static = _job(tmp_path, "dummy-static", ["caption.batching=static"])
+    # Static batches, and the prefill compiled inside the replica's decoding thread: the same rows.
+    _, static = _job(tmp_path, "dummy-static", ["caption.batching=static", "generation.compile_prefill=true"])
     assert {r["video_id"]: r["num_tokens"] for r in static} == {r["video_id"]: r["num_tokens"] for r in rows}
+    assert all(r["error"] is None and r["caption"] for r in static)
 
 
 def test_a_replay_file_without_the_targets_family_fails_before_ray_starts(tmp_path):
