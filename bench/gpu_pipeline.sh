@@ -4,7 +4,7 @@
 # installs into .site/ stays there for the next). Results under $OUT.
 #   bench/gpu_pipeline.sh engine   # carry .gpu-a: ray, transformers... ; the prefill's parts and the prompt-graph
 #                                  # check; the engine alone: lvspec continuous and static x3
-#   bench/gpu_pipeline.sh compile  # carry .gpu-a: the prefill eager vs compiled (compile_prefill), profiles
+#   bench/gpu_pipeline.sh compile  # carry .gpu-a: the prefill eager vs compiled (compile_prefill); PROFILE=1
 #   bench/gpu_pipeline.sh engine1  # carry .gpu-a: lvspec continuous and static x3, no prefill check first
 #   bench/gpu_pipeline.sh engine2  # lvspec eager (prompt graphs off), serial (no overlap), ar continuous x$REPEATS (3)
 #   bench/gpu_pipeline.sh jobs     # carry .gpu-b: av, decord ; renders the shards, `ray start --head`, the job
@@ -32,7 +32,7 @@ case "$1" in
     bench/gpu_install.sh .gpu-a >/dev/null || exit 1
     python3 -m bench.pipeline_gpu prefill --rows 48 --profile $OUT/profile.txt --json $OUT/prefill.json 2>&1 \
       | quiet | grep "^\[\|Error" ;;
-  compile)  # carry .gpu-a: the prefill eager and compiled (generation.compile_prefill), with profiles
+  compile)  # carry .gpu-a: the prefill eager and compiled (generation.compile_prefill); PROFILE=1: profiles
     bench/gpu_install.sh .gpu-a >/dev/null || exit 1
     python3 -m bench.pipeline_gpu prefill --groups 1 4 --compile ${PROFILE:+--profile $OUT/profile.txt --rows 48} \
       --json $OUT/prefill.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;

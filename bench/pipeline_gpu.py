@@ -290,7 +290,8 @@ def prefill(args, out: dict) -> dict:
 
     from lvspec.adapter import rows_on
 
-    cfg = _config(args.overrides)
+    # Eager first (the shipped config compiles the prefill); --compile then compiles the same engine's.
+    cfg = _config(["generation.compile_prefill=false", *args.overrides])
     eng, _ = load_engine(cfg.model, cfg.generation, cfg.caption.num_cpus, cfg.caption.slots)
     processor = AutoProcessor.from_pretrained(cfg.model.target)
     frames = np.random.default_rng(0).integers(0, 256, (cfg.decode.num_frames, HEIGHT, WIDTH, 3), dtype=np.uint8)
