@@ -379,6 +379,36 @@ def prefill(args, out: dict) -> dict:
     return out
 
 
+def _group(eng, row: dict, group: int):
+    """`group` copies of `row` as the engine prefills them: (state, rows on the device, slot index,
+    prompt width), and a reader of the keys both caches hold for them."""
+    import torch
+
+    from lvspec.adapter import rows_on
+
+    width = int(row["input_ids"].shape[-1])
+    st = eng._state_for(eng.slots, width)
+
+    def keys() -> list:
+        return [c.k[:, :group, :, :width].to(torch.float32, copy=True) for c in (st.T, st.D) if c is not None]
+
+    return st, rows_on([row] * group, eng.device, eng.target.dtype), torch.arange(group, device=eng.device), keys
+
+
+def _keys_diff(got: list, expect: list) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(got, expect))
+
+
+def _timed(call) -> tuple[float, float, object]:
+    """(host ms to queue `call`, wall ms to its end on the GPU, its result)."""
+    _sync()
+    t0 = time.perf_counter()
+    result = call()
+    host = time.perf_counter() - t0
+    _sync()
+    return host * 1e3, (time.perf_counter() - t0) * 1e3, result
+
+
 def _compiled_prefill(eng, row: dict, groups: list[int], ms, profile: str | None) -> list[dict]:
     """A group's prefill as the engine runs it (`Engine._prompt_group`: both models' vision and
     prompt forwards, keys into the caches) eagerly and compiled (`Engine.compile_prefill`): GPU ms
@@ -387,20 +417,10 @@ def _compiled_prefill(eng, row: dict, groups: list[int], ms, profile: str | None
     max abs difference over their largest magnitude, bf16)."""
     import torch
 
-    from lvspec.adapter import rows_on
-
-    width = int(row["input_ids"].shape[-1])
-    st = eng._state_for(eng.slots, width)
-
     def run(group: int) -> dict:
-        ready = rows_on([row] * group, eng.device, eng.target.dtype)
-        index = torch.arange(group, device=eng.device)
-        _sync()
-        t0 = time.perf_counter()
-        first = eng._prompt_group(st, ready, index)[2].clone()
-        _sync()
-        return {"first_call_s": time.perf_counter() - t0, "first": first,
-                "keys": [c.k[:, :group, :, :width].float() for c in (st.T, st.D) if c is not None],
+        st, ready, index, keys = _group(eng, row, group)
+        _, wall, out = _timed(lambda: eng._prompt_group(st, ready, index))
+        return {"first_call_s": wall / 1e3, "first": out[2].clone(), "keys": keys(),
                 "prefill_ms": ms(lambda: eng._prompt_group(st, ready, index)),
                 **{f"{name}_vision_ms": ms(lambda: eng.adapter.prompt(model, ready))
                    for name, model in (("target", eng.target), ("draft", eng.draft))}}
@@ -412,15 +432,14 @@ def _compiled_prefill(eng, row: dict, groups: list[int], ms, profile: str | None
         got, before = run(group), eager[group]
         result = {"rows": group, "first_call_s": got["first_call_s"],
                   "first_tokens_equal": bool(torch.equal(got["first"], before["first"])),
-                  "keys_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(got["keys"], before["keys"])),
+                  "keys_max_abs_diff": _keys_diff(got["keys"], before["keys"]),
                   "keys_scale": max(float(b.abs().max()) for b in before["keys"])}
         for key in ("prefill_ms", "target_vision_ms", "draft_vision_ms"):
             result[key] = {"eager": before[key], "compiled": got[key], "gain": before[key] / got[key]}
         results.append(result)
         print(f"[prefill] compiled {result}", flush=True)
         if profile and group == 1:
-            ready = rows_on([row], eng.device, eng.target.dtype)
-            index = torch.arange(1, device=eng.device)
+            st, ready, index, _ = _group(eng, row, 1)
             _profile(profile, "a row's prefill (both models), compiled", lambda: eng._prompt_group(st, ready, index))
     return results
 
@@ -431,45 +450,29 @@ def _prompt_graph_check(eng, row: dict, group: int) -> dict:
     for), GPU ms, and whether the replay wrote what the eager run did (first tokens, both caches' keys)."""
     import torch
 
-    from lvspec.adapter import rows_on
     from lvspec.graphs import PromptGraphs
 
-    rows = rows_on([row] * group, eng.device, eng.target.dtype)
-    width = int(row["input_ids"].shape[-1])
-    st = eng._state_for(eng.slots, width)
-    index = torch.arange(group, device=eng.device)
+    st, rows, index, keys = _group(eng, row, group)
     graphs = PromptGraphs("cuda" if eng.device.type == "cuda" else "static")
 
     def fn(r, i):
         return eng._prompt_group(st, r, i)
 
-    def keys():
-        return [c.k[:, :group, :, :width].clone() for c in (st.T, st.D) if c is not None]
-
-    def timed(call) -> tuple[float, float, object]:
-        _sync()
-        t0 = time.perf_counter()
-        result = call()
-        host = time.perf_counter() - t0
-        _sync()
-        return host * 1e3, (time.perf_counter() - t0) * 1e3, result
-
     fn(rows, index)  # warm-up
-    eager = [timed(lambda: fn(rows, index)) for _ in range(3)]
+    eager = [_timed(lambda: fn(rows, index)) for _ in range(3)]
     first, expect = eager[-1][2][2].clone(), keys()
     graphs.run(fn, rows, index)  # capture
     for c in (st.T, st.D):
         if c is not None:
             c.k[:, :group].zero_()
-    replayed = [timed(lambda: graphs.run(fn, rows, index)) for _ in range(3)]
-    got = keys()
+    replayed = [_timed(lambda: graphs.run(fn, rows, index)) for _ in range(3)]
     result = {"rows": group, "graphs": graphs.summary(),
               "eager_host_ms": statistics.median(h for h, _, _ in eager),
               "eager_wall_ms": statistics.median(w for _, w, _ in eager),
               "replay_host_ms": statistics.median(h for h, _, _ in replayed),
               "replay_wall_ms": statistics.median(w for _, w, _ in replayed),
               "first_tokens_equal": bool(torch.equal(first, replayed[-1][2][2])),
-              "keys_max_abs_diff": max(float((a.float() - b.float()).abs().max()) for a, b in zip(expect, got))}
+              "keys_max_abs_diff": _keys_diff(keys(), expect)}
     print(f"[prompt graphs] {result}", flush=True)
     return result
 

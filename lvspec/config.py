@@ -43,7 +43,8 @@ class SpecConfig:
     # waits for each prefill. Not under tensor parallelism (its collectives keep one order).
     overlap_prefill: bool = True
     # Capture a group's prompt forwards as CUDA graphs (per input shapes, groups of up to 4 rows), so
-    # that launching them costs the decoding loop no host time. Off until measured on a GPU.
+    # that launching them costs the decoding loop no host time. Off: on an H200 the engine gained 4 %
+    # and the job nothing (BENCHMARKS, third sitting).
     prompt_graphs: bool = False
     # Compile the prefill's modules (both models' vision encoders and prompt forwards) with
     # torch.compile (inductor; batch dimensions dynamic): fused kernels where eager HF spends a

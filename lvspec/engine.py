@@ -228,9 +228,9 @@ class Engine:
             if model is None:
                 continue
             lm = model.model.language_model
-            parts = [lm.norm] + [m for layer in lm.layers for name, m in layer.named_children() if name != "self_attn"]
-            if model is self.target and self.tp is not None:
-                parts = []  # a sharded target's MLPs all-reduce: left eager (not measured compiled)
+            sharded = model is self.target and self.tp is not None  # its MLPs all-reduce: left eager (unmeasured)
+            parts = [] if sharded else [lm.norm] + [m for layer in lm.layers
+                                                    for name, m in layer.named_children() if name != "self_attn"]
             for module in [self.adapter.vision(model), *parts]:
                 if getattr(module, "_compiled_call_impl", None) is None:
                     module.compile()

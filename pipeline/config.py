@@ -81,7 +81,8 @@ class GenerationConfig:
     # Continuous batching: prefill new rows beside the other slots' decoding (a second CUDA stream).
     overlap_prefill: bool = True
     # Capture prompt forwards (groups of up to 4 rows, per input shapes) as CUDA graphs, so launching
-    # them stops holding up decoding (LLaVA-OneVision). Off until measured on a GPU (BENCHMARKS).
+    # them stops holding up decoding (LLaVA-OneVision). Off: 1.04x the engine on an H200, the job
+    # no faster (BENCHMARKS, third sitting).
     prompt_graphs: bool = False
     # Compile the prefill's modules (vision encoders, prompt forwards; torch.compile): a faster
     # prefill; the first rows wait about a minute for it. Float rounding away from eager, so
