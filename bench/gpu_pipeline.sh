@@ -6,7 +6,6 @@
 #                                  # check; the engine alone: lvspec continuous and static x3
 #   bench/gpu_pipeline.sh compile  # carry .gpu-a: the prefill eager vs compiled (compile_prefill); PROFILE=1
 #   bench/gpu_pipeline.sh engine1  # carry .gpu-a: lvspec continuous and static x3, no prefill check first
-#   bench/gpu_pipeline.sh sms      # carry .gpu-a: the engine with prefills beside decoding kept off $SMS SMs
 #   bench/gpu_pipeline.sh engine2  # lvspec eager (prompt graphs off), serial (no overlap), ar continuous x$REPEATS (3)
 #   bench/gpu_pipeline.sh jobs     # carry .gpu-b: av, decord ; renders the shards, `ray start --head`, the job
 #                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate
@@ -42,14 +41,6 @@ case "$1" in
     bench/gpu_install.sh .gpu-a >/dev/null || exit 1
     python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/static \
       --json $OUT/engine.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;
-  sms)  # carry .gpu-a: prefills beside decoding kept off generation.decode_sms SMs (a green context): first
-        # tests/test_gpu.py's check that captions stay the same (toy pairs, float32; where pytest is there),
-        # then the engine alone, lvspec continuous and eager (prompt graphs off), one run at each of $SMS
-    bench/gpu_install.sh .gpu-a >/dev/null || exit 1
-    ! python3 -c "import pytest" 2>/dev/null || timeout 180 python3 -m pytest -q -p no:cacheprovider \
-      tests/test_gpu.py -k share_of_the_sms 2>&1 | tail -3
-    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/eager --repeats 1 \
-      --decode-sms ${SMS:-0 24 40} --json $OUT/sweep.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;
   install)
     bench/gpu_install.sh .gpu-a | tail -3; exit ;;
   engine)  # first the prompt-graph check (a capture that fails or differs stops the call), then the runs
@@ -78,7 +69,7 @@ sys.exit(f'prompt graphs: {bad}' if bad else 0)" || exit 1
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/static ar/continuous \
       --repeats ${REPEATS:-3} \
       --json $OUT/jobs2.json "${EXTRA[@]}" 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror" ;;
-  *) echo "usage: $0 prefill|compile|sms|install|engine|engine1|engine2|jobs|jobs2"; exit 2 ;;
+  *) echo "usage: $0 prefill|compile|install|engine|engine1|engine2|jobs|jobs2"; exit 2 ;;
 esac
 ray stop --force >/dev/null 2>&1
 exit 0

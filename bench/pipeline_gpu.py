@@ -104,18 +104,12 @@ def engine(args, out: dict) -> dict:
     out.update(rows=args.rows, frames=cfg.decode.num_frames, slots=base.slots, built_s=built_s,
                prompt_tokens=int(rows[0]["input_ids"].shape[1]), runs=[])
     shipped = shipped_settings(cfg.model.target)
-    if args.decode_sms:  # a sweep of generation.decode_sms: kept apart from the acceptance figures
-        out["sweep"] = "decode_sms"
-    engines = [(mode, sms) for mode in dict.fromkeys(m for m, _ in args.runs) for sms in args.decode_sms or [None]]
-    for mode, sms in engines:
-        spec = spec_config(dataclasses.replace(gen, mode=mode, **({} if sms is None else {"decode_sms": sms})),
-                           shipped)
+    for mode in dict.fromkeys(m for m, _ in args.runs):
+        spec = spec_config(dataclasses.replace(gen, mode=mode), shipped)
         eng = Engine(base.target, base.draft if mode != "ar" else None, spec, slots=base.slots)
         replay = Replay.from_file(gen.replay, eng.adapter.family, mode, gen.replay_lengths)
         graphs = eng.prompt_graphs
         list(eng.stream(rows[:2 * base.slots], tokenizer=tokenizer, replay=replay))  # warm-up: state, graphs, costs
-        if sms:
-            out.setdefault("partition", []).append(_partition_check(eng, prompts[0]))
         for repeat in range(args.repeats):
             for batching in [b for m, b in args.runs if m == mode]:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
@@ -133,10 +127,9 @@ def engine(args, out: dict) -> dict:
                        "overlapped_prefills": eng.timing["overlapped_prefills"], "prefills": eng.timing["prefills"],
                        "tau": (tokens - len(finished)) / max(cycles, 1),
                        "k_median": statistics.median(eng.timing["k"]) if eng.timing["k"] else 0,
-                       "prompt_graphs": eng.timing["prompt_graphs"], "decode_sms": eng.timing["decode_sms"]}
+                       "prompt_graphs": eng.timing["prompt_graphs"]}
                 out["runs"].append(run)
-                print(f"[engine] {mode:6s} {batching:10s} run {repeat} (decode_sms {run['decode_sms']}): "
-                      f"{run['steady']['tokens_per_s']:8.1f} tok/s "
+                print(f"[engine] {mode:6s} {batching:10s} run {repeat}: {run['steady']['tokens_per_s']:8.1f} tok/s "
                       f"steady, {run['tokens_per_s_whole']:8.1f} whole ({tokens} tokens, {wall:.1f} s, prefill "
                       f"{run['prefill_s']:.1f} s, tau {run['tau']:.2f}; prompt graphs {run['prompt_graphs']})", flush=True)
                 _write(args.json, out)
@@ -451,35 +444,6 @@ def _compiled_prefill(eng, row: dict, groups: list[int], ms, profile: str | None
     return results
 
 
-def _partition_check(eng, row: dict) -> dict:
-    """A row's prefill (`Engine._prompt_group`) as it runs beside decoding with generation.decode_sms
-    (the green context's stream, cuBLAS's carveout set) against the whole GPU: wall ms, median of 3,
-    and whether it wrote what the whole GPU's run did (first tokens, keys)."""
-    import torch
-
-    from lvspec.engine import _carveout
-
-    st, ready, index, keys = _group(eng, row, 1)
-
-    def partitioned():
-        eng._prefill_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(eng._prefill_stream), _carveout(eng._carveout):
-            out = eng._prompt_group(st, ready, index)
-        torch.cuda.current_stream().wait_stream(eng._prefill_stream)
-        return out
-
-    with torch.inference_mode():
-        whole = [_timed(lambda: eng._prompt_group(st, ready, index)) for _ in range(3)]
-        first, expect = whole[-1][2][2].clone(), keys()
-        part = [_timed(partitioned) for _ in range(4)][1:]  # the first: cuBLAS's plans for the carveout
-    result = {"decode_sms": eng._carveout, "whole_ms": statistics.median(w for _, w, _ in whole),
-              "partitioned_ms": statistics.median(w for _, w, _ in part),
-              "first_tokens_equal": bool(torch.equal(first, part[-1][2][2])),
-              "keys_max_abs_diff": _keys_diff(keys(), expect)}
-    print(f"[partition] {result}", flush=True)
-    return result
-
-
 def _prompt_graph_check(eng, row: dict, group: int) -> dict:
     """A group's prompt forwards (`Engine._prompt_group`: both models, keys into the caches) eagerly
     and as a replayed `PromptGraphs` capture: host ms to queue each (what the decoding loop waits
@@ -554,9 +518,7 @@ def report(args) -> dict:
     from bench.report import write_markdown_section
 
     parts = [json.loads(Path(p).read_text()) for p in args.json]
-    engine_runs = [r for p in parts if p.get("kind") == "engine" and not p.get("sweep") for r in p["runs"]]
-    sweep = [r for p in parts if p.get("sweep") for r in p["runs"]]
-    partition = [r for p in parts if p.get("sweep") for r in p.get("partition", [])]
+    engine_runs = [r for p in parts if p.get("kind") == "engine" for r in p["runs"]]
     job_runs = [r for p in parts if p.get("kind") == "job" for r in p["runs"] if r.get("steady")]
     decode = next((p["rates"] for p in parts if p.get("kind") == "decode"), {})
     prefill_rows = next((p["rows"] for p in parts if p.get("kind") == "prefill"), [])
@@ -627,12 +589,6 @@ def report(args) -> dict:
     res["prefill"] = prefill_rows
     res["prompt_graphs"] = prompt_graphs
     res["compiled"] = compiled
-    res["sweep"] = [{k: r[k] for k in ("mode", "batching", "decode_sms", "repeat", "wall_s", "prefill_s",
-                                       "overlapped_prefills", "prefills")}
-                    | {"tokens_per_s": r["steady"]["tokens_per_s"],
-                       "prompt_graphs": bool(r["prompt_graphs"] and r["prompt_graphs"].get("replays"))}
-                    for r in sweep]
-    res["partition"] = partition
     res["figures"] = figures
     Path(args.out).write_text(json.dumps({"parts": parts, **res}, indent=1) + "\n")
     if args.markdown:
@@ -702,22 +658,6 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['rows']} | {part(r['prefill_ms'])} | {part(r['target_vision_ms'])} | "
                          f"{part(r['draft_vision_ms'])} | {r['first_call_s']:.1f} | {r['first_tokens_equal']} | "
                          f"{r['keys_max_abs_diff']:.3g} / {r['keys_scale']:.3g} |")
-    if res.get("sweep"):
-        lines += ["", "Prefills beside decoding kept off `generation.decode_sms` SMs (a CUDA green context for the "
-                  "prefill, cuBLAS's carveout), the engine alone (one run each; eager = prompt graphs off):", "",
-                  "| decode_sms | run | tok/s (steady) | wall s | host s queuing prefills | prefills beside decoding |",
-                  "|---|---|---|---|---|---|"]
-        for r in res["sweep"]:
-            lines.append(f"| {r['decode_sms']} | {r['mode']}/{r['batching']} | {r['tokens_per_s']:.1f} | "
-                         f"{r['wall_s']:.1f} | {r['prefill_s']:.1f} | {r['overlapped_prefills']} of {r['prefills']} |")
-    if res.get("partition"):
-        lines += ["", "A row's prefill alone on the prefill's share of the SMs against the whole GPU (wall ms, "
-                  "median of 3), and whether it wrote the same (first tokens, keys' max abs diff):", "",
-                  "| decode_sms | whole GPU | partitioned | first tokens equal | keys max abs diff |",
-                  "|---|---|---|---|---|"]
-        for r in res["partition"]:
-            lines.append(f"| {r['decode_sms']} | {r['whole_ms']:.1f} | {r['partitioned_ms']:.1f} | "
-                         f"{r['first_tokens_equal']} | {r['keys_max_abs_diff']:.3g} |")
     return "\n".join(lines)
 
 
@@ -747,8 +687,6 @@ def main(argv=None):
         p.add_argument("--runs", nargs="+", type=_run, default=[("lvspec", "continuous")],
                        help="MODE/BATCHING pairs, e.g. lvspec/continuous lvspec/static ar/continuous")
         p.add_argument("--repeats", type=int, default=3)
-    en.add_argument("--decode-sms", type=int, nargs="+", help="a sweep: each run again with generation.decode_sms "
-                    "at each of these (the report tables it apart from the acceptance figures)")
     jo.add_argument("--shards", required=True)
     jo.add_argument("--work", default="/tmp/lvspec-bench-out")
     jo.add_argument("--timeout", type=float, default=300)

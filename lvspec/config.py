@@ -51,12 +51,6 @@ class SpecConfig:
     # fifth of the prefill's GPU time on elementwise ops. The first rows wait for the compile
     # (about a minute); its numerics are float rounding away from eager.
     compile_prefill: bool = False
-    # SMs kept for decoding while a prefill runs beside it (overlap_prefill, CUDA): the prefill's
-    # kernels run in a CUDA green context of the other SMs (its cuBLAS GEMMs sized to them), so
-    # that the compute-bound prefill cannot fill every SM while the memory-bound decoding waits
-    # for them. 0: the prefill may take every SM. Prefills with nothing decoding beside them
-    # always get the whole GPU.
-    decode_sms: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -71,9 +65,6 @@ class SpecConfig:
             raise ValueError(f"theta (relevance threshold) must be in [0, 1], got {self.theta!r}")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha (loose ratio) must be in (0, 1], got {self.alpha!r}")
-        if not isinstance(self.decode_sms, int) or isinstance(self.decode_sms, bool) or self.decode_sms < 0:
-            raise ValueError(f"decode_sms (SMs kept for decoding beside a prefill) must be an integer >= 0, "
-                             f"got {self.decode_sms!r}")
         if self.top_k < 0 or self.shift_window < 0:
             raise ValueError("top_k and shift_window must be >= 0")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

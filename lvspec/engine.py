@@ -205,9 +205,7 @@ class Engine:
         self.overlap = cfg.overlap_prefill and self.tp is None
         cuda = self.device.type == "cuda"
         self._decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
-        # With decode_sms, prefills beside decoding run on the other SMs (a green context's stream).
-        self._prefill_stream, self._carveout, self._green = (
-            _prefill_side(self.device, cfg.decode_sms if self.overlap else 0) if cuda else (None, None, None))
+        self._prefill_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
         capturable = cfg.prompt_graphs and self.tp is None and getattr(self.adapter, "capturable", False)
         self.prompt_graphs = ("cuda" if self.graphs else "static") if capturable else "off"
         if cfg.compile_prefill:
@@ -680,7 +678,7 @@ class _Stream:
             e._reserve(self.st, self.pending.index)
             if e._prefill_stream is not None:
                 e._prefill_stream.wait_stream(torch.cuda.current_stream(e.device))  # after the reservation
-            with e._on(e._prefill_stream), _carveout(e._carveout):
+            with e._on(e._prefill_stream):
                 self._launch(self.pending)
             self.overlapped += 1
         else:
@@ -792,49 +790,10 @@ class _Stream:
             "draft_steps": sum(k for *_, k in marks),
             "verify_s": sum(clock.seconds(b, c) for _, b, c, _ in marks), "verifies": len(marks),
             "prefills": self.prefills, "overlapped_prefills": self.overlapped, "rows": self.placed,
-            "decode_sms": e._carveout or 0,
             "peak_active": self.peak,
             "prompt_graphs": self.st.prompts.summary() if self.st is not None else None,
             "costs": asdict(self.st.costs) if self.st is not None and self.st.costs else None,
             "attention": {"target": dict(e.T.attention), "draft": dict(e.D.attention) if e.D else None}}
-
-
-SM_GROUP = 8  # green contexts take a Hopper GPU's SMs in groups of 8
-
-
-def _prefill_side(device: torch.device, decode_sms: int):
-    """(stream, cuBLAS carveout, green context) for prefills beside decoding on a CUDA `device`:
-    with `decode_sms`, a stream of a green context holding all but that many SMs (rounded down to
-    whole groups), and the SMs its GEMMs must leave; else an ordinary low-priority stream."""
-    if not decode_sms:
-        return torch.cuda.Stream(device, priority=0), None, None
-    total = torch.cuda.get_device_properties(device).multi_processor_count
-    sms = (total - decode_sms) // SM_GROUP * SM_GROUP
-    if sms < SM_GROUP:
-        raise ValueError(f"decode_sms={decode_sms} leaves a prefill beside decoding fewer than {SM_GROUP} of "
-                         f"this GPU's {total} SMs")
-    from torch.cuda import green_contexts
-
-    if not green_contexts.SUPPORTED:
-        raise RuntimeError("decode_sms needs CUDA green contexts (PyTorch built with CUDA >= 12.8); set it to 0")
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    green = green_contexts.GreenContext.create(num_sms=sms, device_id=index)
-    return green.Stream(), total - sms, green
-
-
-@contextlib.contextmanager
-def _carveout(sms: int | None):
-    """cuBLAS GEMMs queued inside leave `sms` SMs alone (their tiling otherwise assumes every SM,
-    where a green context holds fewer)."""
-    if sms is None:
-        yield
-        return
-    before = torch._C._get_sm_carveout_experimental()
-    torch._C._set_sm_carveout_experimental(sms)
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(before)
 
 
 def generate(target, draft, rows: list[dict], cfg: SpecConfig = SpecConfig(), tokenizer=None,

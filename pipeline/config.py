@@ -88,9 +88,6 @@ class GenerationConfig:
     # prefill; the first rows wait about a minute for it. Float rounding away from eager, so
     # operational (not in config_hash).
     compile_prefill: bool = False
-    # SMs kept for decoding while a prefill runs beside it: the prefill gets the rest of the GPU (a
-    # CUDA green context). 0: the prefill may take every SM (and decoding waits between its kernels).
-    decode_sms: int = 0
     # Benchmarks only: keep the recorded number of drafts per cycle (lvspec.Replay) from this patterns
     # file (bench/replay_patterns.json), so that a dummy pair does a trained pair's work. Rows and the
     # summary say so. Rows end at replayed lengths (stop tokens off), drawn per video_id as
@@ -371,7 +368,7 @@ def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfi
     return SpecConfig(mode=gen.mode, k=k, k_max=gen.k_max, theta=theta, alpha=gen.alpha, top_k=gen.top_k,
                       shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens, cuda_graphs=gen.cuda_graphs,
                       overlap_prefill=gen.overlap_prefill, prompt_graphs=gen.prompt_graphs,
-                      compile_prefill=gen.compile_prefill, decode_sms=gen.decode_sms,
+                      compile_prefill=gen.compile_prefill,
                       stop_token_ids=() if gen.replay is not None else None,  # replayed rows end at replayed lengths
                       **relevance)
 
@@ -387,7 +384,7 @@ def local_path(uri: str) -> str:
 
 # Keys that decide how fast or where a job runs, never what a caption says.
 OPERATIONAL = {"decode": ("actors", "num_cpus", "batch_size"), "model": ("storage_options", "cache_dir"),
-               "generation": ("cuda_graphs", "overlap_prefill", "prompt_graphs", "compile_prefill", "decode_sms")}
+               "generation": ("cuda_graphs", "overlap_prefill", "prompt_graphs", "compile_prefill")}
 
 
 def config_hash(job: JobConfig) -> str:

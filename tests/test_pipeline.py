@@ -273,7 +273,6 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("generation.replay=no/such/patterns.json", "generation.replay"),
     ("generation.replay=README.md", "generation.replay"),  # not a patterns file
     ("generation.replay_lengths=uniform", "generation.replay_lengths"),
-    ("generation.decode_sms=-8", "generation.decode_sms"),
 ])
 def test_a_bad_config_fails_before_ray_starts_naming_the_key(override, key):
     out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml", override],
