@@ -11,15 +11,21 @@ offline, so `terraform validate` cannot either). What is checked instead:
   terraform  every .tf parses (python-hcl2); every var.X, local.X, module.X, data.T.N and T.N used
              is declared; every variable and local is used; every file()/templatefile() path
              exists; every templatefile() gets a local map whose keys are exactly the template's
-             ${name} placeholders
+             ${name} placeholders; no credential in a variable default or in the state (a plain
+             secret_string, a random_password resource)
   k8s        every manifest under infra/k8s, rendered the way Terraform renders it (variable
              defaults; values known only after apply become "unknown"), has what KubeRay and
              Kubernetes require: RayCluster head/worker groups, replica bounds, in-tree
              autoscaling, GPU limits and taint toleration; RayJob entrypoint and cluster; CronJob
-             schedule and container; fixed image tags; names that agree across files
+             schedule and container; fixed image tags; names that agree across files. Who may
+             submit: every RayCluster (and RayJob) requires the Ray token (authOptions mode token)
+             from a Secret an ExternalSecret makes; every `ray job submit` sends it from that
+             Secret; no token in plain text; every Ray pod is under NetworkPolicies for ingress
+             and egress, and the head's job API (8265) admits named pods only
   launcher   infra/ray/cluster.yaml passes Ray's own schema and launcher checks, has sane worker
-             bounds and a GPU worker type, and names the instance profiles, cluster name and
-             region that infra/terraform creates IAM for
+             bounds and a GPU worker type, names the instance profiles, cluster name and region
+             that infra/terraform creates IAM for, and runs Ray with the token that a boot command
+             fetches from the Terraform-made secret (never written in the config)
   checkov    no failed check (terraform, kubernetes, secrets); every skip carries a reason
 
 The functions return lists of problems (strings) so that tests can call them on broken copies.
@@ -213,7 +219,8 @@ class Module:
         return f"{block.file}:{line}" if line else f"{block.file} ({block.name})"
 
 
-KINDS_WITH_LABELS = {"resource": 2, "data": 2, "variable": 1, "output": 1, "module": 1, "provider": 1}
+KINDS_WITH_LABELS = {"resource": 2, "data": 2, "ephemeral": 2, "variable": 1, "output": 1, "module": 1,
+                     "provider": 1}
 
 
 def load_module(directory: Path = TERRAFORM_DIR) -> Module:
@@ -265,8 +272,8 @@ def references(module: Module) -> Iterator[tuple[Block, str, str, str]]:
                     parts = re.findall(r"\.([A-Za-z_][\w-]*)", m.group(2))
                     if head in ("var", "local", "module") and parts:
                         yield block, head, parts[0], f"{head}.{parts[0]}"
-                    elif head == "data" and len(parts) >= 2:
-                        yield block, "data", f"{parts[0]}.{parts[1]}", f"data.{parts[0]}.{parts[1]}"
+                    elif head in ("data", "ephemeral") and len(parts) >= 2:
+                        yield block, head, f"{parts[0]}.{parts[1]}", f"{head}.{parts[0]}.{parts[1]}"
                     elif head.startswith(resource_prefixes) and parts and not code[m.end():].lstrip().startswith("("):
                         yield block, "resource", f"{head}.{parts[0]}", f"{head}.{parts[0]}"
 
@@ -278,15 +285,17 @@ def check_terraform(directory: Path = TERRAFORM_DIR) -> list[str]:
     variables, local_names = set(module.variables), set(module.locals)
     resources = {f"{t}.{n}" for t, n in module.resources}
     data = {f"{t}.{n}" for t, n in module.data_sources}
+    ephemeral = {".".join(b.labels) for b in module.of("ephemeral")}
     modules = {b.labels[0] for b in module.of("module")}
-    declared = {"var": variables, "local": local_names, "module": modules, "data": data, "resource": resources}
+    declared = {"var": variables, "local": local_names, "module": modules, "data": data, "ephemeral": ephemeral,
+                "resource": resources}
     used: dict[str, set[str]] = {"var": set(), "local": set()}
     for block, kind, target, text in references(module):
         if kind in used:
             used[kind].add(target)
         if target not in declared[kind]:
             what = {"var": "variable", "local": "local value", "module": "module", "data": "data source",
-                    "resource": "resource"}[kind]
+                    "ephemeral": "ephemeral resource", "resource": "resource"}[kind]
             problems.append(f"{module.where(block, text)}: {text} refers to an undeclared {what}")
     variable_files = {b.labels[0]: b.file for b in module.of("variable")}
     for name in sorted(variables - used["var"]):
@@ -296,6 +305,43 @@ def check_terraform(directory: Path = TERRAFORM_DIR) -> list[str]:
         problems.append(f"{local_files[name]}: local {name!r} is declared but never used")
     problems += _duplicates(module)
     problems += _check_paths(module)
+    problems += _credentials_in_terraform(module)
+    return problems
+
+
+CREDENTIAL_WORDS = {"token", "secret", "secrets", "password", "passwd", "credential", "credentials", "apikey"}
+# ... unless the name says it holds something about a credential, not the credential itself
+NOT_A_CREDENTIAL = {"version", "refresh", "name", "arn", "id", "interval", "days", "path", "uri"}
+
+
+def _credential_name(name: str) -> bool:
+    words = name.lower().split("_")
+    return bool(CREDENTIAL_WORDS & set(words)) and words[-1] not in NOT_A_CREDENTIAL
+STATEFUL_SECRETS = {  # resource type -> arguments whose value Terraform keeps in its state
+    "aws_secretsmanager_secret_version": ("secret_string", "secret_binary"),
+    "random_password": ("*",), "random_string": ("*",),
+}
+
+
+def _credentials_in_terraform(module: Module) -> list[str]:
+    """No credential in a variable default, and none written where the state keeps it (a secret
+    version's plain secret_string, a random_password resource): ephemeral values and write-only
+    arguments (*_wo) only."""
+    problems = []
+    for name, body in module.variables.items():
+        default = body.get("default")
+        if _credential_name(name) and isinstance(default, str) and default.strip('"') not in ("", "null", "${null}"):
+            block = next(b for b in module.of("variable") if b.labels[0] == name)
+            problems.append(f"{module.where(block, name)}: variable {name!r} looks like a credential and has a "
+                            f"default: a token or password never lives in a variable default")
+    for block in module.of("resource"):
+        kind = block.labels[0]
+        for arg in STATEFUL_SECRETS.get(kind, ()):
+            if arg == "*" or arg in block.body:
+                what = f"{kind}.{block.labels[1]}" + ("" if arg == "*" else f".{arg}")
+                problems.append(f"{module.where(block, arg if arg != '*' else kind)}: {what} keeps a secret in the "
+                                f"Terraform state; generate it with an ephemeral resource and write it through a "
+                                f"write-only argument (e.g. secret_string_wo)")
     return problems
 
 
@@ -739,6 +785,194 @@ def check_k8s(k8s_dir: Path = K8S_DIR, terraform_dir: Path = TERRAFORM_DIR) -> l
             arn = _get(doc, "metadata", "annotations", "eks.amazonaws.com/role-arn")
             if not arn:
                 problems.append(f"{where}: no eks.amazonaws.com/role-arn annotation (IRSA)")
+    return problems + check_auth(docs) + check_network_policies(docs)
+
+
+# --- who may submit: token authentication and network policy -------------------------------------
+
+AUTH_SECRET_KEY = "auth_token"  # the key KubeRay's authOptions read from their Secret
+JOB_API_PORT = 8265
+
+
+def _containers(doc: dict) -> Iterator[tuple[str, dict]]:
+    """(where, container) of every pod template a manifest holds."""
+    kind, name = _get(doc, "kind"), _get(doc, "metadata", "name")
+    specs = {"RayCluster": lambda d: [("head", _get(d, "spec", "headGroupSpec", "template", "spec"))]
+             + [(f"worker group {_get(g, 'groupName')!r}", _get(g, "template", "spec"))
+                for g in _get(d, "spec", "workerGroupSpecs", default=[]) or []],
+             "RayJob": lambda d: [("submitter", _get(d, "spec", "submitterPodTemplate", "spec"))],
+             "CronJob": lambda d: [("job", _get(d, "spec", "jobTemplate", "spec", "template", "spec"))],
+             "Job": lambda d: [("job", _get(d, "spec", "template", "spec"))],
+             "Deployment": lambda d: [("pod", _get(d, "spec", "template", "spec"))],
+             "Pod": lambda d: [("pod", _get(d, "spec"))]}
+    for part, pod in specs.get(kind, lambda d: [])(doc):
+        for c in (_get(pod, "containers", default=[]) or []) + (_get(pod, "initContainers", default=[]) or []):
+            if isinstance(c, dict):
+                yield f"{kind} {name}, {part}, container {c.get('name')!r}", c
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e.get("name"): e for e in container.get("env") or [] if isinstance(e, dict)}
+
+
+def check_auth(docs: list) -> list[str]:
+    """Every RayCluster requires the token (KubeRay authOptions, mode token, from a Secret that an
+    ExternalSecret of infra/k8s makes); every RayJob runs on such a cluster; every `ray job submit`
+    in a manifest sends it, read from that Secret. No token value in any manifest."""
+    problems = []
+    made = {_get(d, "spec", "target", "name", default=_get(d, "metadata", "name")): _get(d, "spec", "data")
+            for _, d in docs if _get(d, "kind") == "ExternalSecret"}
+    authed: dict[str, str | None] = {}  # RayCluster -> the Secret its token comes from
+    for path, doc in docs:
+        kind, name = _get(doc, "kind"), _get(doc, "metadata", "name")
+        where = f"{path.name} ({kind} {name})"
+        if kind == "Secret" and (_get(doc, "data") or _get(doc, "stringData")):
+            problems.append(f"{where}: a Secret's value is written in a manifest; credentials come from "
+                            f"Secrets Manager (an ExternalSecret)")
+        for at, c in _containers(doc):
+            for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+                if var == "RAY_AUTH_TOKEN" and "value" in _env(c).get(var, {}):
+                    problems.append(f"{path.name} ({at}): RAY_AUTH_TOKEN is written in plain text; read it "
+                                    f"from the cluster's Secret (valueFrom.secretKeyRef)")
+        if kind == "RayCluster" or (kind == "RayJob" and _get(doc, "spec", "rayClusterSpec")):
+            spec = _get(doc, "spec") if kind == "RayCluster" else _get(doc, "spec", "rayClusterSpec")
+            auth = _get(spec, "authOptions", default={}) or {}
+            secret = _get(auth, "secretName")
+            if _get(auth, "mode") != "token":
+                problems.append(f"{where}: no token authentication: set spec.authOptions.mode: token (the job "
+                                f"API otherwise runs whatever code reaches port {JOB_API_PORT})")
+            elif not secret:
+                problems.append(f"{where}: spec.authOptions.secretName is not set: the token must come from "
+                                f"Secrets Manager through an ExternalSecret of infra/k8s, not one KubeRay makes up")
+            elif secret not in made:
+                problems.append(f"{where}: spec.authOptions.secretName {secret!r} is made by no ExternalSecret "
+                                f"in infra/k8s (they make {sorted(made)})")
+            elif not any(_get(d, "secretKey") == AUTH_SECRET_KEY for d in made[secret] or []):
+                problems.append(f"{where}: the ExternalSecret that makes {secret!r} has no key {AUTH_SECRET_KEY!r}")
+            if kind == "RayCluster" and _get(auth, "mode") == "token":
+                authed[str(name)] = secret
+    for path, doc in docs:
+        kind, name = _get(doc, "kind"), _get(doc, "metadata", "name")
+        where = f"{path.name} ({kind} {name})"
+        target = _get(doc, "spec", "clusterSelector", "ray.io/cluster")
+        if kind == "RayJob" and target and target not in authed:
+            problems.append(f"{where}: runs on RayCluster {target!r}, which does not require the auth token")
+        for at, c in _containers(doc):
+            command = " ".join(map(str, (c.get("command") or []) + (c.get("args") or [])))
+            if not re.search(r"\bray\s+job\s+submit\b", command):
+                continue
+            env = _env(c)
+            if _get(env.get("RAY_AUTH_MODE", {}), "value") != "token":
+                problems.append(f"{path.name} ({at}): runs `ray job submit` without RAY_AUTH_MODE=token")
+            wanted = {(s, AUTH_SECRET_KEY) for s in authed.values()}
+            if _token_source(doc, c) not in wanted:
+                problems.append(f"{path.name} ({at}): runs `ray job submit` without the cluster's token: a file "
+                                f"(RAY_AUTH_TOKEN_PATH) from a secret volume, or RAY_AUTH_TOKEN from secretKeyRef, "
+                                f"of {{name: one of {sorted(filter(None, authed.values()))}, key: {AUTH_SECRET_KEY}}}")
+    return problems
+
+
+def _token_source(doc: dict, container: dict) -> tuple | None:
+    """(Secret, key) a container's Ray token comes from: RAY_AUTH_TOKEN's secretKeyRef, or the secret
+    volume that RAY_AUTH_TOKEN_PATH's file lies in."""
+    env = _env(container)
+    ref = _get(env.get("RAY_AUTH_TOKEN", {}), "valueFrom", "secretKeyRef")
+    if ref:
+        return ref.get("name"), ref.get("key")
+    path = str(_get(env.get("RAY_AUTH_TOKEN_PATH", {}), "value", default=""))
+    pod = next((p for p in (_get(doc, "spec", "jobTemplate", "spec", "template", "spec"),
+                            _get(doc, "spec", "template", "spec"), _get(doc, "spec")) if _get(p, "containers")), {})
+    for mount in container.get("volumeMounts") or []:
+        root = str(mount.get("mountPath", "")).rstrip("/") + "/"
+        if not path.startswith(root):
+            continue
+        volume = next((v for v in _get(pod, "volumes", default=[]) or [] if v.get("name") == mount.get("name")), {})
+        secret = _get(volume, "secret", "secretName")
+        items = _get(volume, "secret", "items")
+        name = path[len(root):]
+        key = next((i.get("key") for i in items if i.get("path") == name), None) if items else name
+        return (secret, key) if secret else None
+    return None
+
+
+def _selects(selector: Any, labels: dict) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions) selects these labels; {} selects all."""
+    if not isinstance(selector, dict):
+        return False
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
+        if not {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}.get(op, False):
+            return False
+    return True
+
+
+def _ray_pods(docs: list) -> list[tuple[str, str, dict]]:
+    """(what, namespace, labels) of the pods the manifests make, with the labels KubeRay adds."""
+    pods = []
+    for _, doc in docs:
+        kind, name, namespace = _get(doc, "kind"), _get(doc, "metadata", "name"), _get(doc, "metadata", "namespace")
+        if kind == "RayCluster":
+            head = _get(doc, "spec", "headGroupSpec", "template", "metadata", "labels", default={}) or {}
+            pods.append((f"RayCluster {name} head", namespace,
+                         {**head, "ray.io/cluster": name, "ray.io/node-type": "head"}))
+            for g in _get(doc, "spec", "workerGroupSpecs", default=[]) or []:
+                labels = _get(g, "template", "metadata", "labels", default={}) or {}
+                pods.append((f"RayCluster {name} worker group {_get(g, 'groupName')!r}", namespace,
+                             {**labels, "ray.io/cluster": name, "ray.io/node-type": "worker",
+                              "ray.io/group": _get(g, "groupName")}))
+    return pods
+
+
+def _admits_job_api(rule: dict) -> bool:
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") in (JOB_API_PORT, "dashboard") and "endPort" not in p
+                            or (p.get("endPort") and p.get("port", 0) <= JOB_API_PORT <= p["endPort"])
+                            or "port" not in p for p in ports)
+
+
+def _too_wide(peer: dict) -> str | None:
+    """Why an ingress peer admits more than named pods, or None."""
+    if "ipBlock" in peer:
+        return f"an ipBlock ({_get(peer, 'ipBlock', 'cidr')})"
+    pods, spaces = peer.get("podSelector"), peer.get("namespaceSelector")
+    named = lambda sel: isinstance(sel, dict) and (sel.get("matchLabels") or sel.get("matchExpressions"))  # noqa: E731
+    if not named(pods):
+        return ("every pod of the namespace" if spaces is None else "every pod of the selected namespaces")
+    if spaces is not None and not named(spaces):
+        return "the named pods of every namespace"
+    return None
+
+
+def check_network_policies(docs: list) -> list[str]:
+    """Every Ray pod is selected by NetworkPolicies for ingress and egress; a Ray head's job API
+    (8265) admits only named pods (no rule that lets in the whole namespace, another namespace's
+    every pod, an address range, or everyone); no rule opens all egress."""
+    policies = [(path, d) for path, d in docs if _get(d, "kind") == "NetworkPolicy"]
+    problems = []
+    for what, namespace, labels in _ray_pods(docs):
+        mine = [(path, d) for path, d in policies if _get(d, "metadata", "namespace") == namespace
+                and _selects(_get(d, "spec", "podSelector"), labels)]
+        for direction in ("Ingress", "Egress"):
+            types = lambda d: _get(d, "spec", "policyTypes") or (["Ingress"] + (["Egress"] if _get(d, "spec", "egress") else []))  # noqa: E731
+            if not any(direction in types(d) for _, d in mine):
+                problems.append(f"{what}: no NetworkPolicy selects it for {direction.lower()}: any pod "
+                                f"{'can reach it' if direction == 'Ingress' else 'it runs can reach anything'} "
+                                f"(infra/k8s/networkpolicies.yaml)")
+        for path, d in mine:
+            where = f"{path.name} (NetworkPolicy {_get(d, 'metadata', 'name')})"
+            for rule in _get(d, "spec", "ingress", default=[]) or []:
+                if labels.get("ray.io/node-type") != "head" or not _admits_job_api(rule):
+                    continue
+                peers = rule.get("from")
+                reasons = ["everyone (a rule without from)"] if not peers else list(filter(None, map(_too_wide, peers)))
+                for reason in reasons:
+                    problems.append(f"{where}: admits {reason} to the job API ({JOB_API_PORT}) of {what}")
+            for rule in _get(d, "spec", "egress", default=[]) or []:
+                if not rule.get("to") and not rule.get("ports"):
+                    problems.append(f"{where}: an egress rule without to or ports lets {what} reach anything")
     return problems
 
 
@@ -792,6 +1026,37 @@ def check_launcher(path: Path = LAUNCHER_CONFIG, terraform_dir: Path = TERRAFORM
         problems.append(f"{name}: idle_timeout_minutes must be positive, got {idle!r}")
     problems += _launcher_against_ray(config, name)
     problems += _launcher_against_terraform(config, name, terraform_dir)
+    problems += _launcher_auth(config, name, terraform_dir)
+    return problems
+
+
+def _launcher_auth(config: dict, name: str, terraform_dir: Path) -> list[str]:
+    """Every Ray process of the launcher's cluster runs with RAY_AUTH_MODE=token (the container's
+    environment or the start commands), the token read from a file that a boot command fetches from
+    the Secrets Manager secret infra/terraform makes, never written in the config."""
+    texts = [str(t) for t in _walk_strings(config)]
+    problems = []
+    started = (_get(config, "docker", "run_options", default=[]) or []) + \
+        (config.get("head_start_ray_commands") or []) + (config.get("worker_start_ray_commands") or [])
+    if not any(re.search(r"\bRAY_AUTH_MODE=token\b", str(t)) for t in started):
+        problems.append(f"{name}: Ray starts without token authentication: add `-e RAY_AUTH_MODE=token` to "
+                        f"docker.run_options (or RAY_AUTH_MODE=token to the start commands)")
+    for t in texts:
+        if re.search(r"\bRAY_AUTH_MODE=(?!token\b)", t):
+            problems.append(f"{name}: {t.strip()[:80]!r} turns token authentication off")
+        for m in re.finditer(r"\bRAY_AUTH_TOKEN\s*[=:]\s*(\S+)", t):
+            problems.append(f"{name}: RAY_AUTH_TOKEN is written in the config ({m.group(1)[:4]}...): read it "
+                            f"from a file (RAY_AUTH_TOKEN_PATH) that a boot command fetches from Secrets Manager")
+    module = load_module(terraform_dir)
+    if module.problems:
+        return problems
+    secrets = {evaluate(module, b.body.get("name")) for b in module.of("resource")
+               if b.labels[0] == "aws_secretsmanager_secret"}
+    fetched = set(re.findall(r"secretsmanager\s+get-secret-value\b.*?--secret-id[ =](\S+)",
+                             " ".join(str(c) for c in config.get("initialization_commands") or [])))
+    if not fetched & secrets:
+        problems.append(f"{name}: no initialization command fetches the auth token from the Secrets Manager "
+                        f"secret infra/terraform makes ({sorted(map(str, secrets))}); fetched: {sorted(fetched)}")
     return problems
 
 

@@ -237,7 +237,120 @@ def test_launcher_checks_catch_bad_bounds_and_unknown_profiles(tmp_path):
     assert "Ray rejects it" in problems
 
 
-# --- (d) checkov ---------------------------------------------------------------------------------------
+# --- (d) who may submit: token authentication, network policy, no credential in plain text ---------
+
+def test_every_ray_process_and_submitter_requires_the_token_from_secrets_manager():
+    docs = docs_by_kind()
+    auth = docs["RayCluster"]["spec"]["authOptions"]
+    assert auth == {"mode": "token", "secretName": "lvspec-caption-ray-auth"}
+    made = docs["ExternalSecret"]["spec"]
+    assert made["target"]["name"] == auth["secretName"] and made["data"][0]["secretKey"] == "auth_token"
+    assert made["data"][0]["remoteRef"]["key"] == "lvspec-caption/ray-auth-token"  # auth.tf's secret, by name
+    pod = docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token" and "RAY_AUTH_TOKEN" not in env
+    assert validate._token_source(docs["CronJob"], container) == ("lvspec-caption-ray-auth", "auth_token")
+    module = validate.load_module()
+    [version] = [b for b in module.of("resource") if b.labels[0] == "aws_secretsmanager_secret_version"]
+    assert "secret_string_wo" in version.body and "secret_string" not in version.body  # never in the state
+    assert ("aws_secretsmanager_random_password", "ray_auth") in {b.labels for b in module.of("ephemeral")}
+
+
+def test_missing_auth_is_caught_on_the_cluster_its_jobs_and_its_submitters(tmp_path):
+    copy = infra_copy(tmp_path)
+    k8s = copy / "k8s"
+    edit(k8s / "raycluster.yaml", "    mode: token\n", "    mode: disabled\n")
+    edit(k8s / "nightly-cronjob.yaml", "                - name: RAY_AUTH_MODE\n                  value: token\n", "")
+    problems = "\n".join(validate.check_k8s(k8s, copy / "terraform"))
+    assert "raycluster.yaml (RayCluster lvspec-caption): no token authentication" in problems
+    assert "rayjob-bulk.yaml (RayJob bulk-example): runs on RayCluster 'lvspec-caption', which does not require" in problems
+    assert "runs `ray job submit` without RAY_AUTH_MODE=token" in problems
+    assert "runs `ray job submit` without the cluster's token" in problems  # no authed cluster, no right Secret
+
+    copy = infra_copy(tmp_path / "b")
+    edit(copy / "k8s" / "raycluster.yaml", "    secretName: lvspec-caption-ray-auth\n", "    secretName: made-up\n")
+    edit(copy / "k8s" / "nightly-cronjob.yaml", "secretName: lvspec-caption-ray-auth", "secretName: other")
+    problems = "\n".join(validate.check_k8s(copy / "k8s", copy / "terraform"))
+    assert "spec.authOptions.secretName 'made-up' is made by no ExternalSecret" in problems
+    assert "runs `ray job submit` without the cluster's token" in problems
+
+
+def test_a_token_in_plain_text_is_caught_in_manifests_terraform_and_the_launcher(tmp_path):
+    copy = infra_copy(tmp_path)
+    k8s, tf = copy / "k8s", copy / "terraform"
+    edit(k8s / "nightly-cronjob.yaml", "                - name: RAY_AUTH_TOKEN_PATH\n                  value: /var/run/lvspec/ray-auth/token\n",
+         "                - name: RAY_AUTH_TOKEN\n                  value: 3f9a0c7e\n")
+    (k8s / "token.yaml").write_text("apiVersion: v1\nkind: Secret\nmetadata:\n  name: lvspec-caption-ray-auth\n"
+                                    "  namespace: lvspec-caption\nstringData:\n  auth_token: 3f9a0c7e\n")
+    with open(tf / "kuberay.tf", "a") as f:
+        f.write('\nresource "kubectl_manifest" "token" {\n  yaml_body = file("${path.module}/../k8s/token.yaml")\n}\n')
+    problems = "\n".join(validate.check_k8s(k8s, tf))
+    assert "container 'submit'): RAY_AUTH_TOKEN is written in plain text" in problems
+    assert "token.yaml (Secret lvspec-caption-ray-auth): a Secret's value is written in a manifest" in problems
+
+    edit(tf / "variables.tf", 'variable "ray_auth_token_version" {',
+         'variable "ray_auth_token" {\n  type    = string\n  default = "3f9a0c7e"\n}\n\nvariable "ray_auth_token_version" {')
+    edit(tf / "auth.tf", "secret_string_wo         = ephemeral.aws_secretsmanager_random_password.ray_auth.random_password",
+         "secret_string            = var.ray_auth_token")
+    problems = "\n".join(validate.check_terraform(tf))
+    assert "variable 'ray_auth_token' looks like a credential and has a default" in problems
+    assert "aws_secretsmanager_secret_version.ray_auth.secret_string keeps a secret in the Terraform state" in problems
+
+    launcher = copy / "ray" / "cluster.yaml"
+    edit(launcher, "    - -e RAY_AUTH_TOKEN_PATH=/run/lvspec/ray-auth-token\n", "    - -e RAY_AUTH_TOKEN=3f9a0c7e\n")
+    edit(launcher, "    - -e RAY_AUTH_MODE=token\n", "")
+    edit(launcher, "--region us-west-2 --secret-id lvspec-caption/ray-auth-token", "--region us-west-2 --secret-id other")
+    problems = "\n".join(validate.check_launcher(launcher, tf))
+    assert "RAY_AUTH_TOKEN is written in the config (3f9a...)" in problems
+    assert "Ray starts without token authentication" in problems
+    assert "no initialization command fetches the auth token from the Secrets Manager secret" in problems
+
+
+def test_the_job_api_admits_only_named_pods_and_every_ray_pod_is_policed():
+    docs, _ = validate.load_manifests()
+    policies = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "NetworkPolicy"}
+    assert policies["default-deny"]["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    [rule] = policies["ray-head-job-api"]["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8265}]
+    assert len(rule["from"]) == 3 and all(p["podSelector"]["matchLabels"] for p in rule["from"])
+    pods = {what: labels for what, _, labels in validate._ray_pods(docs)}
+    assert set(pods) == {"RayCluster lvspec-caption head", "RayCluster lvspec-caption worker group 'cpu'",
+                         "RayCluster lvspec-caption worker group 'gpu'"}
+    head = pods["RayCluster lvspec-caption head"]
+    assert validate._selects(policies["ray-head-job-api"]["spec"]["podSelector"], head)
+    assert not validate._selects(policies["ray-head-job-api"]["spec"]["podSelector"],
+                                 pods["RayCluster lvspec-caption worker group 'gpu'"])
+    assert validate.check_network_policies(docs) == []
+
+
+def test_a_job_api_open_to_the_namespace_or_a_head_without_policy_is_caught(tmp_path):
+    copy = infra_copy(tmp_path)
+    path = copy / "k8s" / "networkpolicies.yaml"
+    edit(path, "        - podSelector:\n            matchLabels:\n              app.kubernetes.io/component: nightly-submitter\n",
+         "        - podSelector: {}\n")
+    edit(path, "        - namespaceSelector:\n            matchLabels:\n              kubernetes.io/metadata.name: kuberay-system\n"
+               "          podSelector:\n            matchLabels:\n              app.kubernetes.io/name: kuberay-operator\n",
+         "        - ipBlock:\n            cidr: 10.0.0.0/8\n")
+    problems = "\n".join(validate.check_k8s(copy / "k8s", copy / "terraform"))
+    assert ("networkpolicies.yaml (NetworkPolicy ray-head-job-api): admits every pod of the namespace to the job API "
+            "(8265) of RayCluster lvspec-caption head") in problems
+    assert "admits an ipBlock (10.0.0.0/8) to the job API (8265)" in problems
+
+    edit(path, "      ports:\n        - protocol: TCP\n          port: 8265\n---", "---")  # every port, from the same peers
+    edit(path, "  ingress:\n    - from:\n        - podSelector:\n            matchLabels:\n              ray.io/cluster: lvspec-caption\n",
+         "  ingress:\n    - {}\n")
+    problems = "\n".join(validate.check_k8s(copy / "k8s", copy / "terraform"))
+    assert "(NetworkPolicy ray-cluster-internal): admits everyone (a rule without from) to the job API" in problems
+
+    copy = infra_copy(tmp_path / "b")  # no policy at all: the head (and every other pod) is open
+    (copy / "k8s" / "networkpolicies.yaml").unlink()
+    problems = "\n".join(validate.check_k8s(copy / "k8s", copy / "terraform"))
+    assert "RayCluster lvspec-caption head: no NetworkPolicy selects it for ingress" in problems
+    assert "RayCluster lvspec-caption worker group 'gpu': no NetworkPolicy selects it for egress" in problems
+
+
+# --- (e) checkov ---------------------------------------------------------------------------------------
 
 def test_checkov_reports_no_failed_checks():
     require("checkov")

@@ -31,6 +31,10 @@ resource "aws_eks_cluster" "this" {
     public_access_cidrs     = var.api_public_access ? var.api_allowed_cidrs : null
   }
 
+  kubernetes_network_config {
+    service_ipv4_cidr = local.service_cidr
+  }
+
   encryption_config {
     resources = ["secrets"]
 
@@ -168,4 +172,14 @@ resource "aws_eks_node_group" "this" {
   }
 
   depends_on = [aws_iam_role_policy_attachment.node]
+}
+
+# The VPC CNI as a managed add-on, with its network policy agent on: without it the cluster would
+# accept infra/k8s/networkpolicies.yaml and enforce none of it.
+resource "aws_eks_addon" "vpc_cni" {
+  cluster_name                = aws_eks_cluster.this.name
+  addon_name                  = "vpc-cni"
+  resolve_conflicts_on_create = "OVERWRITE"
+  resolve_conflicts_on_update = "OVERWRITE"
+  configuration_values        = jsonencode({ enableNetworkPolicy = "true" })
 }

@@ -4,7 +4,8 @@
 #   nvidia-device-plugin   advertises nvidia.com/gpu on the GPU nodes
 #   cluster-autoscaler     adds nodes for pending pods (the Ray autoscaler's new workers) and
 #                          removes empty ones; both node groups scale this way
-#   infra/k8s/*.yaml       namespace, service account, RayCluster, nightly CronJob, bulk RayJob
+#   infra/k8s/*.yaml       namespace, service account, RayCluster, nightly CronJob, bulk RayJob,
+#                          network policies, and the auth token's store and Secret (auth.tf)
 #
 # The manifests are templates: templatefile() fills in their ${name} placeholders from the
 # *_vars maps below (infra/validate.py checks that the two sides agree).
@@ -55,6 +56,24 @@ locals {
     source_uri               = local.source_uri
     job_overrides            = local.job_overrides
     nightly_args             = join(" ", var.nightly_args)
+  }
+
+  token_reader_vars = {
+    token_reader_role_arn = aws_iam_role.token_reader.arn
+  }
+
+  secret_store_vars = {
+    region = var.region
+  }
+
+  ray_auth_secret_vars = {
+    secret_name      = local.ray_auth_secret_name
+    refresh_interval = var.external_secrets_refresh
+  }
+
+  networkpolicy_vars = {
+    vpc_cidr     = var.vpc_cidr
+    service_cidr = local.service_cidr
   }
 
   bulk_vars = {
@@ -151,6 +170,41 @@ resource "kubectl_manifest" "ray_service_account" {
   depends_on = [kubectl_manifest.namespace]
 }
 
+# The auth token's way in (auth.tf): who reads it, from where, into which Secret.
+resource "kubectl_manifest" "token_reader" {
+  yaml_body = templatefile("${path.module}/../k8s/ray-auth-reader.yaml", local.token_reader_vars)
+
+  depends_on = [kubectl_manifest.namespace]
+}
+
+resource "kubectl_manifest" "secret_store" {
+  yaml_body = templatefile("${path.module}/../k8s/ray-auth-store.yaml", local.secret_store_vars)
+
+  depends_on = [helm_release.external_secrets, kubectl_manifest.token_reader] # the chart installs the CRD
+}
+
+resource "kubectl_manifest" "ray_auth_secret" {
+  yaml_body = templatefile("${path.module}/../k8s/ray-auth-secret.yaml", local.ray_auth_secret_vars)
+
+  depends_on = [
+    kubectl_manifest.secret_store,
+    aws_secretsmanager_secret_version.ray_auth,
+    aws_iam_role_policy_attachment.token_reader,
+  ]
+}
+
+# One resource per document of the file, by policy name.
+resource "kubectl_manifest" "network_policy" {
+  for_each = {
+    for doc in split("\n---\n", templatefile("${path.module}/../k8s/networkpolicies.yaml", local.networkpolicy_vars)) :
+    yamldecode(doc).metadata.name => doc
+  }
+
+  yaml_body = each.value
+
+  depends_on = [kubectl_manifest.namespace, aws_eks_addon.vpc_cni]
+}
+
 resource "kubectl_manifest" "raycluster" {
   yaml_body = templatefile("${path.module}/../k8s/raycluster.yaml", local.raycluster_vars)
 
@@ -159,6 +213,8 @@ resource "kubectl_manifest" "raycluster" {
     helm_release.nvidia_device_plugin,
     helm_release.cluster_autoscaler,
     kubectl_manifest.ray_service_account,
+    kubectl_manifest.ray_auth_secret, # the pods read RAY_AUTH_TOKEN from its Secret
+    kubectl_manifest.network_policy,
     aws_iam_role_policy_attachment.ray_data,
   ]
 }

@@ -26,6 +26,9 @@ locals {
   account_id = data.aws_caller_identity.current.account_id
   partition  = data.aws_partition.current.partition
   azs        = data.aws_availability_zones.selected.names
+  # Kubernetes service addresses (set on the cluster in eks.tf; the head's network policy admits
+  # the kubernetes service's address from it).
+  service_cidr = "172.20.0.0/16"
 
   tags = merge(
     {

@@ -73,3 +73,13 @@ output "ray_dashboard_command" {
   description = "Forwards the Ray dashboard and job API to localhost:8265 (then `ray job submit --address http://localhost:8265 ...`)."
   value       = "kubectl -n ${local.ray_cluster.namespace} port-forward svc/${local.ray_cluster.name}-head-svc 8265:8265"
 }
+
+output "read_ray_auth_policy_arn" {
+  description = "IAM policy that may read the Ray auth token (Secrets Manager, and its key through it): attach it to the people and CI that submit jobs, and to no one else."
+  value       = aws_iam_policy.read_ray_auth.arn
+}
+
+output "ray_auth_token_command" {
+  description = "Writes the Ray auth token to ~/.ray/auth_token (mode 600), where `RAY_AUTH_MODE=token ray job submit` finds it; needs read_ray_auth_policy_arn. Run it with eval; it prints nothing."
+  value       = "(umask 077 && mkdir -p ~/.ray && aws secretsmanager get-secret-value --region ${var.region} --secret-id ${local.ray_auth_secret_name} --query SecretString --output text > ~/.ray/auth_token)"
+}

@@ -324,12 +324,32 @@ variable "bulk_source_uri" {
   default     = null
 }
 
+# --- who may submit: Ray token authentication (auth.tf) ---------------------------------------
+
+variable "ray_auth_token_version" {
+  description = "Raise to write a new Ray auth token into Secrets Manager (then restart the Ray cluster, which reads it at start). Terraform never stores the token itself."
+  type        = number
+  default     = 1
+}
+
+variable "external_secrets_refresh" {
+  description = "How often the Kubernetes Secret is brought in step with Secrets Manager (a duration, e.g. 1h)."
+  type        = string
+  default     = "1h"
+}
+
 # --- charts ----------------------------------------------------------------------------------
 
 variable "kuberay_version" {
   description = "Version of the kuberay-operator Helm chart (https://ray-project.github.io/kuberay-helm/)."
   type        = string
   default     = "1.7.0"
+}
+
+variable "external_secrets_version" {
+  description = "Version of the external-secrets Helm chart (https://charts.external-secrets.io), which copies the Ray auth token from Secrets Manager into the Secret the RayCluster reads."
+  type        = string
+  default     = "2.9.0"
 }
 
 variable "nvidia_device_plugin_version" {

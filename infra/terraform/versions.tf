@@ -14,11 +14,12 @@
 #
 # State: configure a remote backend at init time, e.g.
 #   terraform init -backend-config=bucket=... -backend-config=key=lvspec-caption/terraform.tfstate
-# after adding `backend "s3" {}` here; the state holds no secrets, but it is the only record of
-# what was created.
+# after adding `backend "s3" {}` here; the state holds no secrets (not even the Ray auth token it
+# generates, see auth.tf), but it is the only record of what was created.
 
 terraform {
-  required_version = ">= 1.6"
+  # 1.11: the Ray auth token is an ephemeral value written through a write-only argument (auth.tf)
+  required_version = ">= 1.11"
 
   required_providers {
     aws = {
