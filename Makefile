@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Local single-user runs and the tests: an in-process Ray that ends with the job, auth off (unset,
+# Ray 2.60's ray.init() would turn token auth on and write ~/.ray/auth_token). A shared head uses
+# token auth: README, "Running a job".
 export RAY_AUTH_MODE := disabled
 
 # checkov pins boto3 and packaging versions that ray and aiobotocore reject: it gets its own venv.
@@ -26,6 +29,7 @@ $(STAMP): pyproject.toml
 TOY_DATA := data/bucket/toy
 
 run: $(STAMP)
+	@echo "== Ray token authentication is off for this local single-user run (shared machines: README, Running a job) =="
 	@test -d $(TOY_DATA) || $(PY) -m toyworld.shards --uri $(TOY_DATA) --videos 32 --seed 7 --shard-size 8
 	$(PY) -m jobs.caption --config jobs/configs/local.yaml --quality toyworld.score:job_quality \
 	  job_id=toy-local-$$(date +%Y%m%d-%H%M%S)

@@ -7,9 +7,13 @@ session's in-process cluster (see conftest.py).
 
 import json
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -58,6 +62,84 @@ def test_the_readme_submit_path_captions_through_a_ray_head(ray_cli, tmp_path):
     rows = parquet_rows(tmp_path / "out" / "submitted")
     assert sorted(r["video_id"] for r in rows) == [f"toy33_{i:06d}" for i in range(4)]
     assert all(r["caption"] and r["error"] is None for r in rows)
+
+
+def test_a_token_auth_head_runs_only_jobs_submitted_with_its_token_and_never_logs_it(ray_cli, tmp_path):
+    """A head started with `RAY_AUTH_MODE=token` as the README says for a shared machine refuses a
+    submitter without a token, with auth off or with a wrong token (no job, nothing written) and runs
+    the job of one whose RAY_AUTH_TOKEN_PATH names the token; the token is in no output, log, row or file."""
+    home = tmp_path / "home"  # the user's ~/.ray is never read or written
+    home.mkdir()
+    secret, wrong = secrets.token_hex(32), secrets.token_hex(32)
+    token, wrong_token = tmp_path / "auth_token", tmp_path / "wrong_token"
+    for path, value in ((token, secret), (wrong_token, wrong)):
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(value)
+
+    def env(**auth):
+        base = {k: v for k, v in ENV.items() if not k.startswith("RAY_AUTH_") and k != "RAY_ADDRESS"}
+        return {**base, "HOME": str(home), "RAY_AUTH_MODE": "token", **auth}
+
+    # Ray's own short temp dir (its socket paths must stay under 108 bytes): every file this head writes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    dashboard = free_port()
+    address = f"http://127.0.0.1:{dashboard}"
+    submit = ["job", "submit", "--address", address, "--working-dir", ".", "--", "python", "-m", "jobs.caption",
+              "--config", "jobs/configs/local.yaml", "job_id=guarded", f"source.uri={tmp_path / 'videos'}",
+              f"output.uri={tmp_path / 'out'}", *SMALL]
+    outputs = []  # every CLI answer, stdout and stderr
+    try:
+        try:
+            write_shards(str(tmp_path / "videos"), videos=4, seed=35, shard_size=2)
+            outputs.append(ray_cli("start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+                                   "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
+                                   "--disable-usage-stats", f"--temp-dir={temp_dir}",
+                                   env=env(RAY_AUTH_TOKEN_PATH=str(token))))
+
+            # No token: the CLI refuses before it sends anything. A client with auth off sends no
+            # token: the head answers 401. A wrong token: the head answers 403.
+            for auth, refusal in (({}, "Ray couldn't find an authentication token"),
+                                  ({"RAY_AUTH_MODE": "disabled"}, "Unauthorized: Missing authentication token"),
+                                  ({"RAY_AUTH_TOKEN_PATH": str(wrong_token)}, "Forbidden: Invalid authentication token")):
+                out = ray_cli(*submit, check=False, timeout=300, env=env(**auth))
+                outputs.append(out)
+                assert out.returncode != 0, out.stdout[-3000:]
+                assert refusal in out.stdout + out.stderr, (out.stdout[-3000:], out.stderr[-3000:])
+                assert not (tmp_path / "out").exists()
+
+            right = env(RAY_AUTH_TOKEN_PATH=str(token))
+            out = ray_cli(*submit[:4], "--submission-id=guarded-1", *submit[4:], timeout=900, env=right)
+            outputs.append(out)
+            assert "4 videos captioned this run (4 ok, 0 failed)" in out.stdout
+            assert "succeeded" in out.stdout.lower()
+            rows = parquet_rows(tmp_path / "out" / "guarded")
+            assert sorted(r["video_id"] for r in rows) == [f"toy35_{i:06d}" for i in range(4)]
+            assert all(r["caption"] and r["error"] is None for r in rows)
+            jobs = ray_cli("job", "list", "--address", address, env=right)
+            outputs.append(jobs)
+            assert jobs.stdout.count("submission_id=") == 1, jobs.stdout  # the refused submits left no job
+            logs = ray_cli("job", "logs", "--address", address, "guarded-1", env=right)
+            outputs.append(logs)
+            assert "4 videos captioned this run" in logs.stdout
+        finally:
+            ray_cli("stop", "--force", check=False, env=env())
+
+        for value in (secret, wrong):
+            for out in outputs:
+                assert value not in out.stdout and value not in out.stderr, f"token in the output of: {out.args}"
+            assert value not in json.dumps(rows, default=str)
+            summary = tmp_path / "out" / "guarded" / "_summary.json"
+            assert value not in summary.read_text()
+            # every file Ray wrote for this head: session logs (raylet, GCS, dashboard, job drivers,
+            # workers), the uploaded working dir, session metadata; and the output as bytes
+            files = [p for root in (temp_dir, tmp_path / "out") for p in root.rglob("*")
+                     if p.is_file() and not p.is_symlink()]
+            assert any(p.name.startswith("job-driver-") for p in files)  # the scan saw the job's own log
+            leaks = [str(p) for p in files if value.encode() in p.read_bytes()]
+            assert not leaks, f"the token is written in: {leaks}"
+        assert not (home / ".ray" / "auth_token").exists()  # nothing generated a token behind our back
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 FAKE_CLUSTER = {

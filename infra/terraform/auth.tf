@@ -73,33 +73,10 @@ locals {
   token_reader = yamldecode(file("${path.module}/../k8s/ray-auth-reader.yaml")).metadata
 }
 
-data "aws_iam_policy_document" "token_reader_assume" {
-  statement {
-    actions = ["sts:AssumeRoleWithWebIdentity"]
-
-    principals {
-      type        = "Federated"
-      identifiers = [aws_iam_openid_connect_provider.eks.arn]
-    }
-
-    condition {
-      test     = "StringEquals"
-      variable = "${local.oidc_issuer}:sub"
-      values   = ["system:serviceaccount:${local.token_reader.namespace}:${local.token_reader.name}"]
-    }
-
-    condition {
-      test     = "StringEquals"
-      variable = "${local.oidc_issuer}:aud"
-      values   = ["sts.amazonaws.com"]
-    }
-  }
-}
-
 resource "aws_iam_role" "token_reader" {
   name               = "${local.name}-ray-token-reader"
   description        = "Copies the Ray auth token of ${local.name} into its Kubernetes Secret (external-secrets, IRSA)"
-  assume_role_policy = data.aws_iam_policy_document.token_reader_assume.json
+  assume_role_policy = data.aws_iam_policy_document.irsa_assume["token_reader"].json
 }
 
 resource "aws_iam_role_policy_attachment" "token_reader" {

@@ -4,6 +4,7 @@
 #   launcher_head/worker EC2 instances of the Ray cluster launcher (infra/ray/cluster.yaml): the
 #                        same data access; the head may also start/stop its own workers
 #   cluster_autoscaler   grows and shrinks this cluster's node groups (IRSA)
+#   token_reader         reads the Ray auth token for the external-secrets operator (IRSA; auth.tf)
 #   cluster, node        what EKS itself and the EC2 nodes need (AWS managed policies)
 #   flow_logs            VPC flow logs into their log group
 
@@ -67,12 +68,21 @@ resource "aws_iam_policy" "ray_data" {
 
 # --- Ray pods on EKS (IRSA) -------------------------------------------------------------------
 
+# IRSA: each role may be taken by exactly one service account (namespace:name), through the
+# cluster's OIDC provider; the names come from the manifests, so a rename there is enough.
 locals {
   oidc_issuer = replace(aws_eks_cluster.this.identity[0].oidc[0].issuer, "https://", "")
+
+  irsa_service_accounts = {
+    ray                = "${local.ray_service_account.namespace}:${local.ray_service_account.name}" # serviceaccount.yaml
+    cluster_autoscaler = "${local.cluster_autoscaler_namespace}:${local.cluster_autoscaler_service_account}"
+    token_reader       = "${local.token_reader.namespace}:${local.token_reader.name}" # ray-auth-reader.yaml (auth.tf)
+  }
 }
 
-# Only the one service account of the Ray pods (infra/k8s/serviceaccount.yaml) may take the role.
-data "aws_iam_policy_document" "ray_assume" {
+data "aws_iam_policy_document" "irsa_assume" {
+  for_each = local.irsa_service_accounts
+
   statement {
     actions = ["sts:AssumeRoleWithWebIdentity"]
 
@@ -84,7 +94,7 @@ data "aws_iam_policy_document" "ray_assume" {
     condition {
       test     = "StringEquals"
       variable = "${local.oidc_issuer}:sub"
-      values   = ["system:serviceaccount:${local.ray_service_account.namespace}:${local.ray_service_account.name}"]
+      values   = ["system:serviceaccount:${each.value}"]
     }
 
     condition {
@@ -98,7 +108,7 @@ data "aws_iam_policy_document" "ray_assume" {
 resource "aws_iam_role" "ray" {
   name               = "${local.name}-ray"
   description        = "Ray head and worker pods of ${local.name} (IRSA)"
-  assume_role_policy = data.aws_iam_policy_document.ray_assume.json
+  assume_role_policy = data.aws_iam_policy_document.irsa_assume["ray"].json
 }
 
 resource "aws_iam_role_policy_attachment" "ray_data" {
@@ -111,29 +121,6 @@ resource "aws_iam_role_policy_attachment" "ray_data" {
 locals {
   cluster_autoscaler_namespace       = "kube-system"
   cluster_autoscaler_service_account = "cluster-autoscaler"
-}
-
-data "aws_iam_policy_document" "cluster_autoscaler_assume" {
-  statement {
-    actions = ["sts:AssumeRoleWithWebIdentity"]
-
-    principals {
-      type        = "Federated"
-      identifiers = [aws_iam_openid_connect_provider.eks.arn]
-    }
-
-    condition {
-      test     = "StringEquals"
-      variable = "${local.oidc_issuer}:sub"
-      values   = ["system:serviceaccount:${local.cluster_autoscaler_namespace}:${local.cluster_autoscaler_service_account}"]
-    }
-
-    condition {
-      test     = "StringEquals"
-      variable = "${local.oidc_issuer}:aud"
-      values   = ["sts.amazonaws.com"]
-    }
-  }
 }
 
 data "aws_iam_policy_document" "cluster_autoscaler" {
@@ -178,7 +165,7 @@ data "aws_iam_policy_document" "cluster_autoscaler" {
 
 resource "aws_iam_role" "cluster_autoscaler" {
   name               = "${local.name}-cluster-autoscaler"
-  assume_role_policy = data.aws_iam_policy_document.cluster_autoscaler_assume.json
+  assume_role_policy = data.aws_iam_policy_document.irsa_assume["cluster_autoscaler"].json
 }
 
 resource "aws_iam_role_policy" "cluster_autoscaler" {
