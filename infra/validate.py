@@ -830,10 +830,9 @@ def check_auth(docs: list) -> list[str]:
             problems.append(f"{where}: a Secret's value is written in a manifest; credentials come from "
                             f"Secrets Manager (an ExternalSecret)")
         for at, c in _containers(doc):
-            for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-                if var == "RAY_AUTH_TOKEN" and "value" in _env(c).get(var, {}):
-                    problems.append(f"{path.name} ({at}): RAY_AUTH_TOKEN is written in plain text; read it "
-                                    f"from the cluster's Secret (valueFrom.secretKeyRef)")
+            if "value" in _env(c).get("RAY_AUTH_TOKEN", {}):
+                problems.append(f"{path.name} ({at}): RAY_AUTH_TOKEN is written in plain text; read it "
+                                f"from the cluster's Secret (a secret volume or valueFrom.secretKeyRef)")
         if kind == "RayCluster" or (kind == "RayJob" and _get(doc, "spec", "rayClusterSpec")):
             spec = _get(doc, "spec") if kind == "RayCluster" else _get(doc, "spec", "rayClusterSpec")
             auth = _get(spec, "authOptions", default={}) or {}
@@ -951,12 +950,15 @@ def check_network_policies(docs: list) -> list[str]:
     (8265) admits only named pods (no rule that lets in the whole namespace, another namespace's
     every pod, an address range, or everyone); no rule opens all egress."""
     policies = [(path, d) for path, d in docs if _get(d, "kind") == "NetworkPolicy"]
+
+    def types(d):  # Kubernetes' default: Ingress, and Egress when the policy has egress rules
+        return _get(d, "spec", "policyTypes") or (["Ingress"] + (["Egress"] if _get(d, "spec", "egress") else []))
+
     problems = []
     for what, namespace, labels in _ray_pods(docs):
         mine = [(path, d) for path, d in policies if _get(d, "metadata", "namespace") == namespace
                 and _selects(_get(d, "spec", "podSelector"), labels)]
         for direction in ("Ingress", "Egress"):
-            types = lambda d: _get(d, "spec", "policyTypes") or (["Ingress"] + (["Egress"] if _get(d, "spec", "egress") else []))  # noqa: E731
             if not any(direction in types(d) for _, d in mine):
                 problems.append(f"{what}: no NetworkPolicy selects it for {direction.lower()}: any pod "
                                 f"{'can reach it' if direction == 'Ingress' else 'it runs can reach anything'} "
@@ -1044,9 +1046,9 @@ def _launcher_auth(config: dict, name: str, terraform_dir: Path) -> list[str]:
     for t in texts:
         if re.search(r"\bRAY_AUTH_MODE=(?!token\b)", t):
             problems.append(f"{name}: {t.strip()[:80]!r} turns token authentication off")
-        for m in re.finditer(r"\bRAY_AUTH_TOKEN\s*[=:]\s*(\S+)", t):
-            problems.append(f"{name}: RAY_AUTH_TOKEN is written in the config ({m.group(1)[:4]}...): read it "
-                            f"from a file (RAY_AUTH_TOKEN_PATH) that a boot command fetches from Secrets Manager")
+        if re.search(r"\bRAY_AUTH_TOKEN\s*[=:]", t):  # (the value itself is not repeated here)
+            problems.append(f"{name}: RAY_AUTH_TOKEN is written in the config: read it from a file "
+                            f"(RAY_AUTH_TOKEN_PATH) that a boot command fetches from Secrets Manager")
     module = load_module(terraform_dir)
     if module.problems:
         return problems

@@ -302,7 +302,7 @@ def test_a_token_in_plain_text_is_caught_in_manifests_terraform_and_the_launcher
     edit(launcher, "    - -e RAY_AUTH_MODE=token\n", "")
     edit(launcher, "--region us-west-2 --secret-id lvspec-caption/ray-auth-token", "--region us-west-2 --secret-id other")
     problems = "\n".join(validate.check_launcher(launcher, tf))
-    assert "RAY_AUTH_TOKEN is written in the config (3f9a...)" in problems
+    assert "RAY_AUTH_TOKEN is written in the config" in problems and "3f9a" not in problems
     assert "Ray starts without token authentication" in problems
     assert "no initialization command fetches the auth token from the Secrets Manager secret" in problems
 
