@@ -82,7 +82,8 @@ def engine(args, out: dict) -> dict:
     from lvspec import Engine, Replay
     from lvspec.config import shipped_settings
     from lvspec.engine import REPLAY_KEY
-    from pipeline.caption import load_engine, replay_key
+    from pipeline.caption import replay_key
+    from pipeline.replica import load_engine
     from pipeline.config import replica_dtype, spec_config
     from pipeline.decode import chat_prompt
 
@@ -285,7 +286,7 @@ def prefill(args, out: dict) -> dict:
     from transformers import AutoProcessor
 
     from bench.videos import HEIGHT, WIDTH
-    from pipeline.caption import load_engine
+    from pipeline.replica import load_engine
     from pipeline.decode import chat_prompt
 
     from lvspec.adapter import rows_on

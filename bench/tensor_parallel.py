@@ -10,7 +10,7 @@ host, the draft whole on each (issue 9's measurement).
 
 72B checkpoints can be neither downloaded nor saved on the GPU machine's disk, so each rank
 builds its shard directly: the model is laid out on the meta device, transformers' own
-tensor-parallel styles shard it (the same plan `lvspec.parallel.load` loads checkpoints with:
+tensor-parallel styles shard it (the same plan `lvspec.loading.load` loads checkpoints with:
 attention heads and MLP columns split, embeddings and LM head whole), and the local shards are
 then allocated on the rank's GPU with random values. Everything after that is the product's
 path: `Engine` on rank 0, `Engine.follow` on the others, the same collectives, CUDA graphs and

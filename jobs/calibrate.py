@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
     from lvspec import Engine
     from pipeline import calibrate
-    from pipeline.caption import load_engine
+    from pipeline.replica import load_engine
 
     rows = calibrate.sample(cfg, args.videos, log)
     base, tokenizer = load_engine(cfg.model, cfg.generation, num_cpus=cfg.caption.num_cpus,

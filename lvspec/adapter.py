@@ -1,7 +1,8 @@
 """What the engine needs from a model family, and the check that a target and draft belong together.
 
 Everything family-specific (prompt embedding with the video spliced in, position ids, vocab
-padding) lives in one module per family: `qwen2_5_vl.py`, `llava_onevision.py`.
+padding) lives in one module per family: `qwen2_5_vl.py`, `llava_onevision.py`; `families.py`
+finds a model's.
 """
 
 from __future__ import annotations
@@ -75,17 +76,6 @@ def video_prompt_ids(model, rows: list[dict], family: str) -> tuple[torch.Tensor
     check_video_rows(model, [r for r in rows if r["input_ids"].device.type == "cpu"], family)
     ids = left_pad_rows(rows, "input_ids", cfg.get_text_config().pad_token_id or 0).to(model.device)
     return ids, left_pad_rows(rows, "attention_mask", 0).to(model.device)
-
-
-def adapter_for(model) -> Adapter:
-    """The adapter of a model's family, by its config's model_type."""
-    from lvspec import llava_onevision, qwen2_5_vl
-
-    family = getattr(model.config, "model_type", None)
-    adapters = {"qwen2_5_vl": qwen2_5_vl.ADAPTER, "llava_onevision": llava_onevision.ADAPTER}
-    if family not in adapters:
-        raise ValueError(f"unsupported model family {family!r}; supported: {sorted(adapters)}")
-    return adapters[family]
 
 
 def text_config(model):

@@ -6,7 +6,7 @@
 Real-size speed is measured without weights that can be fetched: the model is built from its
 `config.json` directly on its device, every weight drawn from N(0, 0.02), and run by exactly the
 code that runs a real checkpoint. Over several ranks each rank builds only its shard, with the
-plan `parallel.load` loads checkpoints with. Its captions are noise; the tokenizer beside such a
+plan `loading.load` loads checkpoints with. Its captions are noise; the tokenizer beside such a
 config (the toy one) is padded so that every id the model can emit reads back as a word.
 """
 

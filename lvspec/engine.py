@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lvspec.adapter import Prompt, adapter_for, check_pair, check_video_rows, rows_on, shared_vocab, text_config
+from lvspec.adapter import Prompt, check_pair, check_video_rows, rows_on, shared_vocab, text_config
 from lvspec.config import SpecConfig
 from lvspec.decoder import ATTENTION, TextDecoder
 from lvspec.draft_length import Costs, DraftLength
+from lvspec.families import adapter_for
 from lvspec.feed import RowFeed
 from lvspec.graphs import PromptGraphs, Stages
 from lvspec.relevance import RelevanceProbe, relevance_heads, relevance_weights

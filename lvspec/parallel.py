@@ -1,7 +1,7 @@
 """Tensor parallelism: a target sharded over the ranks of a torch.distributed group.
 
     parallel.start(rank, world, port)                 # every rank: NCCL on GPUs, gloo on CPU
-    target = parallel.load(path, world, dtype)          # each rank reads only its shard
+    target = loading.load(path, world, dtype)           # each rank reads only its shard
     engine = Engine(target, draft, cfg)                 # the draft whole on every rank
     rank 0: engine.generate(rows) / engine.stream(feed) ... engine.close()
     others: engine.follow()                             # decode whatever rank 0 decodes
@@ -119,34 +119,3 @@ def start(rank: int, world: int, port: int, cuda: bool | None = None, timeout_s:
                             world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-LOAD_FORMATS = ("auto", "dummy")  # auto: the checkpoint's weights; dummy: random weights of its shapes (dummy.py)
-
-
-def load(path: str, world: int, dtype, device: str | None = None, load_format: str = "auto"):
-    """A target from `path` (local dir or HF id): whole when `world` is 1, else this rank's shard
-    of it (`start` first). `load_format="dummy"` builds it from its config with random weights on
-    `device` (needed then) instead of reading weights."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-    if world > 1 and (not dist.is_initialized() or dist.get_world_size() != world):
-        raise RuntimeError(f"loading a target over {world} ranks needs a started {world}-rank group (parallel.start)")
-    if load_format == "dummy":
-        from lvspec import dummy
-
-        if device is None:
-            raise ValueError("load_format='dummy' builds the model on a device: pass device")
-        return dummy.model(path, dtype, device, world)
-    if world == 1:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-        return (model.to(device) if device else model).eval()
-    from transformers.distributed import DistributedConfig
-
-    check_shardable(AutoConfig.from_pretrained(path).get_text_config(), world)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, distributed_config=DistributedConfig(tp_plan=PLAN, tp_size=world)).eval()
-    tp = of(model)
-    if tp is None or tp.world != world:
-        raise RuntimeError(f"{path}: transformers did not shard this model over {world} ranks")
-    return model

@@ -17,9 +17,9 @@ import time
 
 import pyarrow as pa
 
-from lvspec.config import shipped_settings
-from pipeline.config import CaptionConfig, GenerationConfig, ModelConfig, replica_dtype, spec_config
+from pipeline.config import CaptionConfig, GenerationConfig, ModelConfig
 from pipeline.decode import DECODED, unpack, values
+from pipeline.replica import load_engine
 
 STATS = ("num_cycles", "target_forwards", "draft_forwards", "accepted_exact", "accepted_loose",
          "accepted_shift", "corrections", "bonus", "rejected_anchor", "drafted")
@@ -33,34 +33,6 @@ CAPTIONED = pa.schema(
        ("audit_agreement", pa.float64()), ("captioned_at", pa.float64()), ("config_hash", pa.string()),
        ("job_id", pa.string()), ("load_format", pa.string()), ("acceptance_replayed", pa.bool_())]
 )
-
-
-def load_engine(model: ModelConfig, generation: GenerationConfig, num_cpus: float, slots: int, rank: int = 0,
-                world: int = 1):
-    """One rank of a replica: its part of the target (all of it when `world` is 1; a started
-    tensor-parallel group otherwise), the whole draft, and the Engine over them; with the tokenizer.
-    With `model.load_format: dummy` both are random-weight models of their configs' shapes."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-    from lvspec import Engine, dummy, parallel
-    from pipeline.models import resolve
-
-    torch.set_num_threads(max(1, int(num_cpus) // world))
-    cuda = torch.cuda.is_available()
-    device = f"cuda:{rank}" if cuda else "cpu"
-    torch_dtype = getattr(torch, replica_dtype(model, cuda))
-    fake = model.load_format == "dummy"
-    target_dir = resolve(model.target, model.cache_dir, model.storage_options)
-    target = parallel.load(target_dir, world, torch_dtype, device if world == 1 or fake else None, model.load_format)
-    small = None
-    if model.draft and generation.mode != "ar":
-        draft_dir = resolve(model.draft, model.cache_dir, model.storage_options)
-        small = (dummy.model(draft_dir, torch_dtype, device) if fake else
-                 AutoModelForImageTextToText.from_pretrained(draft_dir, dtype=torch_dtype).to(device).eval())
-    spec = spec_config(generation, shipped_settings(target_dir))
-    tokenizer = dummy.tokenizer(target_dir) if fake else AutoTokenizer.from_pretrained(target_dir)
-    return Engine(target, small, spec, slots=slots), tokenizer
 
 
 def replay_key(video_id: str) -> int:

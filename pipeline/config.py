@@ -20,7 +20,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lvspec.config import MODES, RELEVANCE_KEYS, SpecConfig
-from lvspec.parallel import LOAD_FORMATS
+from lvspec.loading import LOAD_FORMATS
 from lvspec.replay import LENGTHS
 
 SOURCE_FORMATS = ("auto", "webdataset", "files", "manifest")

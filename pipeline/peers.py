@@ -78,8 +78,8 @@ def _exit_with_parent(parent: int) -> None:
 
 def main(rank: int, spec: dict) -> None:
     from lvspec import parallel
-    from pipeline.caption import load_engine
     from pipeline.config import GenerationConfig, ModelConfig
+    from pipeline.replica import load_engine
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     world, port = spec.pop("world"), spec.pop("port")

@@ -37,11 +37,11 @@ def test_a_dummy_tokenizer_decodes_every_id_and_keeps_its_special_tokens():
 def test_a_dummy_model_has_the_checkpoints_shapes_and_reproducible_random_weights():
     from transformers import AutoModelForImageTextToText
 
-    from lvspec import dummy, parallel
+    from lvspec import dummy, loading
 
     path = TOY / "qwen2_5_vl-target"
     trained = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    fake = parallel.load(str(path), 1, torch.float32, "cpu", load_format="dummy")
+    fake = loading.load(str(path), 1, torch.float32, "cpu", load_format="dummy")
     again = dummy.model(path, torch.float32, "cpu")
     shapes = {n: p.shape for n, p in trained.named_parameters()}
     assert {n: p.shape for n, p in fake.named_parameters()} == shapes
@@ -51,7 +51,7 @@ def test_a_dummy_model_has_the_checkpoints_shapes_and_reproducible_random_weight
     assert torch.equal(w, dict(again.named_parameters())[weight])
     assert 0.015 < float(w.std()) < 0.025  # drawn from N(0, 0.02)
     with pytest.raises(ValueError, match="load_format"):
-        parallel.load(str(path), 1, torch.float32, "cpu", load_format="random")
+        loading.load(str(path), 1, torch.float32, "cpu", load_format="random")
 
 
 def test_the_shipped_real_shape_directories_are_what_the_shape_table_generates(tmp_path):

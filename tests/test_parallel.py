@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from transformers import AutoConfig
 
 from conftest import ROOT, free_port
-from lvspec import Engine, SpecConfig, parallel
+from lvspec import Engine, SpecConfig, loading, parallel
 from test_lvspec import make_rows
 from toyworld import families
 from toyworld.families import MODELS_DIR, load_pair
@@ -38,7 +38,7 @@ def _rank(rank: int, world: int, port: int, family: str, rows, configs, out):
     try:
         parallel.start(rank, world, port, cuda=False)
         torch.set_num_threads(1)
-        target = parallel.load(str(MODELS_DIR / f"{family}-target"), world, torch.float64)
+        target = loading.load(str(MODELS_DIR / f"{family}-target"), world, torch.float64)
         _, _, draft = load_pair(family, dtype=torch.float64)
         results = []
         for cfg in configs:
