@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import faulthandler
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -89,8 +91,18 @@ def engine(args, out: dict) -> dict:
 
     cfg = _config(args.overrides)
     gen, caption = cfg.generation, cfg.caption
+    tp = caption.tensor_parallel
+    if tp > 1 and {m for m, _ in args.runs} != {gen.mode}:
+        raise SystemExit(f"with caption.tensor_parallel={tp} the engine runs the replica's own mode "
+                         f"(generation.mode={gen.mode}) only: its peers follow that engine")
     t0 = time.perf_counter()
-    base, tokenizer = load_engine(cfg.model, gen, caption.num_cpus, caption.slots or caption.batch_size)
+    load = dict(model=cfg.model, generation=gen, num_cpus=caption.num_cpus, slots=caption.slots or caption.batch_size)
+    peers = None
+    if tp > 1:  # as the caption stage does: this process is rank 0, the peers its child processes
+        from pipeline.peers import Peers
+
+        peers = Peers(tp, load)
+    base, tokenizer = load_engine(**load, world=tp)
     built_s = time.perf_counter() - t0
     processor = AutoProcessor.from_pretrained(cfg.model.target)
     text = chat_prompt(processor, cfg.model.prompt)
@@ -103,18 +115,21 @@ def engine(args, out: dict) -> dict:
     prompts = [{k: v.to(pixels) if k.startswith("pixel_values") else v for k, v in p.items()} for p in prompts]
     rows = [{**prompts[i % len(prompts)], REPLAY_KEY: replay_key(v)} for i, v in enumerate(ids(args.rows))]
     out.update(rows=args.rows, frames=cfg.decode.num_frames, slots=base.slots, built_s=built_s,
-               prompt_tokens=int(rows[0]["input_ids"].shape[1]), runs=[])
+               prompt_tokens=int(rows[0]["input_ids"].shape[1]), tensor_parallel=tp, target=cfg.model.target,
+               draft=cfg.model.draft, runs=[])
     shipped = shipped_settings(cfg.model.target)
+    can_overlap = base.overlap
     for mode in dict.fromkeys(m for m, _ in args.runs):
         spec = spec_config(dataclasses.replace(gen, mode=mode), shipped)
-        eng = Engine(base.target, base.draft if mode != "ar" else None, spec, slots=base.slots)
+        eng = base if peers else Engine(base.target, base.draft if mode != "ar" else None, spec, slots=base.slots)
         replay = Replay.from_file(gen.replay, eng.adapter.family, mode, gen.replay_lengths)
         graphs = eng.prompt_graphs
         list(eng.stream(rows[:2 * base.slots], tokenizer=tokenizer, replay=replay))  # warm-up: state, graphs, costs
         for repeat in range(args.repeats):
             for batching in [b for m, b in args.runs if m == mode]:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
-                eng.overlap = batching in ("continuous", "eager")
+                # Overlap where the engine can (not under tensor parallelism: one NCCL group, two streams).
+                eng.overlap = batching in ("continuous", "eager") and can_overlap
                 eng.prompt_graphs = "off" if batching == "eager" else graphs
                 start, finished, cycles = time.perf_counter(), [], 0
                 for _, result in eng.stream(rows, tokenizer=tokenizer, replay=replay, static=batching == "static"):
@@ -135,29 +150,31 @@ def engine(args, out: dict) -> dict:
                       f"{run['prefill_s']:.1f} s, tau {run['tau']:.2f}; prompt graphs {run['prompt_graphs']})", flush=True)
                 _write(args.json, out)
         del eng
+    if peers:
+        peers.close(base)
     return out
 
 
 # ---- the job through the front door ---------------------------------------------------------
 class GpuSampler:
-    """nvidia-smi's utilisation.gpu (percent of time a kernel ran) every `ms`, with timestamps."""
+    """nvidia-smi's utilisation.gpu (percent of time a kernel ran) of every GPU every `ms`, with timestamps."""
 
     def __init__(self, ms: int = 100):
-        self.samples: list[tuple[float, float, float]] = []  # (unix time, util %, memory MiB)
+        self.samples: list[tuple[float, int, float, float]] = []  # (unix time, GPU index, util %, memory MiB)
         self.proc = None
         if shutil.which("nvidia-smi") is None:  # a CPU smoke run: nothing to sample
             return
         self.proc = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+            ["nvidia-smi", "--query-gpu=timestamp,index,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
              f"--loop-ms={ms}"], stdout=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             try:
-                stamp, util, mem = (x.strip() for x in line.split(","))
+                stamp, index, util, mem = (x.strip() for x in line.split(","))
                 when = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
-                self.samples.append((when, float(util), float(mem)))
+                self.samples.append((when, int(index), float(util), float(mem)))
             except ValueError:
                 continue
 
@@ -167,11 +184,49 @@ class GpuSampler:
             self.proc.wait()
 
     def between(self, lo: float, hi: float) -> dict:
-        inside = [(u, m) for t, u, m in self.samples if lo <= t <= hi]
-        if not inside:
+        """Busy fraction between two times: of each GPU that ran anything, and their mean."""
+        per_gpu: dict[int, list[tuple[float, float]]] = {}
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # the GPUs the cluster was started with
+        mine = {int(i) for i in visible.split(",") if i.strip().isdigit()} if visible else None
+        for t, gpu, util, mem in self.samples:
+            if lo <= t <= hi and (mine is None or gpu in mine):
+                per_gpu.setdefault(gpu, []).append((util, mem))
+        used = {g: v for g, v in per_gpu.items() if max(m for _, m in v) > 1024}  # a model's weights on it
+        if not used:
             return {"samples": 0}
-        return {"samples": len(inside), "busy_fraction": sum(u for u, _ in inside) / len(inside) / 100,
-                "memory_mib_max": max(m for _, m in inside)}
+        busy = {g: sum(u for u, _ in v) / len(v) / 100 for g, v in sorted(used.items())}
+        return {"samples": sum(len(v) for v in used.values()), "busy_fraction": statistics.mean(busy.values()),
+                "busy_per_gpu": busy, "memory_mib_max": max(m for v in used.values() for _, m in v)}
+
+
+def _peer_pids() -> list[int]:
+    """Processes running a tensor-parallel peer rank (`python -m pipeline.peers`) on this machine."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"pipeline.peers" in cmd:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _kill_a_peer(out_dir: Path, after_s: float, done: threading.Event, record: dict) -> None:
+    """Once the job has written its first Parquet file, wait `after_s` and SIGKILL one peer rank."""
+    import signal
+
+    while not done.is_set() and not list(out_dir.rglob("*.parquet")):
+        time.sleep(0.5)
+    record["first_file_at"] = time.time()
+    if done.wait(after_s):
+        return
+    pids = _peer_pids()
+    record["peers_seen"] = len(pids)
+    if pids:
+        os.kill(pids[0], signal.SIGKILL)
+        record.update(pid=pids[0], at=time.time(), peers_before=len(pids))
+        print(f"[job] killed tensor-parallel peer pid {pids[0]} (SIGKILL; {len(pids)} peers were running)", flush=True)
 
 
 def _rows(out_dir: Path) -> list[dict]:
@@ -185,7 +240,9 @@ def job(args, out: dict) -> dict:
     """Submit the captioning job per mode, batching and repeat; read its rows; sample the GPU."""
     cfg = _config(args.overrides)
     actors = cfg.decode.actors["max"]
-    out.update(rows=args.rows, shards=args.shards, decode_actors=actors, frames=cfg.decode.num_frames, runs=[])
+    out.update(rows=args.rows, shards=args.shards, decode_actors=actors, frames=cfg.decode.num_frames,
+               replicas=cfg.caption.replicas["max"], tensor_parallel=cfg.caption.tensor_parallel,
+               target=cfg.model.target, draft=cfg.model.draft, kill_peer_after_s=args.kill_peer_after, runs=[])
     root = Path(args.work)
     for repeat in range(args.repeats):
         for mode, batching in args.runs:
@@ -195,7 +252,10 @@ def job(args, out: dict) -> dict:
             command = ["ray", "job", "submit", "--address", DASHBOARD, "--runtime-env-json",
                        json.dumps({"working_dir": ".", "excludes": EXCLUDES}), "--",
                        sys.executable, "-m", "jobs.caption", "--config", CONFIG, *overrides]
-            sampler = GpuSampler()
+            sampler, killed, finished = GpuSampler(), {}, threading.Event()
+            if args.kill_peer_after is not None:
+                threading.Thread(target=_kill_a_peer, args=(root / job_id, args.kill_peer_after, finished, killed),
+                                 daemon=True).start()
             start = time.time()
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -205,9 +265,12 @@ def job(args, out: dict) -> dict:
                     else (e.stdout or "")
                 subprocess.run(["ray", "job", "stop", "--address", DASHBOARD, job_id], capture_output=True)
             wall = time.time() - start
+            finished.set()
             sampler.stop()
             run = {"mode": mode, "batching": batching, "repeat": repeat, "job_id": job_id, "exit": code,
                    "wall_s": wall, "log_tail": log[-3000:]}
+            if args.kill_peer_after is not None:
+                run["peer_killed"] = {**killed, "at_s": killed["at"] - start} if "at" in killed else killed
             rows = _rows(root / job_id) if (root / job_id).exists() else []
             ok = [r for r in rows if r["error"] is None and r["captioned_at"] is not None]
             run.update(written=len(rows), ok=len(ok), distinct_ids=len({r["video_id"] for r in rows}),
@@ -691,6 +754,8 @@ def main(argv=None):
     jo.add_argument("--shards", required=True)
     jo.add_argument("--work", default="/tmp/lvspec-bench-out")
     jo.add_argument("--timeout", type=float, default=300)
+    jo.add_argument("--kill-peer-after", type=float, metavar="S",
+                    help="SIGKILL one tensor-parallel peer rank S seconds after the first Parquet file")
     de.add_argument("--shards", required=True)
     de.add_argument("--frames", type=int, nargs="+", default=[16, 64])
     de.add_argument("--videos", type=int, default=8)
@@ -706,6 +771,7 @@ def main(argv=None):
         return report(args)
     from bench.report import run_info
 
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack, for a hang
     result = {**run_info("bench.pipeline_gpu", argv), "kind": args.command}
     {"engine": engine, "job": job, "decode": decode_rate, "prefill": prefill}[args.command](args, result)
     _write(args.json, result)

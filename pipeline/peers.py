@@ -40,6 +40,7 @@ class Peers:
         from lvspec import parallel
 
         port = _free_port()
+        self.closing = False  # set by `close`: peers ending then is the end asked for, not a loss
         spec = json.dumps({**load, "model": dataclasses.asdict(load["model"]),
                            "generation": dataclasses.asdict(load["generation"]), "world": world, "port": port})
         self.procs = [subprocess.Popen([sys.executable, "-m", "pipeline.peers", str(rank), spec])
@@ -50,7 +51,15 @@ class Peers:
 
     def _watch(self, proc: subprocess.Popen) -> None:
         code = proc.wait()
-        self._lost(proc, code)
+        if not (self.closing and code == 0):
+            self._lost(proc, code)
+
+    def close(self, engine, timeout_s: float = 60.0) -> None:
+        """End the replica on purpose: rank 0's `engine` lets the peers' `follow` return, and they exit."""
+        self.closing = True
+        engine.close()
+        for proc in self.procs:
+            proc.wait(timeout=timeout_s)
 
     def _lost(self, proc: subprocess.Popen, code: int) -> None:
         print(f"lvspec replica: tensor-parallel peer (pid {proc.pid}) exited with {code}; ending this replica "
