@@ -84,6 +84,7 @@ def engine(args, out: dict) -> dict:
     from lvspec import Engine, Replay
     from lvspec.config import shipped_settings
     from lvspec.engine import REPLAY_KEY
+    from lvspec.stats import tau
     from pipeline.caption import replay_key
     from pipeline.replica import load_engine
     from pipeline.config import replica_dtype, spec_config
@@ -141,7 +142,7 @@ def engine(args, out: dict) -> dict:
                        "tokens_per_s_whole": tokens / wall, "steady": steady(finished),
                        "prefill_s": eng.timing["prefill_s"], "cycles": eng.timing["cycles"],
                        "overlapped_prefills": eng.timing["overlapped_prefills"], "prefills": eng.timing["prefills"],
-                       "tau": (tokens - len(finished)) / max(cycles, 1),
+                       "tau": tau(tokens, len(finished), cycles),
                        "k_median": statistics.median(eng.timing["k"]) if eng.timing["k"] else 0,
                        "prompt_graphs": eng.timing["prompt_graphs"]}
                 out["runs"].append(run)
@@ -324,8 +325,7 @@ def decode_rate(args, out: dict) -> dict:
                 videos.append((m.name[:-4], tar.extractfile(m).read()))
     out["rates"] = rates = {}
     for frames in args.frames:
-        stage = DecodeStage(cfg.model.target, cfg.model.cache_dir, {}, cfg.model.prompt, frames, None,
-                            cfg.decode.max_frames, cfg.decode.max_side, cfg.decode.max_bytes, {})
+        stage = DecodeStage(dataclasses.replace(cfg.decode, num_frames=frames, fps=None), cfg.model, {})
         batch = pa.Table.from_pylist([{"video_id": k, "source_uri": k, "shard": "", "video": v, "truth": None,
                                        "error": None} for k, v in videos[:args.videos]])
         t0 = time.perf_counter()

@@ -25,6 +25,7 @@ import torch
 from bench.report import merge_previous, run_info, write_markdown_section
 from lvspec import SpecConfig, generate
 from lvspec.config import shipped_settings
+from lvspec.stats import totals
 from toyworld import families, grammar, score
 from toyworld.families import engine_rows, load_pair, render_videos
 
@@ -58,20 +59,19 @@ def run_mode(target, draft, rows, cfg: SpecConfig, processor, batch_size: int):
 
 
 def summarize(outputs, seconds, truths, anchors: set[int], cfg: SpecConfig, ar_acc: float | None) -> dict:
-    total = lambda name: sum(getattr(o.stats, name) for o in outputs)  # noqa: E731
-    tokens, cycles = total("num_tokens"), total("num_cycles")
+    counted = totals(o.stats.as_dict() for o in outputs)
+    tokens, cycles = counted["num_tokens"], counted["num_cycles"]
     acc = score.score([o.text for o in outputs], truths)
     result = {
-        "tau": (tokens - len(outputs)) / max(cycles, 1),
-        "target_forwards_per_token": total("target_forwards") / max(tokens, 1),
+        "tau": counted["tau"],
+        "target_forwards_per_token": counted["target_forwards"] / max(tokens, 1),
         "tokens_per_s": tokens / seconds,
         "attr_acc": acc["attr_acc"],
         "per_attribute": acc["per_attribute"],
         "retention": acc["attr_acc"] / ar_acc if ar_acc else 1.0,
         "tokens": tokens, "cycles": cycles, "seconds": round(seconds, 3),
-        "shares": {k: total(k) / max(tokens, 1) for k in
-                   ("accepted_exact", "accepted_loose", "accepted_shift", "corrections", "bonus")},
-        "rejected_anchor": total("rejected_anchor"),
+        "shares": counted["shares"],
+        "rejected_anchor": counted["rejected_anchor"],
     }
     slots = [s for o in outputs for s in o.trace if s["relevance"] is not None]
     if slots and cfg.gate:

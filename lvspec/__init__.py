@@ -4,8 +4,9 @@ Plain PyTorch + transformers; no Ray, no storage. See `engine.Engine` and `engin
 """
 
 from lvspec.config import MODES, SpecConfig
-from lvspec.engine import Engine, RowOutput, RowStats, generate
+from lvspec.engine import Engine, RowOutput, generate
 from lvspec.feed import RowFeed
 from lvspec.replay import Replay
+from lvspec.stats import RowStats
 
 __all__ = ["MODES", "Engine", "Replay", "RowFeed", "RowOutput", "RowStats", "SpecConfig", "generate"]

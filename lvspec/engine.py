@@ -38,38 +38,13 @@ from lvspec.feed import RowFeed
 from lvspec.graphs import PromptGraphs, Stages
 from lvspec.relevance import RelevanceProbe, relevance_heads, relevance_weights
 from lvspec.replay import Replay
-from lvspec.verify import Verdict, verify
+from lvspec.stats import COUNTERS, KINDS, RowStats
+from lvspec.verify import BONUS, Verdict, verify
 
-CORRECTION, BONUS = 3, 4
 EXACT = "lvspec_exact"  # a row carrying EXACT=True is verified strictly in any mode: exact greedy output (audits)
 REPLAY_KEY = "lvspec_replay_key"  # a row's int that picks its replayed record and length (default: its index)
 IDLE_TICK_S = 10.0  # tensor parallelism: an idle rank 0 tells its peers so this often
-KIND_NAMES = ("accepted_exact", "accepted_loose", "accepted_shift", "corrections", "bonus")
-COUNTERS = ("num_tokens", "num_cycles", "target_forwards", "draft_forwards", *KIND_NAMES, "rejected_anchor",
-            "drafted")
 C = {name: i for i, name in enumerate(COUNTERS)}
-
-
-@dataclass
-class RowStats:
-    """Counters of one row. Every emitted token is exactly one of exact/loose/shift/correction/bonus."""
-
-    num_tokens: int = 0
-    num_cycles: int = 0  # draft-verify cycles (ar: single-token steps); the prefill is not one
-    target_forwards: int = 0  # prefill included
-    draft_forwards: int = 0  # prefill included
-    accepted_exact: int = 0
-    accepted_loose: int = 0
-    accepted_shift: int = 0
-    corrections: int = 0
-    bonus: int = 0  # the prefill's token, and each cycle's token after K accepted drafts
-    rejected_anchor: int = 0  # cycles ended by the relevance gate
-    drafted: int = 0  # draft tokens proposed, over all cycles
-    mean_accepted_length: float = 0.0  # tokens per cycle (tau), the prefill's token excluded
-    mean_draft_length: float = 0.0  # K per cycle (fixed, or as chosen with k="auto")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -516,7 +491,7 @@ class Engine:
         kept = slot < keep[:, None]
         # All m tokens go in; those past `keep` are overwritten by the next cycle or never read.
         st.tokens.scatter_(1, st.length[:, None] + slot, tokens)
-        codes = torch.arange(len(KIND_NAMES), device=n.device)
+        codes = torch.arange(len(KINDS), device=n.device)
         st.count[C["accepted_exact"]:C["bonus"] + 1] += ((kinds[..., None] == codes) & kept[..., None]).sum(1).T
         st.length += keep
         st.count[C["num_tokens"]] += keep
@@ -563,10 +538,7 @@ class Engine:
         out = []
         for i in range(len(slots)):
             ids = tokens[i][: lengths[i]]
-            stats = RowStats(**dict(zip(COUNTERS, counts[i])))
-            if stats.num_cycles:
-                stats.mean_accepted_length = (stats.num_tokens - 1) / stats.num_cycles
-                stats.mean_draft_length = stats.drafted / stats.num_cycles
+            stats = RowStats.of(counts[i])
             text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
             out.append(RowOutput(ids, text, stats, "stop" if stopped[i] else "length"))
         return out

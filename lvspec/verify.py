@@ -19,7 +19,9 @@ import torch
 
 from lvspec.config import SpecConfig
 
-EXACT, LOOSE, SHIFT = 0, 1, 2
+# A token's kind: its index in `lvspec.stats.KINDS` (the verifier decides the first three; a cycle's
+# commit the correction or bonus after them).
+EXACT, LOOSE, SHIFT, CORRECTION, BONUS = range(5)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from lvspec.config import RELEVANCE_KEYS, SETTINGS_FILE, SpecConfig
+from lvspec.stats import totals
 from pipeline.audit import agreement, estimate
 from pipeline.config import JobConfig
 
@@ -37,11 +38,7 @@ def sample(cfg: JobConfig, videos: int, log=print) -> list[dict]:
 
     start_ray(cfg)
     rows = sources.read(cfg.source, cfg.decode.max_bytes).limit(videos * 2).take(videos * 2)
-    stage = DecodeStage(model_uri=cfg.model.target, cache_dir=cfg.model.cache_dir,
-                        model_storage_options=cfg.model.storage_options, prompt=cfg.model.prompt,
-                        num_frames=cfg.decode.num_frames, fps=cfg.decode.fps, max_frames=cfg.decode.max_frames,
-                        max_side=cfg.decode.max_side, max_bytes=cfg.decode.max_bytes,
-                        source_storage_options=cfg.source.storage_options)
+    stage = DecodeStage(cfg.decode, cfg.model, cfg.source.storage_options)
     table = stage(pa.Table.from_pylist(rows))
     decoded = [{**r, "inputs": v} for r, v in zip(table.drop_columns(["inputs"]).to_pylist(),
                                                    values(table.column("inputs")))]
@@ -52,9 +49,7 @@ def sample(cfg: JobConfig, videos: int, log=print) -> list[dict]:
 
 def _caption(engine, rows: list[dict], tokenizer) -> tuple[list[str], float]:
     out = engine.generate([r["inputs"] for r in rows], tokenizer=tokenizer)
-    tokens = sum(o.stats.num_tokens - 1 for o in out)  # the prefill's token is no cycle's
-    cycles = sum(o.stats.num_cycles for o in out)
-    return [o.text for o in out], tokens / max(cycles, 1)
+    return [o.text for o in out], totals(o.stats.as_dict() for o in out)["tau"]
 
 
 def grid(engine_for, base: SpecConfig, rows: list[dict], tokenizer, thetas=THETAS, measure=agreement,

@@ -17,12 +17,12 @@ import time
 
 import pyarrow as pa
 
+from lvspec.stats import COUNTERS
 from pipeline.config import CaptionConfig, GenerationConfig, ModelConfig
 from pipeline.decode import DECODED, unpack, values
 from pipeline.replica import load_engine
 
-STATS = ("num_cycles", "target_forwards", "draft_forwards", "accepted_exact", "accepted_loose",
-         "accepted_shift", "corrections", "bonus", "rejected_anchor", "drafted")
+STATS = tuple(name for name in COUNTERS if name != "num_tokens")  # a row's counters besides its length
 CAPTIONED = pa.schema(
     [f for f in DECODED if f.name != "inputs"]
     + [("caption", pa.string()), ("num_tokens", pa.int32()), ("mode", pa.string()), ("target_model", pa.string()),

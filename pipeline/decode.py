@@ -10,6 +10,7 @@ import time
 
 import pyarrow as pa
 
+from pipeline.config import DecodeConfig, ModelConfig
 from pipeline.frames import VideoError, read_frames
 
 DECODED = pa.schema([
@@ -83,19 +84,23 @@ def unpack(buf: pa.Buffer) -> dict:
 
 
 class DecodeStage:
-    def __init__(self, model_uri: str, cache_dir: str, model_storage_options: dict, prompt: str,
-                 num_frames: int, fps: float | None, max_frames: int, max_side: int, max_bytes: int,
-                 source_storage_options: dict, pixel_dtype: str = "float32"):
+    """Frames of each row's video, sampled as `decode` says, through the target's processor with the
+    model's prompt (`model`); `source_storage_options` open videos that rows name by URI; pixels are
+    handed over in `pixel_dtype` (the replica's)."""
+
+    def __init__(self, decode: DecodeConfig, model: ModelConfig, source_storage_options: dict,
+                 pixel_dtype: str = "float32"):
         import torch
         from transformers import AutoProcessor
 
         from pipeline.models import resolve
 
         torch.set_num_threads(1)  # one video at a time per actor; scale with more actors
-        self.processor = AutoProcessor.from_pretrained(resolve(model_uri, cache_dir, model_storage_options))
-        self.text = chat_prompt(self.processor, prompt)
-        self.sampling = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, max_side=max_side)
-        self.max_bytes = max_bytes
+        self.processor = AutoProcessor.from_pretrained(resolve(model.target, model.cache_dir, model.storage_options))
+        self.text = chat_prompt(self.processor, model.prompt)
+        self.sampling = dict(num_frames=decode.num_frames, fps=decode.fps, max_frames=decode.max_frames,
+                             max_side=decode.max_side)
+        self.max_bytes = decode.max_bytes
         self.source_options = source_storage_options
         self.pixel_dtype = pixel_dtype
 

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lvspec.stats import totals
 from pipeline import sources
 from pipeline.audit import estimate, interval
 from pipeline.caption import CaptionStage
@@ -136,12 +137,8 @@ def build(cfg: JobConfig, admission):
     ds = ds.map_batches(
         DecodeStage, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
         compute=_pool(cfg.decode.actors), num_cpus=cfg.decode.num_cpus,
-        fn_constructor_kwargs=dict(
-            model_uri=cfg.model.target, cache_dir=cfg.model.cache_dir, model_storage_options=cfg.model.storage_options,
-            prompt=cfg.model.prompt, num_frames=cfg.decode.num_frames, fps=cfg.decode.fps,
-            max_frames=cfg.decode.max_frames, max_side=cfg.decode.max_side, max_bytes=cfg.decode.max_bytes,
-            source_storage_options=cfg.source.storage_options,
-            pixel_dtype=replica_dtype(cfg.model, cfg.caption.num_gpus > 0)))
+        fn_constructor_kwargs=dict(decode=cfg.decode, model=cfg.model, source_storage_options=cfg.source.storage_options,
+                                   pixel_dtype=replica_dtype(cfg.model, cfg.caption.num_gpus > 0)))
     return ds.map_batches(
         CaptionStage, batch_format="pyarrow", batch_size=cfg.caption.batch_size,
         # Two calls in flight per replica, on threads: while one batch's last rows decode, the next
@@ -211,13 +208,11 @@ def summarize(table: pa.Table | None, wall_s: float) -> dict:
     rows = table.to_pylist()
     ok = [r for r in rows if r["error"] is None]
     failed = [r for r in rows if r["error"] is not None]
-    tokens = sum(r["num_tokens"] for r in ok)
-    cycles = sum(r["num_cycles"] for r in ok)
+    counted = totals(ok)
+    tokens = counted["num_tokens"]
     frames = sum(r["num_frames"] or 0 for r in rows)
     decode_s = sum(r["decode_ms"] for r in rows) / 1e3
     generate_s = sum(r["generate_ms"] or 0.0 for r in ok) / 1e3
-    shares = {k: sum(r[k] for r in ok) / max(tokens, 1) for k in
-              ("accepted_exact", "accepted_loose", "accepted_shift", "corrections", "bonus")}
     errors: dict[str, int] = {}
     for r in failed:
         kind = r["error"].split(":", 1)[0]
@@ -229,8 +224,8 @@ def summarize(table: pa.Table | None, wall_s: float) -> dict:
         "decode": {"frames": frames, "busy_s": round(decode_s, 3), "frames_per_s_per_core": frames / max(decode_s, 1e-9)},
         "caption": {"tokens": tokens, "busy_s": round(generate_s, 3), "tokens_per_s_wall": tokens / wall_s,
                     "tokens_per_s_engine": tokens / max(generate_s, 1e-9),
-                    "mean_accepted_length": (tokens - len(ok)) / max(cycles, 1),
-                    "mean_draft_length": sum(r["drafted"] or 0 for r in ok) / max(cycles, 1), "shares": shares},
+                    "mean_accepted_length": counted["tau"], "mean_draft_length": counted["mean_draft_length"],
+                    "shares": counted["shares"]},
         "mode": rows[0]["mode"],
         "audit": estimate([r["audit_agreement"] for r in ok if r.get("audit_agreement") is not None]),
     }

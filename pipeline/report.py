@@ -22,11 +22,9 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
+from lvspec.stats import totals
 from pipeline import sources
 from pipeline.audit import estimate, interval
-
-SHARES = ("accepted_exact", "accepted_loose", "accepted_shift", "corrections", "bonus")
-
 
 def load_rows(uri: str, storage_options: dict | None = None) -> list[dict]:
     """Every caption row under `uri` (files and directories whose names start with '_' and the
@@ -48,8 +46,8 @@ def facts(rows: list[dict]) -> dict:
     """The numbers the page shows (also returned as JSON by jobs.report)."""
     ok = [r for r in rows if r.get("error") is None]
     failed = [r for r in rows if r.get("error") is not None]
-    tokens = sum(r["num_tokens"] or 0 for r in ok)
-    shares = {k: sum(r.get(k) or 0 for r in ok) / max(tokens, 1) for k in SHARES}
+    counted = totals(ok)
+    tokens, shares = counted["num_tokens"], counted["shares"]
     taus = [r["mean_accepted_length"] for r in ok if r.get("mean_accepted_length") is not None and r.get("num_cycles")]
     audited = [r for r in ok if r.get("audit_agreement") is not None]
     slowest = sorted((r for r in ok if r.get("generate_ms") is not None), key=lambda r: -r["generate_ms"])[:10]
@@ -58,7 +56,7 @@ def facts(rows: list[dict]) -> dict:
         "errors": dict(Counter(r["error"].split(":", 1)[0] for r in failed)),
         "tokens": tokens, "shares": shares,
         "tau_median": float(np.median(taus)) if taus else None,
-        "draft_wording": sum((r.get("accepted_loose") or 0) + (r.get("accepted_shift") or 0) for r in ok) / max(tokens, 1),
+        "draft_wording": shares["accepted_loose"] + shares["accepted_shift"],
         "audit": estimate([r["audit_agreement"] for r in audited]),
         "slowest": [{"video_id": r["video_id"], "generate_ms": r["generate_ms"], "num_tokens": r["num_tokens"]}
                     for r in slowest],

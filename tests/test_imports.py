@@ -85,3 +85,32 @@ def test_no_import_cycle_in_the_project():
     assert {"lvspec.engine", "pipeline.caption", "pipeline.peers", "pipeline.replica", "jobs.caption"} <= set(graph)
     assert "pipeline.replica" in graph["pipeline.peers"] and "lvspec.families" in graph["lvspec.engine"]
     assert cycles(graph) == []
+
+
+def imported_roots(package: str) -> dict[str, set[str]]:
+    """Top-level name -> the modules of `package` that import it (anywhere in the module)."""
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for name in names:
+                found.setdefault(name.split(".")[0], set()).add(path.name)
+    return found
+
+
+# What each package may not import (README, "Layout"): the engine knows no Ray, storage or job; the
+# pipeline no entry point, benchmark or toy world; nothing but tests imports a benchmark.
+FORBIDDEN = {"lvspec": {"pipeline", "jobs", "bench", "toyworld", "ray", "pyarrow", "fsspec", "s3fs", "decord",
+                        "omegaconf"},
+             "pipeline": {"jobs", "bench", "toyworld"},
+             "jobs": {"bench", "toyworld"},
+             "toyworld": {"jobs", "bench"},
+             "infra": {"lvspec", "pipeline", "jobs", "bench", "toyworld"}}
+
+
+def test_each_package_imports_only_what_its_layer_may():
+    assert "torch" in imported_roots("lvspec") and "ray" in imported_roots("pipeline")  # the scan sees imports
+    broken = {pkg: {name: sorted(by) for name, by in imported_roots(pkg).items() if name in banned}
+              for pkg, banned in FORBIDDEN.items()}
+    assert not any(broken.values()), broken
