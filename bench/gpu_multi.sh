@@ -10,8 +10,9 @@
 #   bench/gpu_multi.sh scale2    # two one-GPU replicas x$REPEATS
 #   bench/gpu_multi.sh tp        # two TP=2 Qwen2.5-VL 32B/7B replicas x1 (TP_REPLICAS=1 on two GPUs); again,
 #                                # SIGKILLing one peer mid-job (renders the shards if no earlier part did)
-# On two GPUs (no four-GPU node lent): `tpengine` (carry .gpu-a: installs, then the TP=2 replica alone x3),
-# then `TP_REPLICAS=1 bench/gpu_multi.sh tp` (carry .gpu-b).
+# On two GPUs (no four-GPU node lent): `tpengine` (carry .gpu-a: installs, then the TP=2 replica alone x3;
+# PROFILE=1: then a torch.profiler table of a stream, rank 0's view), then `TP_REPLICAS=1 bench/gpu_multi.sh tp`
+# (carry .gpu-b).
 # Every job and engine run uses jobs/configs/gpu-bench.yaml (LLaVA-OV 7B/0.5B dummy weights, replayed acceptance,
 # 16 frames); the tensor-parallel runs override the pair (Qwen2.5-VL 32B/7B) and leave the prefill eager
 # (compile_prefill was measured for one-GPU replicas only). Decode actors: 8 a replica.
@@ -36,7 +37,7 @@ render() {
 }
 tp_engine() {  # one TP=2 replica alone in this process (rank 0) and its peer, the job's rows a replica
   timeout -s USR1 -k 10 ${ENGINE_TIMEOUT:-0} python3 -m bench.pipeline_gpu engine --rows $PER --runs lvspec/continuous --repeats 3 \
-    --json $OUT/tp-engine.json "${QWEN[@]}" 2>&1 | tee $OUT/tp-engine.full.log | quiet | grep --line-buffered "^\[\|Error\|Traceback"
+    --json $OUT/tp-engine.json ${PROFILE:+--profile $OUT/tp-profile.txt} "${QWEN[@]}" 2>&1 | tee $OUT/tp-engine.full.log | quiet | grep --line-buffered "^\[\|Error\|Traceback"
 }
 shards() {  # the first $1 rows of the rendered 4 x $PER (shards of 16 rows, hard links)
   local dir=/tmp/lvspec-shards-$1

@@ -150,6 +150,10 @@ def engine(args, out: dict) -> dict:
                       f"steady, {run['tokens_per_s_whole']:8.1f} whole ({tokens} tokens, {wall:.1f} s, prefill "
                       f"{run['prefill_s']:.1f} s, tau {run['tau']:.2f}; prompt graphs {run['prompt_graphs']})", flush=True)
                 _write(args.json, out)
+        if args.profile:  # where a stream's time goes (rank 0's view under tensor parallelism)
+            part = rows[:2 * base.slots]
+            _profile(args.profile, f"engine {mode}: {len(part)} rows, {base.slots} slots, TP={tp}",
+                     lambda e=eng: list(e.stream(part, tokenizer=tokenizer, replay=replay)), rows=30)
         del eng
     if peers:
         peers.close(base)
@@ -744,7 +748,8 @@ def main(argv=None):
         p.add_argument("--rows", type=int, default=192)
         p.add_argument("--json", required=True)
         p.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
-    pf.add_argument("--profile", help="also append torch.profiler tables to this file (the engine's loop over --rows)")
+    for p, what in ((pf, "the engine's loop over --rows"), (en, "a stream of 2 x slots rows after the runs")):
+        p.add_argument("--profile", help=f"also append torch.profiler tables to this file ({what})")
     pf.add_argument("--groups", type=int, nargs="+", default=[1, 4], help="rows prefilled together")
     pf.add_argument("--compile", action="store_true", help="then the prefill eager vs compiled (generation.compile_prefill)")
     for p in (en, jo):
