@@ -10,6 +10,8 @@
 #   bench/gpu_multi.sh scale2    # two one-GPU replicas x$REPEATS
 #   bench/gpu_multi.sh tp        # two TP=2 Qwen2.5-VL 32B/7B replicas x1 (TP_REPLICAS=1 on two GPUs); again,
 #                                # SIGKILLing one peer mid-job (renders the shards if no earlier part did)
+#   bench/gpu_multi.sh oneshot|tpstep|pairs   # carry .gpu-a, two GPUs: the one-shot all-reduce's test; the 32B
+#                                # step at TP 1 / 2 (nccl, oneshot); two 72B pairs in one call (memory released)
 # On two GPUs (no four-GPU node lent): `tpengine` (carry .gpu-a: installs, then the TP=2 replica alone x3;
 # PROFILE=1: then a torch.profiler table of a stream, rank 0's view), then `TP_REPLICAS=1 bench/gpu_multi.sh tp`
 # (carry .gpu-b).
@@ -69,6 +71,19 @@ case "$1" in
   scale2)
     head_up 4
     job 2 "$REPEATS" scale-2 ;;
+  oneshot)  # carry .gpu-a: the one-shot all-reduce's GPU test (sums as NCCL's, captured, same tokens)
+    bench/gpu_install.sh .gpu-a | tail -1 || exit 1
+    timeout 400 python3 -m pytest -q -x tests/test_gpu.py -k one_shot 2>&1 | tail -25 ;;
+  tpstep)  # the 32B ar step at TP=1 and TP=2 over NCCL and one-shot, with where a step's time goes
+    bench/gpu_install.sh .gpu-a | tail -1 || exit 1
+    timeout 580 python3 -m bench.tensor_parallel step --size qwen2_5_vl:32b --tp 1 2 --batch-sizes 1 8 \
+      --all-reduce nccl oneshot --repeats ${STEP_REPEATS:-3} --json $OUT/tp_step.json 2>&1 | quiet \
+      | grep --line-buffered "^\[\|TP=2 step\|wrote\|lvspec rank\|rror" ;;
+  pairs)  # two 72B pairs in one call: the first pair's memory is released before the second
+    bench/gpu_install.sh .gpu-a | tail -1 || exit 1
+    timeout 590 python3 -m bench.tensor_parallel pairs --pair llava_onevision:72b:0.5b --pair qwen2_5_vl:72b:7b \
+      --tp 2 --batch-sizes 1 --repeats 3 --json $OUT/tp_pairs.json 2>&1 | quiet \
+      | grep --line-buffered "^\[\|wrote\|rror\|RELEASED" ;;
   tpengine)
     bench/gpu_install.sh .gpu-a | tail -1 || exit 1
     ENGINE_TIMEOUT=540 tp_engine ;;
@@ -78,7 +93,7 @@ case "$1" in
     head_up $((2 * n))
     JOB_TIMEOUT=300 job $n 1 tp-kill --kill-peer-after 10 output.rows_per_file=16 "${QWEN[@]}"
     [ "$1" = tpkill ] || JOB_TIMEOUT=270 job $n 1 tp-job "${QWEN[@]}" ;;
-  *) echo "usage: $0 install|scale1|scale4|scale2|tpengine|tp|tpkill"; exit 2 ;;
+  *) echo "usage: $0 install|scale1|scale4|scale2|tpengine|tp|tpkill|oneshot|tpstep|pairs"; exit 2 ;;
 esac
 ray stop --force >/dev/null 2>&1
 exit 0

@@ -29,6 +29,7 @@ import gc
 import json
 import statistics
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -51,6 +52,22 @@ def build(family: str, size: str, device: str, dtype=torch.bfloat16):
     model = dummy.from_config(real_config(family, size), dtype, device)
     model.generation_config.eos_token_id = None
     return model
+
+
+def release(*models: weakref.ref) -> dict:
+    """After a configuration, its engines and models dropped by the caller: collect the reference
+    cycles that still hold them (modules' hooks close over their modules), then hand the device
+    the cached blocks (the CUDA graphs' pools among them) and cuBLAS's per-stream workspaces. Says
+    whether each model is gone and the GPU memory still allocated."""
+    gc.collect()
+    cuda = torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch._C._cuda_clearCublasWorkspaces()  # one per (handle, stream): every engine makes new streams
+        torch.cuda.empty_cache()
+    held = [type(ref()).__name__ for ref in models if ref() is not None]
+    return {"released": not held, "still_held": held,
+            "gpu_allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 3) if cuda else None}
 
 
 def video_rows(processor, n: int, frames: int, side: int, seed: int = 0) -> list[dict]:
@@ -137,6 +154,7 @@ def steps(args) -> dict:
     for spec in args.size:
         family, size = spec.split(":")
         model = build(family, size, "cuda")
+        built = weakref.ref(model)
         decoder = TextDecoder(model, text_config(model).vocab_size)
         layers = len(decoder.layers)
         for bs in args.batch_sizes:
@@ -166,7 +184,7 @@ def steps(args) -> dict:
             decoder.attention = {"step": None, "verify": None}
             cache = None
         decoder = model = None  # free this size before building the next
-        torch.cuda.empty_cache()
+        out.setdefault("released", []).append({"model": f"{family}-{size}", **release(built)})
     return out
 
 
@@ -224,6 +242,7 @@ def run_pair(args, family: str, target_size: str, draft_size: str, patterns: dic
     t0 = time.perf_counter()
     target = target if target is not None else build(family, target_size, args.device)
     draft = build(family, draft_size, args.device)
+    built = weakref.ref(draft)
     log(f"[{family} {target_size}/{draft_size}] built in {time.perf_counter() - t0:.0f} s"
         + (f"; GPU memory {torch.cuda.memory_allocated() / 2**30:.1f} GiB" if args.device == "cuda" else ""))
     T = TextDecoder(target, text_config(target).vocab_size)
@@ -293,8 +312,7 @@ def run_pair(args, family: str, target_size: str, draft_size: str, patterns: dic
                     run["speedup_over_hf_generate"] = run["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
             log(f"[{family} {target_size}/{draft_size}] bs {bs:3d} hf generate: {hf['decode_tokens_per_s']:.1f} tok/s")
     del draft, D
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
+    result["draft_release"] = release(built)  # the target stays for the next pair that shares it
     return result
 
 
@@ -484,7 +502,9 @@ def main(argv=None):
     target, target_key = None, None
     for family, t, d in pairs:
         if target_key != (family, t):  # pairs that share a target build it once
-            target = None
+            if target is not None:  # free the last one before building this one
+                gone, target = weakref.ref(target), None
+                report["pairs"][-1]["target_release"] = release(gone)
             target, target_key = build(family, t, args.device), (family, t)
         report["pairs"].append(run_pair(args, family, t, d, recorded["families"][family], target=target, log=log))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(fn, world: int, *args, timeout: float = 600):
+    """Run fn(rank, world, port, *args, out) in `world` spawned processes, each putting (rank, result,
+    traceback or None) on `out`; fail with every rank's traceback, else return rank 0's result."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=fn, args=(r, world, port, *args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = dict((rank, (res, err)) for rank, res, err in (out.get(timeout=timeout) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    errors = [err for _, err in got.values() if err]
+    assert not errors, "\n".join(errors)
+    return got[0][0]
+
+
 @pytest.fixture(scope="session")
 def s3():
     """A real S3 protocol endpoint on 127.0.0.1 (moto server), with buckets `videos` and `captions`."""

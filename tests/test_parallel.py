@@ -9,10 +9,9 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.multiprocessing as mp
 from transformers import AutoConfig
 
-from conftest import ROOT, free_port
+from conftest import ROOT, spawn_ranks
 from lvspec import Engine, SpecConfig, loading, parallel
 from test_lvspec import make_rows
 from toyworld import families
@@ -54,18 +53,7 @@ def _rank(rank: int, world: int, port: int, family: str, rows, configs, out):
 
 
 def run_sharded(family: str, rows, configs, world: int = 2):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, family, rows, configs, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = dict((rank, (res, err)) for rank, res, err in (out.get(timeout=600) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-    errors = [err for _, err in got.values() if err]
-    assert not errors, "\n".join(errors)
-    return got[0][0]
+    return spawn_ranks(_rank, world, family, rows, configs)
 
 
 @pytest.mark.parametrize("family", families.FAMILIES)
@@ -96,6 +84,15 @@ def test_a_tensor_parallel_size_must_split_the_heads():
         parallel.check_shardable(cfg, 3)
     with pytest.raises(ValueError, match="integer >= 1"):
         parallel.check_shardable(cfg, 0)
+
+
+def test_the_decoding_all_reduce_switch_takes_oneshot_or_nccl(monkeypatch):
+    tp = parallel.TensorParallel(None, None, 0, 2)  # not reached: the switch is read first
+    monkeypatch.setenv(parallel.ALL_REDUCE_ENV, "nccl")
+    assert parallel.one_shot_buffer(tp, torch.device("cuda")) is None  # no buffer: NCCL carries every reduce
+    monkeypatch.setenv(parallel.ALL_REDUCE_ENV, "fast")
+    with pytest.raises(ValueError, match="LVSPEC_TP_ALLREDUCE must be 'oneshot' or 'nccl', got 'fast'"):
+        parallel.one_shot_buffer(tp, torch.device("cpu"))
 
 
 def test_the_relevance_heads_of_a_rank_keep_their_global_numbers():
