@@ -219,8 +219,6 @@ def _peer_pids() -> list[int]:
 
 def _kill_a_peer(out_dir: Path, after_s: float, done: threading.Event, record: dict) -> None:
     """Once the job has written its first Parquet file, wait `after_s` and SIGKILL one peer rank."""
-    import signal
-
     while not done.is_set() and not list(out_dir.rglob("*.parquet")):
         time.sleep(0.5)
     record["first_file_at"] = time.time()
