@@ -453,7 +453,7 @@ def _group(eng, row: dict, group: int):
     from lvspec.adapter import rows_on
 
     width = int(row["input_ids"].shape[-1])
-    st = eng._state_for(eng.slots, width)
+    st = eng.state_for(eng.slots, None, width)
 
     def keys() -> list:
         return [c.k[:, :group, :, :width].to(torch.float32, copy=True) for c in (st.T, st.D) if c is not None]
@@ -476,7 +476,7 @@ def _timed(call) -> tuple[float, float, object]:
 
 
 def _compiled_prefill(eng, row: dict, groups: list[int], ms, profile: str | None) -> list[dict]:
-    """A group's prefill as the engine runs it (`Engine._prompt_group`: both models' vision and
+    """A group's prefill as the engine runs it (`Engine.prompt_group`: both models' vision and
     prompt forwards, keys into the caches) eagerly and compiled (`Engine.compile_prefill`): GPU ms
     of the whole and of each model's vision + splice, the first compiled call's seconds (a compile or
     recompile), and whether the compiled prefill wrote what the eager one did (first tokens, keys'
@@ -485,9 +485,9 @@ def _compiled_prefill(eng, row: dict, groups: list[int], ms, profile: str | None
 
     def run(group: int) -> dict:
         st, ready, index, keys = _group(eng, row, group)
-        _, wall, out = _timed(lambda: eng._prompt_group(st, ready, index))
+        _, wall, out = _timed(lambda: eng.prompt_group(st, ready, index))
         return {"first_call_s": wall / 1e3, "first": out[2].clone(), "keys": keys(),
-                "prefill_ms": ms(lambda: eng._prompt_group(st, ready, index)),
+                "prefill_ms": ms(lambda: eng.prompt_group(st, ready, index)),
                 **{f"{name}_vision_ms": ms(lambda: eng.adapter.prompt(model, ready))
                    for name, model in (("target", eng.target), ("draft", eng.draft))}}
 
@@ -506,12 +506,12 @@ def _compiled_prefill(eng, row: dict, groups: list[int], ms, profile: str | None
         print(f"[prefill] compiled {result}", flush=True)
         if profile and group == 1:
             st, ready, index, _ = _group(eng, row, 1)
-            _profile(profile, "a row's prefill (both models), compiled", lambda: eng._prompt_group(st, ready, index))
+            _profile(profile, "a row's prefill (both models), compiled", lambda: eng.prompt_group(st, ready, index))
     return results
 
 
 def _prompt_graph_check(eng, row: dict, group: int) -> dict:
-    """A group's prompt forwards (`Engine._prompt_group`: both models, keys into the caches) eagerly
+    """A group's prompt forwards (`Engine.prompt_group`: both models, keys into the caches) eagerly
     and as a replayed `PromptGraphs` capture: host ms to queue each (what the decoding loop waits
     for), GPU ms, and whether the replay wrote what the eager run did (first tokens, both caches' keys)."""
     import torch
@@ -522,7 +522,7 @@ def _prompt_graph_check(eng, row: dict, group: int) -> dict:
     graphs = PromptGraphs("cuda" if eng.device.type == "cuda" else "static")
 
     def fn(r, i):
-        return eng._prompt_group(st, r, i)
+        return eng.prompt_group(st, r, i)
 
     fn(rows, index)  # warm-up
     eager = [_timed(lambda: fn(rows, index)) for _ in range(3)]

@@ -28,6 +28,7 @@ import datetime
 import gc
 import json
 import statistics
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -425,6 +426,11 @@ def _pairs(specs: list[str]) -> list[tuple[str, str, str]]:
 
 
 def main(argv=None):
+    args = list(argv) if argv is not None else sys.argv[1:]
+    if args[:1] == ["frontier"]:  # the bulk-throughput climb lives in bench/frontier.py
+        from bench import frontier
+
+        return frontier.main(["run", *args[1:]])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record", help="record toy acceptance patterns (CPU is fine)")

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from lvspec.draft_length import Costs
+
 MODES = ("ar", "sd", "lvspec")
 SETTINGS_FILE = "lvspec.json"  # LVSpec settings a target checkpoint may ship (theta, relevance probe)
 RELEVANCE_KEYS = ("relevance_layers", "relevance_heads", "relevance_weights")  # the relevance probe, set together
@@ -26,6 +28,9 @@ class SpecConfig:
     mode: str = "lvspec"
     k: int | str = "auto"  # draft tokens proposed per cycle, or "auto": chosen per cycle (see draft_length)
     k_max: int = 10  # the longest draft "auto" may choose
+    # k=auto's cost table (draft_length.Costs, or a mapping of its fields in ms): None measures it once
+    # per engine; pinned, the same video gets the same caption on any machine (see draft_length).
+    k_costs: Costs | None = None
     theta: float = 0.2  # relevance >= theta marks a visual anchor: verified strictly
     alpha: float = 0.25  # loose rule: accept a filler d if p(d) >= alpha * p(target's choice)
     top_k: int = 0  # loose rule, alternative: accept a filler d in the target's top-k (0: off)
@@ -51,6 +56,10 @@ class SpecConfig:
     # fifth of the prefill's GPU time on elementwise ops. The first rows wait for the compile
     # (about a minute); its numerics are float rounding away from eager.
     compile_prefill: bool = False
+    # Rows enter free slots in groups of at most this many prompt tokens (left-padded), so that a
+    # prefill's activations stay bounded whatever the batch (a 7B's MLP at 128 rows x 3.2k tokens
+    # alone would want 15 GB).
+    prefill_tokens: int = 32768
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -59,6 +68,10 @@ class SpecConfig:
             object.__setattr__(self, "k", int(self.k))
         if self.k != "auto" and (not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1):
             raise ValueError(f"k (draft length) must be 'auto' or an integer >= 1, got {self.k!r}")
+        if self.k_costs is not None:
+            object.__setattr__(self, "k_costs", Costs.of(self.k_costs))
+        if isinstance(self.prefill_tokens, bool) or not isinstance(self.prefill_tokens, int) or self.prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be an integer >= 1, got {self.prefill_tokens!r}")
         if not isinstance(self.k_max, int) or self.k_max < 1:
             raise ValueError(f"k_max (longest automatic draft) must be an integer >= 1, got {self.k_max!r}")
         if not 0.0 <= self.theta <= 1.0:
@@ -103,4 +116,4 @@ class SpecConfig:
         return self.mode == "lvspec" and self.loose and not (self.gate and self.theta == 0.0)
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: v.as_dict() if isinstance(v := getattr(self, f.name), Costs) else v for f in fields(self)}

@@ -158,9 +158,9 @@ class TextDecoder:
         return x + self.tp.reduce(torch.mm(h, weight.t())).view(S, q, H)
 
     def forward(self, cache: StaticCache, tokens: torch.Tensor, last_only: bool = False,
-                probe: RelevanceProbe | None = None) -> torch.Tensor:
+                probe: RelevanceProbe | None = None, logits: bool = True) -> torch.Tensor | None:
         """Run `tokens` [S, q] at each slot's `length` (writing their keys, not committing them);
-        returns logits [S, q, V] (or [S, 1, V] with `last_only`)."""
+        returns logits [S, q, V] (or [S, 1, V] with `last_only`; None without `logits`: keys only)."""
         S, q = tokens.shape
         nh, kvh, hd, H = self.heads, self.kv_heads, self.head_dim, self.hidden
         group = nh // kvh
@@ -205,6 +205,8 @@ class TextDecoder:
             x = self._residual(x, out, layer.o)
             gate, up = F.linear(F.rms_norm(x, (H,), layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
             x = self._residual(x, (F.silu(gate) * up).view(S * q, -1), layer.down)
+        if not logits:
+            return None
         if last_only:
             x = x[:, -1:]
         return F.linear(F.rms_norm(x, (H,), self.norm, self.eps), self.head)

@@ -1,55 +1,82 @@
-"""How many tokens to draft: the K that maximises tokens per second of a cycle.
+"""How many tokens a row drafts: the K that gives the row the most expected tokens per millisecond.
 
-A cycle with K drafts costs K draft steps plus one verify forward over K + 1 tokens, and yields
+A cycle with K drafts costs K draft steps and one verify forward over K + 1 tokens; K = 0 is a
+plain target step (what ar runs), so that drafting is chosen only where it pays. It yields
 1 + S(1) + ... + S(K) tokens, where S(j) is the chance that the first j drafts are all kept
-(acceptance is a prefix walk). S comes from the batch's running counts: for every draft slot j,
-how many cycles reached it (drafted it with all earlier slots kept) and how many kept it. Slots
-never reached yet borrow the pooled rate of those that were.
+(acceptance is a prefix walk). S comes from the row's own counts: for every draft slot j, how many
+of its cycles reached it (drafted it with all earlier slots kept) and how many kept it, each slot's
+rate drawn towards the row's pooled rate over all slots, and that towards a fixed prior (a new row
+starts from the prior alone).
+
+So a row's K follows from the config, the cost table and the row's own history alone, never from
+its batch neighbours, its slot or the rank count: the same video gets the same caption wherever it
+runs with the same table. The table is measured once per engine (the first state's shapes) or
+pinned (`SpecConfig.k_costs`, e.g. the table a job's summary recorded on the same kind of GPU).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+PRIOR, PRIOR_WEIGHT = 0.7, 2.0  # a new row's acceptance rate, worth two observed cycles
 
 
 @dataclass(frozen=True)
 class Costs:
-    """Measured seconds: one draft step, and a verify forward at K = 1 and K = k_max (linear between)."""
+    """Milliseconds: one draft step, a target step (K = 0), and a verify forward at K = 1 and at
+    K = k_max (linear between)."""
 
-    draft_step: float
-    verify_1: float
-    verify_max: float
+    draft_step_ms: float
+    verify_0_ms: float
+    verify_1_ms: float
+    verify_max_ms: float
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"k_costs.{f.name} must be a positive number of milliseconds, got {value!r}")
+
+    @classmethod
+    def of(cls, table) -> Costs:
+        """From a mapping with exactly these keys (a config's `k_costs`, a summary's record)."""
+        if isinstance(table, Costs):
+            return table
+        names = [f.name for f in fields(cls)]
+        if not hasattr(table, "keys") or set(table.keys()) != set(names):
+            raise ValueError(f"k_costs must map exactly {names} to milliseconds, got {table!r}")
+        return cls(**{name: float(table[name]) for name in names})
+
+    def rounded(self) -> Costs:
+        """To three significant digits: the table a summary records is exactly the one decoded with,
+        so pinning it reproduces the captions."""
+        return Costs(**{k: float(f"{v:.3g}") for k, v in asdict(self).items()})
+
+    def cycle_ms(self, k_max: int) -> list[float]:
+        """The cost of a cycle drafting K = 0 .. k_max tokens."""
+        span = self.verify_max_ms - self.verify_1_ms
+        return [self.verify_0_ms] + [k * self.draft_step_ms + self.verify_1_ms + span * (k - 1) / max(k_max - 1, 1)
+                                     for k in range(1, k_max + 1)]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
-class DraftLength:
-    """Chooses K in [1, k_max] per cycle from measured costs and running acceptance."""
+def expected_tokens(reached: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """[rows, k_max + 1]: tokens a cycle drafting K = 0 .. k_max is expected to emit, from each row's
+    counts [rows, k_max] (float64: the choice must not depend on where it is computed)."""
+    reached, kept = reached.double(), kept.double()
+    pooled = (kept.sum(1, keepdim=True) + PRIOR_WEIGHT * PRIOR) / (reached.sum(1, keepdim=True) + PRIOR_WEIGHT)
+    survival = ((kept + PRIOR_WEIGHT * pooled) / (reached + PRIOR_WEIGHT)).cumprod(1)
+    return torch.cat([torch.ones_like(survival[:, :1]), 1 + survival.cumsum(1)], 1)
 
-    def __init__(self, k_max: int, costs: Costs, prior: float = 0.7, prior_weight: float = 2.0):
-        self.k_max, self.costs = k_max, costs
-        self.prior, self.prior_weight = prior, prior_weight
 
-    def cycle_cost(self, k: int) -> float:
-        c = self.costs
-        share = (k - 1) / (self.k_max - 1) if self.k_max > 1 else 0.0
-        return k * c.draft_step + c.verify_1 + share * (c.verify_max - c.verify_1)
-
-    def survival(self, reached: Sequence[int], kept: Sequence[int]) -> list[float]:
-        """S(1..k_max): chance that the first j drafts are all kept."""
-        pooled = sum(kept) / sum(reached) if sum(reached) else self.prior
-        out, s = [], 1.0
-        for j in range(self.k_max):
-            n, a = (reached[j], kept[j]) if j < len(reached) else (0, 0)
-            s *= (a + self.prior_weight * pooled) / (n + self.prior_weight)
-            out.append(s)
-        return out
-
-    def expected_tokens(self, k: int, survival: Sequence[float]) -> float:
-        return 1.0 + sum(survival[:k])
-
-    def choose(self, reached: Sequence[int], kept: Sequence[int], budget: int | None = None) -> int:
-        """The K with the most expected tokens per second; never more than `budget` (tokens still
-        wanted by the hungriest row, less the one the target adds)."""
-        s = self.survival(reached, kept)
-        top = self.k_max if budget is None else max(1, min(self.k_max, budget))
-        return max(range(1, top + 1), key=lambda k: self.expected_tokens(k, s) / self.cycle_cost(k))
+def choose(reached: torch.Tensor, kept: torch.Tensor, cycle_ms: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Each row's K in [0, limit]: the most expected tokens per millisecond (the shortest on a tie).
+    `cycle_ms` [k_max + 1] (`Costs.cycle_ms`), `limit` [rows]. On the device, no host sync."""
+    rate = expected_tokens(reached, kept) / cycle_ms
+    k = torch.arange(cycle_ms.numel(), device=rate.device)
+    return rate.masked_fill(k > limit[:, None], -math.inf).argmax(1)

@@ -107,6 +107,12 @@ class TensorParallel:
         dist.broadcast_object_list(box, src=self._src(self.control), group=self.control)
         return box[0]
 
+    def smallest(self, value):
+        """The least of every rank's `value`, on every rank."""
+        values = [None] * self.world
+        dist.all_gather_object(values, value, group=self.control)
+        return min(values)
+
 
 def of(model) -> TensorParallel | None:
     """The tensor-parallel group a model was loaded over (None: whole on this process)."""

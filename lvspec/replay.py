@@ -104,11 +104,15 @@ class Replay:
         self.record[slots] = torch.tensor(rows, device=slots.device) % self.table.shape[0]
         self.cursor[slots] = 0
 
-    def apply(self, v: Verdict, active: torch.Tensor, drafted: torch.Tensor) -> Verdict:
-        """Keep the recorded number of drafts in every active slot (capped at this cycle's K)."""
+    def apply(self, v: Verdict, active: torch.Tensor, drafted: torch.Tensor, limit: torch.Tensor | None = None) -> Verdict:
+        """Keep the recorded number of drafts in every active slot (capped at this cycle's K, or at
+        each row's `limit`)."""
         k = drafted.shape[1]
         record = self.record
         n = self.table[record, self.cursor % self.cycles[record]].clamp(max=k)
+        if limit is not None:  # a row that drafts nothing this cycle uses no record
+            n = torch.minimum(n, limit)
+            active = active & (limit > 0)
         self.cursor += active.long()
         exact = drafted == v.target_tokens[:, :k]
         return Verdict(accepted=n, kind=torch.where(exact, EXACT, LOOSE),

@@ -5,8 +5,10 @@ the bonus choice after all K drafts. A slot is accepted when
     d == t                                               (exact), or, in lvspec mode,
     relevance < theta  and  p(d) >= alpha * p(t)         (loose: a plausible filler), or
     relevance < theta  and  d == t[i +- o], o <= window  (shift: said one slot early or late).
-Rows keep their leading run of accepted slots, then the target's own token at the first
-rejected slot (a correction) or after the last slot (a bonus). K = 0 is plain greedy decoding.
+Rows keep their leading run of accepted slots, at most `limit` of them (a row's own K: the walk
+over a wider batch's drafts is the walk of its own width, cut there), then the target's own token
+at the first rejected slot (a correction) or after the last slot kept (a bonus). K = 0 is plain
+greedy decoding.
 Fixed shapes and no host synchronisation: the rule runs inside the captured verify forward.
 """
 
@@ -35,9 +37,10 @@ class Verdict:
 
 
 def verify(draft: torch.Tensor, logits: torch.Tensor, relevance: torch.Tensor | None, cfg: SpecConfig,
-           exact_only: torch.Tensor | None = None) -> Verdict:
+           exact_only: torch.Tensor | None = None, limit: torch.Tensor | None = None) -> Verdict:
     """Decide, for each row, how many of its K draft tokens to keep. logits: [S, K + 1, V].
-    `exact_only` [S]: rows verified strictly whatever the mode (audit twins: exact greedy output)."""
+    `exact_only` [S]: rows verified strictly whatever the mode (audit twins: exact greedy output);
+    `limit` [S]: the most drafts each row may keep (default K)."""
     k = draft.shape[1]
     t = logits.argmax(-1)
     exact = draft == t[:, :k]
@@ -60,10 +63,13 @@ def verify(draft: torch.Tensor, logits: torch.Tensor, relevance: torch.Tensor | 
         lenient = ~gated if exact_only is None else ~gated & ~exact_only[:, None]
         ok = exact | (lenient & (loose | shift))
         kind = torch.where(exact, EXACT, torch.where(loose, LOOSE, SHIFT))
+    if limit is not None:
+        ok = ok & (torch.arange(k, device=draft.device) < limit[:, None])
     accepted = ok.long().cumprod(-1).sum(-1)
     next_token = t.gather(1, accepted[:, None])[:, 0]
     if k:
-        anchor_rejected = (accepted < k) & gated.gather(1, accepted.clamp(max=k - 1)[:, None])[:, 0]
+        cut = k if limit is None else limit  # a walk that ends at its limit ends on no rejection
+        anchor_rejected = (accepted < cut) & gated.gather(1, accepted.clamp(max=k - 1)[:, None])[:, 0]
     else:
         anchor_rejected = torch.zeros_like(accepted, dtype=torch.bool)
     return Verdict(accepted, kind, next_token, gated, anchor_rejected, t)

@@ -12,6 +12,7 @@ flight are retried one at a time).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -31,7 +32,8 @@ CAPTIONED = pa.schema(
     + [(name, pa.int32()) for name in STATS]
     + [("generate_ms", pa.float64()), ("batch_rows", pa.int32()), ("audit_caption", pa.string()),
        ("audit_agreement", pa.float64()), ("captioned_at", pa.float64()), ("config_hash", pa.string()),
-       ("job_id", pa.string()), ("load_format", pa.string()), ("acceptance_replayed", pa.bool_())]
+       ("job_id", pa.string()), ("load_format", pa.string()), ("acceptance_replayed", pa.bool_()),
+       ("slots", pa.int32()), ("k_costs", pa.string())]
 )
 
 
@@ -47,8 +49,13 @@ class CaptionStage:
                  config_hash: str, audit_fraction: float = 0.0):
         from lvspec import Replay, RowFeed
 
+        # Audit twins only where captions are loosened (ar and sd captions are exact already) by the
+        # pair itself (a replayed twin would replay the same acceptance).
+        self.audit_fraction = audit_fraction if generation.mode == "lvspec" and not generation.replay else 0.0
+        # slots=auto: at most what a replica holds, two calls of batch_size rows (and their audit twins).
+        held = 2 * caption.batch_size * (2 if self.audit_fraction else 1)
         load = dict(model=model, generation=generation, num_cpus=caption.num_cpus,
-                    slots=caption.slots or caption.batch_size)
+                    slots=caption.slots or caption.batch_size, max_slots=held if caption.slots == "auto" else None)
         self.peers = None
         if caption.tensor_parallel > 1:  # this actor is rank 0; it starts and watches ranks 1..N-1
             from pipeline.peers import Peers
@@ -59,9 +66,6 @@ class CaptionStage:
         self.replay = Replay.from_file(generation.replay, self.engine.adapter.family, generation.mode,
                                        generation.replay_lengths) if generation.replay else None
         self.static = caption.batching == "static"
-        # Audit twins only where captions are loosened (ar and sd captions are exact already) by the
-        # pair itself (a replayed twin would replay the same acceptance).
-        self.audit_fraction = audit_fraction if generation.mode == "lvspec" and not generation.replay else 0.0
         self.fixed = {"mode": generation.mode, "target_model": model.target,
                       "draft_model": model.draft if self.engine.draft is not None else None,
                       "config_hash": config_hash, "job_id": job_id, "load_format": model.load_format,
@@ -128,8 +132,9 @@ class CaptionStage:
                        batch_rows=len(ready), **{k: getattr(res.stats, k) for k in STATS})
             if exact is not None and not isinstance(exact, Exception):
                 row.update(audit_caption=exact.text, audit_agreement=agreement(res.text, exact.text))
+        costs = json.dumps(self.engine.costs.as_dict(), sort_keys=True) if self.engine.costs is not None else None
         for row in rows:
-            row.update(self.fixed)
+            row.update(self.fixed, slots=self.engine.state_slots, k_costs=costs)
         return pa.Table.from_pylist(rows, schema=CAPTIONED)
 
     @staticmethod

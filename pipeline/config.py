@@ -69,6 +69,10 @@ class GenerationConfig:
     mode: str = "lvspec"
     k: str = "auto"  # draft tokens per cycle: "auto" (chosen per cycle from measured costs and acceptance) or N
     k_max: int = 10  # the longest draft "auto" may choose
+    # k=auto's cost table in ms ({draft_step_ms, verify_0_ms, verify_1_ms, verify_max_ms}: the one a job's
+    # summary records). None: each replica measures its own, so captions can differ between kinds of
+    # GPU and between runs; pinned, a video gets the same caption on any replica, rank count or batch.
+    k_costs: dict[str, float] | None = None
     theta: float | None = None  # None: the target's lvspec.json if it ships one, else lvspec's default
     alpha: float = 0.25
     top_k: int = 0
@@ -88,6 +92,9 @@ class GenerationConfig:
     # prefill; the first rows wait about a minute for it. Float rounding away from eager, so
     # operational (not in config_hash).
     compile_prefill: bool = False
+    # Rows enter a replica's free slots in prefill groups of at most this many prompt tokens, so
+    # that activation memory does not grow with the batch (what lets slots reach the KV limit).
+    prefill_tokens: int = 32768
     # Benchmarks only: keep the recorded number of drafts per cycle (lvspec.Replay) from this patterns
     # file (bench/replay_patterns.json), so that a dummy pair does a trained pair's work. Rows and the
     # summary say so. Rows end at replayed lengths (stop tokens off), drawn per video_id as
@@ -102,7 +109,10 @@ class CaptionConfig:
     num_gpus: float = 0.0  # per replica; 0 runs on CPU
     num_cpus: float = 1.0
     batch_size: int = 8  # rows per Ray Data call; a replica keeps two calls in flight
-    slots: int | None = None  # rows a replica decodes at once (continuous batching); None: batch_size
+    # Rows a replica decodes at once (continuous batching): N; None: batch_size; auto: as many as the
+    # GPU's memory holds after the weights (keys and values, a verify's transients; 10 % and one
+    # prefill group kept free), at most the rows a replica holds (2 x batch_size, x 2 with audits).
+    slots: Any = None
     tensor_parallel: int = 1  # processes (GPUs) one replica's target is sharded over; num_gpus is then N (or 0: CPU)
     batching: str = "continuous"  # continuous: a finished row's slot takes the next row; static: whole batches
 
@@ -217,8 +227,10 @@ def check(job: JobConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"config key 'generation.{str(e).split()[0]}': {e}") from None
     _positive(job.caption.batch_size, "caption.batch_size")
-    if job.caption.slots is not None:
-        _positive(job.caption.slots, "caption.slots")
+    slots = job.caption.slots
+    if slots is not None and slots != "auto" and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+        raise ConfigError(f"config key 'caption.slots' must be an integer >= 1, auto, or null (batch_size), "
+                          f"got {slots!r}")
     n = job.nightly
     if n.dataset is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n.dataset):
         raise ConfigError(f"config key 'nightly.dataset' must be a plain name (letters, digits, . _ -), got {n.dataset!r}")
@@ -365,10 +377,11 @@ def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfi
         relevance = {key: shipped.get(key) for key in relevance}
     theta = gen.theta if gen.theta is not None else shipped.get("theta", SpecConfig.theta)
     k = int(gen.k) if str(gen.k).strip().isdigit() else gen.k
-    return SpecConfig(mode=gen.mode, k=k, k_max=gen.k_max, theta=theta, alpha=gen.alpha, top_k=gen.top_k,
-                      shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens, cuda_graphs=gen.cuda_graphs,
-                      overlap_prefill=gen.overlap_prefill, prompt_graphs=gen.prompt_graphs,
-                      compile_prefill=gen.compile_prefill,
+    return SpecConfig(mode=gen.mode, k=k, k_max=gen.k_max, k_costs=gen.k_costs, theta=theta, alpha=gen.alpha,
+                      top_k=gen.top_k, shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens,
+                      cuda_graphs=gen.cuda_graphs, overlap_prefill=gen.overlap_prefill,
+                      prompt_graphs=gen.prompt_graphs, compile_prefill=gen.compile_prefill,
+                      prefill_tokens=gen.prefill_tokens,
                       stop_token_ids=() if gen.replay is not None else None,  # replayed rows end at replayed lengths
                       **relevance)
 
@@ -384,7 +397,7 @@ def local_path(uri: str) -> str:
 
 # Keys that decide how fast or where a job runs, never what a caption says.
 OPERATIONAL = {"decode": ("actors", "num_cpus", "batch_size"), "model": ("storage_options", "cache_dir"),
-               "generation": ("cuda_graphs", "overlap_prefill", "prompt_graphs", "compile_prefill")}
+               "generation": ("cuda_graphs", "overlap_prefill", "prompt_graphs", "compile_prefill", "prefill_tokens")}
 
 
 def config_hash(job: JobConfig) -> str:

@@ -227,6 +227,9 @@ def summarize(table: pa.Table | None, wall_s: float) -> dict:
                     "mean_accepted_length": counted["tau"], "mean_draft_length": counted["mean_draft_length"],
                     "shares": counted["shares"]},
         "mode": rows[0]["mode"],
+        "slots": sorted({r["slots"] for r in ok if r.get("slots")}),
+        # k=auto's cost tables (one per kind of replica): pinned with generation.k_costs, they give the same captions
+        "k_costs": [json.loads(t) for t in sorted({r["k_costs"] for r in ok if r.get("k_costs")})],
         "audit": estimate([r["audit_agreement"] for r in ok if r.get("audit_agreement") is not None]),
     }
 
@@ -249,6 +252,10 @@ def human_summary(s: dict) -> str:
             f"  tokens : {sh['accepted_exact']:.0%} exact, {sh['accepted_loose']:.0%} loose, "
             f"{sh['accepted_shift']:.0%} shift, {sh['corrections']:.0%} corrections, {sh['bonus']:.0%} bonus",
         ]
+    for table in s.get("k_costs") or []:
+        pin = ", ".join(f"{k}: {v:g}" for k, v in table.items())
+        lines.append(f"  k=auto : cost table in ms {{{pin}}}; pin it for the same captions on any replica: "
+                     f"'generation.k_costs={{{pin}}}'")
     if s.get("errors_by_stage"):
         lines.append("  failed : " + ", ".join(f"{k} {v}" for k, v in s["errors_by_stage"].items())
                      + "".join(f"\n           {f['video_id']}: {f['error']}" for f in s["failures"][:5]))

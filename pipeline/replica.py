@@ -9,11 +9,12 @@ from lvspec.config import shipped_settings
 from pipeline.config import GenerationConfig, ModelConfig, replica_dtype, spec_config
 
 
-def load_engine(model: ModelConfig, generation: GenerationConfig, num_cpus: float, slots: int, rank: int = 0,
-                world: int = 1):
+def load_engine(model: ModelConfig, generation: GenerationConfig, num_cpus: float, slots: int | str,
+                max_slots: int | None = None, rank: int = 0, world: int = 1):
     """One rank of a replica: its part of the target (all of it when `world` is 1; a started
-    tensor-parallel group otherwise), the whole draft, and the Engine over them; with the tokenizer.
-    With `model.load_format: dummy` both are random-weight models of their configs' shapes."""
+    tensor-parallel group otherwise), the whole draft, and the Engine over them (`slots`: N or
+    "auto", at most `max_slots`); with the tokenizer. With `model.load_format: dummy` both are
+    random-weight models of their configs' shapes."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
@@ -34,4 +35,4 @@ def load_engine(model: ModelConfig, generation: GenerationConfig, num_cpus: floa
                  AutoModelForImageTextToText.from_pretrained(draft_dir, dtype=torch_dtype).to(device).eval())
     spec = spec_config(generation, shipped_settings(target_dir))
     tokenizer = dummy.tokenizer(target_dir) if fake else AutoTokenizer.from_pretrained(target_dir)
-    return Engine(target, small, spec, slots=slots), tokenizer
+    return Engine(target, small, spec, slots=slots, max_slots=max_slots), tokenizer

@@ -398,17 +398,20 @@ def test_a_decoding_cycle_never_waits_on_the_host(pair, mode):
     rows = make_rows(processor, [8, 6])
     engine = Engine(target, draft, SpecConfig(mode=mode, k=4, theta=0.45, max_new_tokens=48))
     engine.generate(rows)  # builds the decode state
-    st = engine._state
+    st, cycle = engine._state, engine.cycle
     with torch.inference_mode():
         st.reset()
-        engine._prefill(st, engine.adapter.prompt(target, rows),
-                        engine.adapter.prompt(draft, rows) if engine.D is not None else None, torch.arange(len(rows)))
+        slots = torch.arange(len(rows))
+        prompts = engine.adapter.prompt(target, rows), engine.adapter.prompt(draft, rows) if engine.D is not None else None
+        cycle.place(st, cycle.prompt_keys(st, *prompts, slots), *prompts, slots)
         with _NoHostSync():
-            for k in ([0, 0] if mode == "ar" else [4, 1, 3]):
+            for k in ([0, 0] if mode == "ar" else [4, 0, 1, 0, 3]):
+                if engine.D is not None:
+                    cycle.ingest(st)
                 if k:
-                    engine._draft(st, k)
-                engine._verify(st, k)
-                engine._commit(st, k)
+                    cycle.draft(st, k)
+                cycle.verify(st, k)
+                cycle.commit(st, k)
     assert int(st.count[0].min()) > 1  # the cycles emitted tokens
 
 
@@ -421,44 +424,51 @@ def test_a_prefill_beside_a_cycle_keeps_its_slots_keys(pair):
     rows = make_rows(processor, [8, 6])
     engine = Engine(target, draft, SpecConfig(mode="sd", k=4, max_new_tokens=48), slots=2)
     engine.generate(rows)  # builds the decode state
-    st, one, two = engine._state, torch.tensor([0]), torch.tensor([1])
+    st, cycle, one, two = engine._state, engine.cycle, torch.tensor([0]), torch.tensor([1])
     prompts = [(engine.adapter.prompt(target, [r]), engine.adapter.prompt(draft, [r])) for r in rows]
     width = prompts[1][0].embeds.shape[1]
     keys = []
     for beside in (True, False):
         with torch.inference_mode():
             st.reset()
-            engine._prefill(st, *prompts[0], one)
+            cycle.place(st, cycle.prompt_keys(st, *prompts[0], one), *prompts[0], one)
             if beside:
-                engine._reserve(st, two)
-            first = engine._prompt_keys(st, *prompts[1], two)
-            if beside:
-                engine._draft(st, 4)
-                engine._verify(st, 4)
-                engine._commit(st, 4)
-            engine._place(st, first, *prompts[1], two, None, None)
+                cycle.reserve(st, two)
+            first = cycle.prompt_keys(st, *prompts[1], two)
+            if beside:  # every stage a cycle may run writes past a reserved slot's length, none into its prompt
+                cycle.ingest(st)
+                cycle.draft(st, 4)
+                cycle.verify(st, 4)
+                cycle.commit(st, 4)
+            cycle.place(st, first, *prompts[1], two)
         keys.append([c.k[:, 1, :, :width].clone() for c in (st.T, st.D)] + [st.T.length[1].item()])
     assert all(torch.equal(a, b) for a, b in zip(keys[0][:2], keys[1][:2])) and keys[0][2] == keys[1][2] == width
 
 
 def test_the_draft_length_pays_for_itself():
-    """k=auto: a small K when drafting costs about what verifying does, a large one when drafting
-    is cheap; more acceptance, longer drafts; never past k_max or the remaining budget."""
-    from lvspec.draft_length import Costs, DraftLength
+    """k=auto, a row at a time: a short draft where drafting costs about what verifying does, a long
+    one where drafting is cheap; longer with more acceptance; K = 0 (a plain target step) where a
+    verify costs several target steps (a compute-bound batch); never past the row's limit."""
+    from lvspec.draft_length import Costs, choose, expected_tokens
 
-    reached, kept = [100] * 10, [90] * 10  # each slot kept 90 % of the time it was reached
-    dear = DraftLength(10, Costs(draft_step=0.020, verify_1=0.021, verify_max=0.023))
-    cheap = DraftLength(10, Costs(draft_step=0.001, verify_1=0.021, verify_max=0.023))
-    assert dear.choose(reached, kept) <= 2
-    assert cheap.choose(reached, kept) >= 8
-    mid = DraftLength(10, Costs(draft_step=0.006, verify_1=0.021, verify_max=0.023))
-    rarely, often = mid.choose([100] * 10, [50] * 10), mid.choose([100] * 10, [95] * 10)
-    assert 1 <= rarely < often <= 10
-    assert cheap.choose(reached, kept, budget=3) == 3
-    assert all(1 <= DraftLength(4, Costs(d, 0.02, 0.03)).choose([], []) <= 4 for d in (1e-4, 0.01, 1.0))
-    # Expected tokens follow the prefix walk: 1 + S(1) + ... + S(K).
-    s = mid.survival([10, 10], [5, 5])
-    assert mid.expected_tokens(2, s) == pytest.approx(1 + s[0] + s[0] * (s[1] / s[0]))
+    def k_of(costs, reached, kept, limit=10):
+        table = torch.tensor(costs.cycle_ms(10), dtype=torch.float64)
+        return choose(torch.tensor(reached), torch.tensor(kept), table, torch.tensor(limit)).tolist()
+
+    often = [[100] * 10], [[90] * 10]  # each slot kept 90 % of the time it was reached
+    assert k_of(Costs(draft_step_ms=20, verify_0_ms=20, verify_1_ms=21, verify_max_ms=23), *often, [10]) == [0]
+    assert k_of(Costs(14, 20, 21, 23), *often, [10])[0] in (1, 2)
+    cheap = Costs(1, 20, 21, 23)
+    assert k_of(cheap, *often, [10])[0] >= 8
+    mid = Costs(6, 20, 21, 23)
+    rarely, oftener = k_of(mid, [[100] * 10, [100] * 10], [[50] * 10, [95] * 10], [10, 10])  # one batch, two rows
+    assert 1 <= rarely < oftener <= 10
+    assert k_of(cheap, *often, [3]) == [3] and k_of(cheap, *often, [0]) == [0]
+    assert k_of(Costs(1, 10, 25, 60), [[100] * 10], [[50] * 10], [10]) == [0]  # a 2-token verify: 2.5 target steps
+    assert 1 <= k_of(mid, [[0] * 10], [[0] * 10], [10])[0] <= 10  # a new row: the prior alone
+    # Expected tokens follow the prefix walk: E(K) = 1 + S(1) + ... + S(K), S falling with each slot.
+    e = expected_tokens(torch.tensor([[10, 10]]), torch.tensor([[5, 5]]))[0].tolist()
+    assert e[0] == 1.0 and 1.0 < e[1] < e[2] < 3.0 and e[2] - e[1] < e[1] - e[0]
 
 
 def test_a_stream_refills_slots_and_decodes_like_the_batch_api(pair):

@@ -18,10 +18,12 @@ from toyworld import families
 from toyworld.families import MODELS_DIR, load_pair
 from toyworld.shards import write_shards
 
+COSTS = {"draft_step_ms": 1.0, "verify_0_ms": 10.0, "verify_1_ms": 10.5, "verify_max_ms": 13.0}  # drafting pays
 MODES = [SpecConfig(mode="ar"), SpecConfig(mode="sd", k=4), SpecConfig(mode="lvspec", k=5),
-         SpecConfig(mode="lvspec", k=3, relevance_layers=(1, 3), theta=0.1)]
-# k=auto chooses K from timings, which differ run to run: the ranks share rank 0's choice (the
-# stream must finish, in step), but its tokens are not compared with another run's.
+         SpecConfig(mode="lvspec", k=3, relevance_layers=(1, 3), theta=0.1),
+         SpecConfig(mode="lvspec", k="auto", k_max=5, k_costs=COSTS)]  # each row's K from its history: the same
+# k=auto with its cost table measured: rank 0 measures, every rank decodes with its table (the
+# stream must finish, in step), but the tokens are not compared with another run's.
 AUTO = SpecConfig(mode="lvspec", k="auto", k_max=5)
 FRAMES = (4, 8, 6)  # a ragged batch: prompts and videos of different lengths
 
@@ -126,16 +128,23 @@ def _rows(tmp_path, job_id: str) -> list[dict]:
 
 
 def test_the_job_with_two_rank_replicas_writes_the_captions_of_one_rank_replicas(tmp_path, ray_cluster):
+    """k=auto with a pinned cost table: one rank, batches of 2, slots from memory (at most the rows
+    a replica holds); two ranks, batches of 3 through 5 slots: the same lvspec captions."""
     from pipeline.job import run
 
-    for tp in (1, 2):
-        summary = run(_job(tmp_path, f"tp{tp}", 51, 6, f"caption.tensor_parallel={tp}", "caption.batch_size=2"))
-        assert summary["ok"] == 6, summary
+    pinned = "generation.k_costs={" + ", ".join(f"{k}: {v}" for k, v in COSTS.items()) + "}"
+    runs = {1: ("caption.batch_size=2", "caption.slots=auto"), 2: ("caption.batch_size=3", "caption.slots=5")}
+    for tp, batching in runs.items():
+        summary = run(_job(tmp_path, f"tp{tp}", 51, 6, f"caption.tensor_parallel={tp}", "generation.k=auto", pinned,
+                           *batching))
+        assert summary["ok"] == 6 and summary["k_costs"] == [COSTS], summary
     one, two = ({r["video_id"]: r for r in _rows(tmp_path, f"tp{tp}")} for tp in (1, 2))
     assert sorted(two) == sorted(one) == [f"toy51_{i:06d}" for i in range(6)]
+    assert {r["slots"] for r in one.values()} == {8} and {r["slots"] for r in two.values()} == {5}  # 2 x 2, x 2 audits
     for vid, row in one.items():
         assert two[vid]["error"] is None and two[vid]["caption"] == row["caption"], vid
-        assert two[vid]["num_tokens"] == row["num_tokens"]
+        assert two[vid]["num_tokens"] == row["num_tokens"] and two[vid]["num_cycles"] == row["num_cycles"]
+    assert len({r["mean_draft_length"] for r in one.values()}) > 1  # rows drafted lengths of their own
 
 
 def _peers() -> list[psutil.Process]:

@@ -273,6 +273,12 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("generation.replay=no/such/patterns.json", "generation.replay"),
     ("generation.replay=README.md", "generation.replay"),  # not a patterns file
     ("generation.replay_lengths=uniform", "generation.replay_lengths"),
+    ("caption.slots=0", "caption.slots"),
+    ("caption.slots=many", "caption.slots"),
+    ("generation.prefill_tokens=0", "generation.prefill_tokens"),
+    ("generation.k_costs={draft_step_ms: 1.0}", "generation.k_costs"),  # the table needs all four costs
+    ("generation.k_costs={draft_step_ms: 1, verify_0_ms: 2, verify_1_ms: 0, verify_max_ms: 3}",
+     "generation.k_costs.verify_1_ms"),
 ])
 def test_a_bad_config_fails_before_ray_starts_naming_the_key(override, key):
     out = subprocess.run([sys.executable, "-m", "jobs.caption", "--config", "jobs/configs/local.yaml", override],

@@ -1,0 +1,375 @@
+"""The frontier: decode tokens/s by batch for ar, sd and lvspec, as far as memory goes, and each mode's peak.
+
+    # on a GPU (bench/gpu_frontier.sh), one pair a call, results under $OUT
+    python -m bench.realsize frontier --pair llava_onevision:7b:0.5b --memory-gib 80 --json $OUT/llava.json
+    # here: the pairs' JSONs into bench/frontier.json and BENCHMARKS.md ("Bulk throughput")
+    python -m bench.frontier report --json llava.json qwen.json --out bench/frontier.json --markdown BENCHMARKS.md
+
+A bulk job runs at the batch that gives it the most tokens per second per GPU, so what decides
+whether speculation pays is *peak lvspec / peak ar*: each mode at its own best batch. Per mode the
+batch climbs (1, 8, 32, 64, 128, 256) until one runs out of GPU memory, which is recorded and ends
+that mode's climb. Each point is one Engine with `batch` slots over random-weight models of real
+shapes (`bench.shapes`, bf16) whose rows are eight videos repeated: each prefilled for real once,
+the repeats' keys copied, then decoded again from the same prompt keys (`PromptsOnce`: decoding
+never writes over a prompt's keys), so that the prefill, which no decoding method speeds up, costs
+the sitting little and stays out of the figure; a warm-up, then `--repeats` timed runs
+with replayed acceptance (bench/replay_patterns.json), every row `--new-tokens` long, k=auto (each
+engine measures its own cost table, at its batch). Per point: decode tokens/s (median, spread),
+tau, the cycles' K, slot use (decoding rows per cycle over slots), the verify's TFLOP/s against the
+chip's bf16 peak, the bytes the forwards must read over HBM bandwidth, peak GPU memory.
+`--memory-gib` caps the process's GPU memory (an 80 GB card's, on an H200); `--auto` adds a
+slots="auto" engine streaming twice as many rows as it chose slots (end to end: prefill included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import time
+import weakref
+from pathlib import Path
+
+import torch
+
+from bench.realsize import HBM_BYTES_PER_S, _pairs, build, kv_bytes, regroup, release, video_rows
+from bench.report import run_info, write_markdown_section
+from bench.shapes import real_processor, relevance_layers
+from lvspec import Engine, Replay, SpecConfig
+from lvspec.adapter import text_config
+from lvspec.decoder import TextDecoder
+
+MODES = ("ar", "sd", "lvspec")
+BATCHES = (1, 8, 32, 64, 128, 256)
+BF16_PEAK = 989e12  # H100 / H200 SXM dense bf16 FLOP/s (datasheet)
+
+
+class PromptsOnce:
+    """Stands in for an engine's `prompt_group` so that a batch's rows are prefilled for real once.
+
+    The rows repeat with `period` (row j is row j mod period, placed in slot j: a static batch
+    filled in order): the first group that holds a row never seen runs for real; every other
+    slot gets its keys copied from the slot of its source row and what that prefill gave (first
+    token, the prompt's shape, positions and video mask). Decoding never writes over a prompt's
+    keys, so the same slots decode again from them, call after call."""
+
+    def __init__(self, engine: Engine, period: int):
+        self.real, self.period, self.rows, self.prefills = engine.prompt_group, period, {}, 0
+        engine.prompt_group = self
+
+    def __call__(self, st, rows: list[dict], slots: torch.Tensor):
+        index = slots.tolist()
+        source = [s % self.period for s in index]
+        if any((id(st), s) not in self.rows for s in source):
+            prompt, draft_prompt, first = self.real(st, rows, slots)
+            for j, s in enumerate(index):
+                self.rows[(id(st), s)] = (_row(prompt, j), _row(draft_prompt, j), first[j:j + 1].clone())
+            self.prefills += 1
+        for s, src in zip(index, source):
+            if src != s:
+                for cache, p in ((st.T, self.rows[(id(st), src)][0]), (st.D, self.rows[(id(st), src)][1])):
+                    if cache is not None:
+                        width = p.embeds.shape[1]
+                        cache.k[:, s, :, :width] = cache.k[:, src, :, :width]
+                        cache.v[:, s, :, :width] = cache.v[:, src, :, :width]
+        got = [self.rows[(id(st), src)] for src in source]
+        return _cat([g[0] for g in got]), _cat([g[1] for g in got]), torch.cat([g[2] for g in got])
+
+
+def _batch_dim(name: str, t: torch.Tensor) -> int:
+    return 1 if name == "position_ids" and t.ndim == 3 else 0  # M-RoPE positions: [3, rows, width]
+
+
+def _row(prompt, j: int):
+    """Row j of a prompt batch, without its embeddings (only their shape is read when rows are placed)."""
+    if prompt is None:
+        return None
+    fields = {}
+    for f in dataclasses.fields(prompt):
+        v = getattr(prompt, f.name)
+        if isinstance(v, torch.Tensor):
+            v = v.narrow(_batch_dim(f.name, v), j, 1).clone() if f.name != "embeds" else v.new_empty(1, v.shape[1], 0)
+        fields[f.name] = v
+    return type(prompt)(**fields)
+
+
+def _cat(rows: list):
+    if rows[0] is None:
+        return None
+    first = rows[0]
+    return type(first)(**{f.name: torch.cat([getattr(r, f.name) for r in rows], _batch_dim(f.name, getattr(first, f.name)))
+                          if isinstance(getattr(first, f.name), torch.Tensor) else getattr(first, f.name)
+                          for f in dataclasses.fields(first)})
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def point(engine: Engine, rows: list[dict], period: int, replay: Replay | None, repeats: int, T: TextDecoder,
+          D: TextDecoder | None, ctx: int) -> dict:
+    """One (mode, batch): warm-up (state, graphs, cost table, the real prefill), then timed runs."""
+    cuda = engine.device.type == "cuda"
+    once = PromptsOnce(engine, period)
+    warm = [o.tokens for o in engine.generate(rows, replay=replay)]
+    runs = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(engine.device)
+        outs = engine.generate(rows, replay=replay)
+        if [o.tokens for o in outs] != warm:
+            raise RuntimeError("a re-decoded batch differs from its first decode: the prompts' keys were not kept")
+        t = engine.timing
+        tokens = sum(o.stats.num_tokens - 1 for o in outs)  # the prefill's token is no decoding
+        runs.append({"tps": tokens / t["decode_s"], "t": t, "tokens": tokens, "cycles": sum(o.stats.num_cycles for o in outs),
+                     "peak_gib": torch.cuda.max_memory_allocated(engine.device) / 2**30 if cuda else None})
+    tps = [r["tps"] for r in runs]
+    mid = sorted(runs, key=lambda r: r["tps"])[len(runs) // 2]
+    t, bs = mid["t"], len(rows)
+    ks = t["k"]
+    verify_tokens = bs * (len(ks) + sum(ks))  # every slot runs each verify: K + 1 tokens a cycle
+    per_token = 2 * T.weight_bytes() / T.dtype.itemsize + 4 * len(T.layers) * T.heads * T.head_dim * ctx
+    read = len(ks) * (T.weight_bytes() + kv_bytes(T, ctx, bs)) + t["draft_steps"] * (D.weight_bytes() + kv_bytes(D, ctx, bs) if D else 0)
+    median = statistics.median(tps)
+    return {"batch_size": bs, "decode_tokens_per_s": median, "spread": (max(tps) - min(tps)) / median,
+            "runs_tokens_per_s": tps, "tau": mid["tokens"] / max(mid["cycles"], 1), "cycles": len(ks),
+            "k_median": statistics.median(ks) if ks else 0, "k_mean": sum(ks) / max(len(ks), 1),
+            "slot_use": t["slot_use"], "ingests": t["ingests"], "costs": t["costs"],
+            "ms_per_verify": 1e3 * t["verify_s"] / max(t["verifies"], 1),
+            "ms_per_draft_step": 1e3 * t["draft_s"] / t["draft_steps"] if t["draft_steps"] else None,
+            "cycle_ms": 1e3 * t["decode_s"] / max(len(ks), 1),
+            "verify_tflops": verify_tokens * per_token / max(t["verify_s"], 1e-12) / 1e12,
+            "verify_bf16_share": verify_tokens * per_token / max(t["verify_s"], 1e-12) / BF16_PEAK,
+            "achieved_gb_per_s": read / t["decode_s"] / 1e9, "bandwidth_share": read / t["decode_s"] / HBM_BYTES_PER_S,
+            "peak_gib": max((r["peak_gib"] or 0) for r in runs) if cuda else None,
+            "prefills": once.prefills, "attention": t["attention"]}
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def climb(args, family: str, target, draft, processor, patterns: dict, label: tuple[str, str], log=print) -> dict:
+    """Every mode up the batch sizes on one pair, until memory runs out."""
+    device = target.device
+    T = TextDecoder(target, text_config(target).vocab_size)
+    D = TextDecoder(draft, text_config(draft).vocab_size)
+    base = video_rows(processor, min(8, max(args.batch_sizes)), args.frames, args.side)  # rows repeat: speed only
+    prompt_tokens = int(base[0]["input_ids"].shape[1])
+    ctx = prompt_tokens + args.new_tokens // 2  # mean tokens in the cache while decoding
+    probe = tuple(relevance_layers(len(T.layers)))
+    out = {"target": label[0], "draft": label[1], "family": family, "frames": args.frames, "setting": args.setting,
+           "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "k": args.k,
+           "memory_cap_gib": args.memory_gib, "relevance_layers": list(probe), "runs": [], "out_of_memory": {}}
+    for mode in args.modes:
+        for bs in args.batch_sizes:
+            rows = [base[i % len(base)] for i in range(bs)]
+            cfg = SpecConfig(mode=mode, k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
+                             relevance_layers=probe if mode == "lvspec" else None)
+            replay = Replay(regroup(patterns[mode], bs)) if mode != "ar" else None
+            t0 = time.perf_counter()
+            try:
+                engine = Engine(target, draft if mode != "ar" else None, cfg, slots=bs)
+                run = {"mode": mode, **point(engine, rows, len(base), replay, args.repeats, T,
+                                             D if mode != "ar" else None, ctx)}
+            except torch.OutOfMemoryError as e:
+                run = {"mode": mode, "batch_size": bs, "out_of_memory": True, "error": str(e).splitlines()[0][:300]}
+            engine = None
+            _free(device)
+            out["runs"].append(run)
+            if run.get("out_of_memory"):
+                out["out_of_memory"][mode] = bs
+                log(f"[{label[0]}/{label[1]}] {mode:6s} bs {bs:3d}: out of GPU memory ({run['error'][:120]}); "
+                    f"{mode} stops here")
+                break
+            log(f"[{label[0]}/{label[1]}] {mode:6s} bs {bs:3d}: {run['decode_tokens_per_s']:9.1f} tok/s "
+                f"(spread {run['spread']:.1%}), tau {run['tau']:.2f}, K {run['k_mean']:.1f}, slots busy "
+                f"{run['slot_use']:.0%}, verify {run['ms_per_verify']:.2f} ms = {run['verify_tflops']:.0f} TFLOP/s, "
+                f"{run['achieved_gb_per_s']:.0f} GB/s, peak {run['peak_gib'] or 0:.1f} GiB "
+                f"({time.perf_counter() - t0:.0f} s)")
+    if args.auto:
+        out["auto"] = auto_point(args, target, draft, base, patterns, probe, log)
+    out.update(peaks(out["runs"]))
+    return out
+
+
+def auto_point(args, target, draft, base, patterns, probe, log) -> dict:
+    """lvspec with slots="auto": the slots it chooses, and twice that many rows streamed through them."""
+    cfg = SpecConfig(mode="lvspec", k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
+                     relevance_layers=probe)
+    engine = Engine(target, draft, cfg, slots="auto", max_slots=max(args.batch_sizes))
+    try:
+        with torch.inference_mode():  # the state a stream of many rows gets: its plan
+            slots = engine.state_for(None, engine.max_slots, int(base[0]["input_ids"].shape[-1])).slots
+        rows = [base[i % len(base)] for i in range(2 * slots)]
+        replay = Replay(patterns["lvspec"])
+        cuda = target.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(target.device)
+        _sync(target.device)
+        t0 = time.perf_counter()
+        outs = engine.generate(rows, replay=replay)
+        _sync(target.device)
+        wall = time.perf_counter() - t0
+        result = {"slots": slots, "plan": engine.plan.describe(), "rows": len(rows),
+                  "tokens_per_s_end_to_end": sum(o.stats.num_tokens for o in outs) / wall,
+                  "peak_gib": torch.cuda.max_memory_allocated(target.device) / 2**30 if cuda else None,
+                  "out_of_memory": False}
+    except torch.OutOfMemoryError as e:
+        result = {"plan": engine.plan.describe() if engine.plan else None, "out_of_memory": True,
+                  "error": str(e).splitlines()[0][:300]}
+    engine = None
+    _free(target.device)
+    log(f"slots=auto: {result}")
+    return result
+
+
+def peaks(runs: list[dict]) -> dict:
+    """Each mode's best batch, and peak over peak against ar."""
+    best = {}
+    for r in runs:
+        if not r.get("out_of_memory") and r["decode_tokens_per_s"] > best.get(r["mode"], {}).get("tokens_per_s", 0):
+            best[r["mode"]] = {"batch_size": r["batch_size"], "tokens_per_s": r["decode_tokens_per_s"]}
+    ar = best.get("ar", {}).get("tokens_per_s")
+    ratio = {f"peak_{m}_over_peak_ar": best[m]["tokens_per_s"] / ar if ar and m in best else None for m in ("sd", "lvspec")}
+    by_batch = {}
+    for r in runs:
+        if not r.get("out_of_memory"):
+            by_batch.setdefault(r["batch_size"], {})[r["mode"]] = r["decode_tokens_per_s"]
+    over_ar = {bs: {m: v / got["ar"] for m, v in got.items() if m != "ar"} for bs, got in by_batch.items() if "ar" in got}
+    return {"peak": best, **ratio, "over_ar_by_batch": over_ar}
+
+
+def run_cmd(args, argv) -> None:
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.frontier run needs a CUDA GPU (--device cpu --toy: a smoke run of the code)")
+        if args.memory_gib:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
+    args.k = int(args.k) if str(args.k).isdigit() else args.k
+    recorded = json.loads(Path(args.patterns).read_text())
+    report = {**run_info("bench.frontier", argv), "repeats": args.repeats, "pairs": []}
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    for spec in args.pair:
+        family = spec.split(":")[0]
+        if args.toy:  # the trained toy pair: the code path on a CPU, no figure of any use
+            from toyworld.families import load_pair
+
+            processor, target, draft = load_pair(family)
+            for model in (target, draft):
+                model.generation_config.eos_token_id = None
+            label = (f"{family}-toy-target", f"{family}-toy-draft")
+        else:
+            _, t, d = _pairs([spec])[0]
+            processor, target, draft = real_processor(family), build(family, t, args.device), build(family, d, args.device)
+            label = (f"{family}-{t}", f"{family}-{d}")
+        built = [weakref.ref(target), weakref.ref(draft)]
+        report["pairs"].append(climb(args, family, target, draft, processor, recorded["families"][family], label, log))
+        target = draft = None
+        report["pairs"][-1]["release"] = release(*built)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(report))
+    print(f"wrote {args.json}")
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}  ",
+             f"Each point: median of {report.get('repeats', 3)} decodes of the same prefilled rows (spread = "
+             "(max - min) / median), replayed acceptance, k=auto; decode tokens/s leaves the prefill out; slots "
+             "busy = decoding rows per cycle over slots; verify TFLOP/s against 989 (bf16 dense peak); "
+             "OOM = out of GPU memory, where that mode's climb ends.", ""]
+    for p in report["pairs"]:
+        cap = f", memory capped at {p['memory_cap_gib']} GiB" if p.get("memory_cap_gib") else ""
+        lines += [f"#### {p['target']} / {p['draft']}, {p['frames']} frames ({p['prompt_tokens']}-token prompts), "
+                  f"{p['new_tokens']} new tokens, {p.get('setting', 'default')} setting{cap}", "",
+                  "| batch | mode | decode tok/s | spread | x ar | tau | K (mean) | slots busy | ms per verify | "
+                  "verify TFLOP/s (share) | GB/s (share) | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        over = p.get("over_ar_by_batch", {})
+        for r in sorted(p["runs"], key=lambda r: (r["batch_size"], MODES.index(r["mode"]))):
+            if r.get("out_of_memory"):
+                lines.append(f"| {r['batch_size']} | {r['mode']} | OOM | | | | | | | | | |")
+                continue
+            x = over.get(r["batch_size"], over.get(str(r["batch_size"]), {})).get(r["mode"])  # JSON keys are strings
+            cells = [r["batch_size"], r["mode"], f"{r['decode_tokens_per_s']:.1f}", f"{r['spread']:.1%}", _ratio(x),
+                     f"{r['tau']:.2f}", f"{r['k_mean']:.1f}", f"{r['slot_use']:.0%}", f"{r['ms_per_verify']:.2f}",
+                     f"{r['verify_tflops']:.0f} ({r['verify_bf16_share']:.0%})",
+                     f"{r['achieved_gb_per_s']:.0f} ({r['bandwidth_share']:.0%})",
+                     _ratio(r.get("peak_gib"), "{:.1f}")]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+        best = p.get("peak", {})
+        lines += ["", "Peaks: " + ", ".join(f"{m} {b['tokens_per_s']:.1f} tok/s at batch {b['batch_size']}"
+                                            for m, b in best.items())
+                  + "; **peak lvspec / peak ar = " + _ratio(p.get("peak_lvspec_over_peak_ar"))
+                  + "**, peak sd / peak ar = " + _ratio(p.get("peak_sd_over_peak_ar")), ""]
+        if p.get("auto"):
+            lines += [f"slots=auto: {p['auto']}", ""]
+        lines += chart(p)
+    return "\n".join(lines)
+
+
+def _ratio(x, form: str = "{:.2f}") -> str:
+    return form.format(x) if x is not None else "-"
+
+
+def chart(p: dict) -> list[str]:
+    """A Mermaid line chart of tokens/s against batch, one line a mode (ar, sd, lvspec; 0: out of memory)."""
+    batches = sorted({r["batch_size"] for r in p["runs"]})
+    tps = {(r["mode"], r["batch_size"]): (0 if r.get("out_of_memory") else r["decode_tokens_per_s"]) for r in p["runs"]}
+    top = max(tps.values(), default=1)
+    lines = ["```mermaid", "xychart-beta", f'    title "{p["target"]} / {p["draft"]}: decode tokens/s by batch '
+             '(lines: ar, sd, lvspec)"', f"    x-axis \"batch\" [{', '.join(map(str, batches))}]",
+             f'    y-axis "tokens/s" 0 --> {int(top * 1.1) + 1}']
+    for mode in MODES:
+        lines.append(f"    line [{', '.join(f'{tps.get((mode, b), 0):.0f}' for b in batches)}]")
+    return lines + ["```", ""]
+
+
+def report_cmd(args) -> None:
+    runs = [json.loads(Path(p).read_text()) for p in args.json]
+    report = {"command": " ; ".join(r["command"] for r in runs), "machine": runs[0]["machine"],
+              "date": runs[0]["date"], "repeats": runs[0].get("repeats", 3), "pairs": [p for r in runs for p in r["pairs"]]}
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        write_markdown_section(Path(args.markdown), markdown(report), tag="frontier-bench", title="Bulk throughput")
+    print(markdown(report))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="climb the batch sizes for a pair (GPU; --device cpu --toy: the code on a CPU)")
+    run.add_argument("--pair", action="append", required=True, help="family:target_size:draft_size")
+    run.add_argument("--patterns", default="bench/replay_patterns.json")
+    run.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCHES))
+    run.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    run.add_argument("--new-tokens", type=int, default=128)
+    run.add_argument("--frames", type=int, default=16)
+    run.add_argument("--side", type=int, default=336)
+    run.add_argument("--k", default="auto")
+    run.add_argument("--repeats", type=int, default=3)
+    run.add_argument("--setting", default="default", help="a label for the shape (e.g. paper)")
+    run.add_argument("--memory-gib", type=float, default=None, help="cap the GPU memory this process may use")
+    run.add_argument("--auto", action="store_true", help="also an lvspec engine with slots=auto")
+    run.add_argument("--device", default="cuda")
+    run.add_argument("--toy", action="store_true", help="the toy pairs instead of real shapes (smoke runs)")
+    run.add_argument("--json", required=True)
+    rep = sub.add_parser("report", help="merge run JSONs into bench/frontier.json and BENCHMARKS.md")
+    rep.add_argument("--json", nargs="+", required=True)
+    rep.add_argument("--out", default="bench/frontier.json")
+    rep.add_argument("--markdown")
+    args = ap.parse_args(argv)
+    if args.command == "report":
+        return report_cmd(args)
+    return run_cmd(args, argv)
+
+
+if __name__ == "__main__":
+    main()

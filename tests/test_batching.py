@@ -1,0 +1,180 @@
+"""Batching for bulk jobs: bounded prefill groups, each row's own draft length (so a caption never
+depends on its batch), K = 0 cycles with the draft's catch-up, and slots sized from memory.
+Float64 toy pairs, as in test_lvspec.py: a mismatch is a bug, not float luck."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lvspec import Engine, RowFeed, SpecConfig, memory
+from lvspec.cycle import needs_ingest
+from lvspec.draft_length import Costs
+from lvspec.state import CATCH_UP
+from test_lvspec import FAMILIES, assert_counters_add_up, hf_greedy, make_rows
+from toyworld import grammar
+from toyworld.families import load_pair
+
+# Pinned k=auto cost tables: one where drafting pays (cheap draft steps), one where no row drafts
+# (a verify of two tokens costs ten target steps).
+PAYS = Costs(draft_step_ms=1.0, verify_0_ms=10.0, verify_1_ms=10.5, verify_max_ms=13.0)
+NEVER = Costs(draft_step_ms=5.0, verify_0_ms=1.0, verify_1_ms=10.0, verify_max_ms=20.0)
+PROMPTS = [grammar.prompt_for(h) for h in (None, 0.5, 1.0, 0.25, 0.75, None)]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request):
+    processor, target, draft = load_pair(request.param, dtype=torch.float64)
+    return request.param, processor, target, draft
+
+
+def test_rows_prefilled_in_bounded_groups_decode_what_one_group_decodes(pair):
+    """generation.prefill_tokens: with room for one prompt a group, six rows enter in six groups,
+    all before the first cycle; with room for two, four slots take them two at a time, refills
+    beside decoding: token-identical to one group of all, and to greedy generate."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6, 8, 5, 7], prompts=PROMPTS)
+    expected = hf_greedy(processor, target, rows)
+    width = max(r["input_ids"].shape[-1] for r in rows)
+    cfg = SpecConfig(mode="sd", k=4, max_new_tokens=48)
+    whole = Engine(target, draft, cfg, slots=6)
+    assert [r.tokens for r in whole.generate(rows)] == expected and whole.timing["prefills"] == 1
+    single = Engine(target, draft, dataclasses.replace(cfg, prefill_tokens=width), slots=6)
+    assert [r.tokens for r in single.generate(rows)] == expected
+    assert single.timing["prefills"] == 6 and single.timing["peak_active"] == 6
+    two = Engine(target, draft, dataclasses.replace(cfg, prefill_tokens=2 * width), slots=4)
+    assert [r.tokens for r in two.generate(rows)] == expected
+    assert two.timing["prefills"] >= 3 and two.timing["overlapped_prefills"] >= 1
+    lv = SpecConfig(mode="lvspec", k="auto", k_costs=PAYS, theta=0.45, max_new_tokens=48)
+    grouped = Engine(target, draft, dataclasses.replace(lv, prefill_tokens=width), slots=6).generate(rows)
+    assert [r.tokens for r in grouped] == [r.tokens for r in Engine(target, draft, lv, slots=6).generate(rows)]
+
+
+@pytest.mark.parametrize("k", ["auto", 4])
+def test_a_rows_lvspec_caption_is_the_same_alone_batched_streamed_or_reordered(pair, k):
+    """Each row drafts its own K (k=auto: from its own acceptance and one pinned cost table; a fixed
+    k: capped by its own budget) and keeps at most that many loosely verified drafts: its caption
+    and counters are the same decoded alone, in one batch, streamed through fewer slots, or in
+    another order, while K differs between rows and cycles."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6, 8, 5, 7], prompts=PROMPTS)
+    cfg = SpecConfig(mode="lvspec", k=k, k_max=6, k_costs=PAYS if k == "auto" else None, theta=0.45,
+                     max_new_tokens=40)
+    alone = Engine(target, draft, cfg, slots=1)
+    expected = alone.generate(rows)  # one slot: each row decodes by itself
+    assert sum(r.stats.accepted_loose + r.stats.accepted_shift for r in expected) > 0
+    if k == "auto":
+        assert len(set(alone.timing["k"])) > 2
+    for slots, order in ((None, rows), (2, rows), (4, rows[::-1])):
+        out = Engine(target, draft, cfg, slots=slots).generate(order)
+        out = out if order is rows else out[::-1]
+        assert [r.tokens for r in out] == [r.tokens for r in expected], (slots, order is rows)
+        assert [r.stats for r in out] == [r.stats for r in expected]
+    for r in expected:
+        assert_counters_add_up(r, cfg.longest_draft)
+
+
+def draft_next(draft, row: dict, emitted: list[int], vocab: int) -> int:
+    """The draft model's greedy next token after the prompt and `emitted`, by HF's own forward."""
+    ids = torch.cat([row["input_ids"], torch.tensor([emitted])], 1)
+    extra = {k: v for k, v in row.items() if k not in ("input_ids", "attention_mask")}
+    if "mm_token_type_ids" in row:
+        extra["mm_token_type_ids"] = F.pad(row["mm_token_type_ids"], (0, len(emitted)))
+    with torch.no_grad():
+        logits = draft(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1]
+    return int(logits[:vocab].argmax())
+
+
+def test_a_draft_that_sat_out_cycles_catches_up_and_drafts_what_it_would_have(pair):
+    """K = 0 cycles (plain target steps) leave the draft behind; before it drafts again it reads
+    what it missed in catch-up forwards (one whenever it would fall further behind than one reads),
+    then proposes exactly the draft model's greedy next token for every row's sequence so far. The
+    stages run as a stream runs them; the tokens stay greedy generate's."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 6, 4])
+    expected = hf_greedy(processor, target, rows)
+    engine = Engine(target, draft, SpecConfig(mode="sd", k=3, max_new_tokens=48))
+    engine.generate(rows)  # builds the state
+    st, cycle, vocab = engine._state, engine.cycle, engine.D.head.shape[0]
+    schedule = [0] * (CATCH_UP + 1) + [0, 2, 0, 0, 3] + [1] * 40  # toy captions: 15-20 tokens
+    ingests, checked = [], 0
+    with torch.inference_mode():
+        st.reset()
+        slots = torch.arange(len(rows))
+        prompts = engine.adapter.prompt(target, rows), engine.adapter.prompt(draft, rows)
+        cycle.place(st, cycle.prompt_keys(st, *prompts, slots), *prompts, slots)
+        for k in schedule:
+            status = st.read()
+            if not status.decoding:
+                break
+            if needs_ingest(k, status.lag):
+                cycle.ingest(st)
+                ingests.append(k)
+            assert status.lag <= CATCH_UP + 2
+            if k:
+                cycle.draft(st, k)
+                for i, row in enumerate(rows):
+                    if st.active[i]:
+                        emitted = st.tokens[i, :int(st.length[i])].tolist()
+                        assert int(st.drafted[i, 0]) == draft_next(draft, row, emitted, vocab), (i, len(emitted))
+                        checked += 1
+            cycle.verify(st, k)
+            cycle.commit(st, k)
+    assert not st.read().decoding and ingests == [0, 2, 3] and checked >= 6  # one in a K = 0 cycle, two before drafts
+    assert [st.tokens[i, :int(st.length[i])].tolist() for i in range(len(rows))] == expected
+
+
+@pytest.mark.parametrize("mode", ["sd", "lvspec"])
+def test_k_auto_drafts_nothing_where_a_verify_costs_more_than_its_tokens(pair, mode):
+    """The K = 0 fallback: under a cost table where drafting cannot pay, k=auto runs plain target
+    steps (the draft only catching up now and then), so it never loses to ar: greedy tokens, lvspec
+    included (nothing is loosely accepted when nothing is drafted)."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6])
+    engine = Engine(target, draft, SpecConfig(mode=mode, k="auto", k_costs=NEVER, theta=0.45, max_new_tokens=48))
+    out = engine.generate(rows)
+    assert [r.tokens for r in out] == hf_greedy(processor, target, rows)
+    assert set(engine.timing["k"]) == {0} and engine.timing["ingests"] >= 1 and engine.timing["draft_steps"] == 0
+    assert all(r.stats.drafted == 0 and r.stats.num_cycles == r.stats.num_tokens - 1 for r in out)
+
+
+def test_slots_auto_takes_what_memory_holds_and_decodes_like_fixed_slots(pair):
+    """slots="auto": a CPU's RAM holds far more toy slots than the three asked for at most, so the
+    state has three, and five rows stream through them as through three fixed slots; the plan's
+    bytes a slot cover the state's own caches, and with a given amount of free memory the plan
+    takes as many slots as fit beside the reserve (at least one)."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6, 8, 5], prompts=PROMPTS[:5])
+    cfg = SpecConfig(mode="sd", k=4, max_new_tokens=48)
+    auto = Engine(target, draft, cfg, slots="auto", max_slots=3)
+    assert [r.tokens for r in auto.generate(rows)] == hf_greedy(processor, target, rows)
+    plan, st = auto.plan, auto._state
+    assert plan.slots == st.slots == auto.state_slots == auto.timing["slots"] == 3 and not plan.memory_bound
+    assert plan.free_bytes > plan.reserve_bytes > 0 and "3 slots" in plan.describe()
+    assert st.cache_bytes() / st.slots <= plan.slot_bytes
+    assert len(auto.generate(rows[:2])) == 2 and auto._state is st  # fewer rows: the same state
+    per, total = plan.slot_bytes, 2**34
+    reserve = int(memory.RESERVE_FRACTION * total) + memory.prefill_bytes(auto.T, auto.D, cfg.prefill_tokens)
+
+    def fits(free: int) -> memory.Plan:
+        return memory.plan(auto.T, auto.D, st.capacity, auto.k_max, cfg.prefill_tokens, 64, auto.device,
+                           free=(free, total))
+
+    assert fits(reserve + 7 * per + per // 2).slots == 7 and fits(reserve + 7 * per).memory_bound
+    assert fits(0).slots == 1 and fits(reserve + 100 * per).slots == 64
+
+
+def test_bad_batching_settings_fail_clearly():
+    _, target, draft = load_pair("qwen2_5_vl")
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        SpecConfig(prefill_tokens=0)
+    with pytest.raises(ValueError, match="k_costs must map exactly"):
+        SpecConfig(k_costs={"draft_step_ms": 1.0})
+    with pytest.raises(ValueError, match="k_costs.verify_0_ms"):
+        SpecConfig(k_costs=dict(draft_step_ms=1, verify_0_ms=-1, verify_1_ms=1, verify_max_ms=1))
+    for slots in (0, "many", 2.5):
+        with pytest.raises(ValueError, match="slots"):
+            Engine(target, draft, SpecConfig(mode="sd"), slots=slots)
+    with pytest.raises(ValueError, match="max_slots"):
+        next(Engine(target, draft, SpecConfig(mode="sd"), slots="auto").stream(RowFeed()))
