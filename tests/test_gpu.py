@@ -16,11 +16,14 @@ import torch.distributed as dist
 
 from conftest import spawn_ranks
 from lvspec import Engine, SpecConfig, loading, parallel
+from lvspec.draft_length import Costs
 from toyworld import families, grammar
 from toyworld.families import MODELS_DIR, load_pair
 from toyworld.scene import render, sample_scene
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+PAYS = Costs(draft_step_ms=1.0, verify_0_ms=10.0, verify_1_ms=10.5, verify_max_ms=13.0)  # as tests/test_batching.py
+NEVER = Costs(draft_step_ms=5.0, verify_0_ms=1.0, verify_1_ms=10.0, verify_max_ms=20.0)
 
 
 def rendered_rows(processor, n: int, seed: int) -> list[dict]:
@@ -43,7 +46,9 @@ def pair(request):
     SpecConfig(mode="sd", k="auto"),
     SpecConfig(mode="lvspec", k=6, theta=0.45),
     SpecConfig(mode="lvspec", k=6, theta=0.45, relevance_heads=((0, 0), (0, 1), (1, 0)), relevance_weights=(0.5, 0.3, 0.2)),
-], ids=["ar", "sd", "sd-auto", "lvspec", "lvspec-weighted"])
+    SpecConfig(mode="lvspec", k="auto", k_max=6, theta=0.45, k_costs=PAYS),  # each row its own K, pinned
+    SpecConfig(mode="sd", k="auto", k_costs=NEVER),  # K = 0 cycles and the draft's catch-up forwards
+], ids=["ar", "sd", "sd-auto", "lvspec", "lvspec-weighted", "lvspec-auto-pinned", "sd-auto-k0"])
 def test_graph_replay_decodes_exactly_like_eager(pair, cfg):
     processor, target, draft = pair
     rows = rendered_rows(processor, 6, seed=3)
@@ -54,11 +59,25 @@ def test_graph_replay_decodes_exactly_like_eager(pair, cfg):
     for _ in range(2):  # the first call captures, the second replays the captured graphs
         graphed = engine.generate(rows)
         assert [r.tokens for r in graphed] == [r.tokens for r in eager]
-        if cfg.k != "auto":  # with k=auto, K follows measured timings and so may differ run to run
+        if cfg.k != "auto" or cfg.k_costs is not None:  # a measured k=auto table may differ run to run
             assert [r.stats for r in graphed] == [r.stats for r in eager]
+    if cfg.k_costs == NEVER:
+        assert engine.timing["ingests"] > 0 and set(engine.timing["k"]) == {0}
     assert engine._state.stages.graphs, "nothing was captured"
     if cfg.mode == "lvspec":
         assert sum(r.stats.accepted_loose + r.stats.accepted_shift for r in graphed) > 0
+
+
+def test_slots_auto_plans_from_the_gpus_free_memory(pair):
+    """slots="auto" on a GPU: the plan reads the device's free memory; six slots fit a toy pair with
+    room to spare, and the rows decode as with six fixed slots."""
+    processor, target, draft = pair
+    rows = rendered_rows(processor, 6, seed=4)
+    cfg = SpecConfig(mode="sd", k=4, max_new_tokens=48)
+    fixed = [r.tokens for r in Engine(target, draft, cfg, slots=6).generate(rows)]
+    auto = Engine(target, draft, cfg, slots="auto", max_slots=6)
+    assert [r.tokens for r in auto.generate(rows)] == fixed
+    assert auto.plan.slots == 6 and auto.plan.free_bytes > auto.plan.reserve_bytes + 6 * auto.plan.slot_bytes
 
 
 # ---- two GPUs: the one-shot all-reduce (lvspec/parallel.py) -----------------------------------------
