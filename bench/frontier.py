@@ -332,10 +332,29 @@ def chart(p: dict) -> list[str]:
     return lines + ["```", ""]
 
 
+def merged(pairs: list[dict]) -> list[dict]:
+    """One entry a (pair, shape): runs of the same pair made in several calls (modes split over calls
+    to fit a call's time) joined, and its peaks taken over all of them."""
+    out: dict[tuple, dict] = {}
+    for p in pairs:
+        key = (p["target"], p["draft"], p["frames"], p["new_tokens"], p.get("setting"), p.get("memory_cap_gib"))
+        if key not in out:
+            out[key] = {**p, "runs": [], "out_of_memory": {}}
+        into = out[key]
+        into["runs"] += p["runs"]
+        into["out_of_memory"].update(p.get("out_of_memory", {}))
+        if p.get("auto"):
+            into["auto"] = p["auto"]
+    for p in out.values():
+        p.update(peaks(p["runs"]))
+    return list(out.values())
+
+
 def report_cmd(args) -> None:
     runs = [json.loads(Path(p).read_text()) for p in args.json]
     report = {"command": " ; ".join(r["command"] for r in runs), "machine": runs[0]["machine"],
-              "date": runs[0]["date"], "repeats": runs[0].get("repeats", 3), "pairs": [p for r in runs for p in r["pairs"]]}
+              "date": runs[0]["date"], "repeats": runs[0].get("repeats", 3),
+              "pairs": merged([p for r in runs for p in r["pairs"]])}
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if args.markdown:
         write_markdown_section(Path(args.markdown), markdown(report), tag="frontier-bench", title="Bulk throughput")

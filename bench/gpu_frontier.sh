@@ -1,0 +1,31 @@
+#!/bin/bash
+# The bulk-throughput frontier (bench/frontier.py) on a lent GPU machine (device tool), one part a call, results
+# under $OUT (each part fits a call's 10 minutes: the rows are prefilled once per point, PromptsOnce):
+#   bench/gpu_frontier.sh llava    # LLaVA-OV 7B/0.5B at an 80 GB card's memory (79.6 GiB cap on an H200), 16 frames,
+#                                  # 128 new tokens, batch 1..256, ar sd lvspec, + an lvspec engine with slots=auto
+#   bench/gpu_frontier.sh qwen1    # Qwen2.5-VL 32B/7B (H200: it does not fit 80 GB), 16 frames: ar and sd
+#   bench/gpu_frontier.sh qwen2    #   ... lvspec, + slots=auto
+#   bench/gpu_frontier.sh paper1   # the paper's setting (64 frames, 256 new tokens): LLaVA-OV 7B/0.5B (80 GB cap)
+#   bench/gpu_frontier.sh paper2   #   ... Qwen2.5-VL 32B/7B; batch 1..64 (out of memory is recorded where it comes)
+# Needs the transformers wheel in .whl/ (carry [".whl"]; the machine has 5.17, the project asks >= 5.23).
+# Here, after: python -m bench.frontier report --json <the JSONs> --out bench/frontier.json --markdown BENCHMARKS.md
+set -o pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,memory.total --format=csv,noheader
+quiet() { grep --line-buffered -v "Warning\|warn(\|warnings.warn"; }
+climb() {  # name, then bench.frontier run arguments
+  local name=$1; shift
+  python3 -m bench.realsize frontier "$@" --json $OUT/$name.json 2>&1 | quiet | tee $OUT/$name.log \
+    | grep "^\[\|slots=auto\|Error"
+}
+case "$1" in
+  llava) climb llava --pair llava_onevision:7b:0.5b --memory-gib 79.6 --auto ;;
+  qwen1) climb qwen1 --pair qwen2_5_vl:32b:7b --batch-sizes 1 8 32 64 128 256 --modes ar sd ;;
+  qwen2) climb qwen2 --pair qwen2_5_vl:32b:7b --batch-sizes 1 8 32 64 128 256 --modes lvspec --auto ;;
+  paper1) climb paper1 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --frames 64 --new-tokens 256 \
+      --batch-sizes 1 8 32 64 --setting paper ;;
+  paper2) climb paper2 --pair qwen2_5_vl:32b:7b --frames 64 --new-tokens 256 --batch-sizes 1 8 32 64 --setting paper ;;
+  *) echo "usage: $0 llava|qwen1|qwen2|paper1|paper2"; exit 2 ;;
+esac
