@@ -453,7 +453,8 @@ def _group(eng, row: dict, group: int):
     from lvspec.adapter import rows_on
 
     width = int(row["input_ids"].shape[-1])
-    st = eng.state_for(eng.slots, None, width)
+    auto = eng.slots == "auto"
+    st = eng.state_for(None if auto else eng.slots, eng.max_slots if auto else None, width)
 
     def keys() -> list:
         return [c.k[:, :group, :, :width].to(torch.float32, copy=True) for c in (st.T, st.D) if c is not None]

@@ -400,6 +400,11 @@ OPERATIONAL = {"decode": ("actors", "num_cpus", "batch_size"), "model": ("storag
                "generation": ("cuda_graphs", "overlap_prefill", "prompt_graphs", "compile_prefill", "prefill_tokens")}
 
 
+# Keys added after nightly series began, hashed only when set: at their default they change nothing,
+# so a series started before them keeps its hash.
+LATER = {"generation": {"k_costs": None}}
+
+
 def config_hash(job: JobConfig) -> str:
     """Hash of what decides the captions (not where they go or how fast), for the Parquet rows and
     the nightly series."""
@@ -407,4 +412,6 @@ def config_hash(job: JobConfig) -> str:
             if k in ("decode", "model", "generation")}
     for section, keys in OPERATIONAL.items():
         keep[section] = {k: v for k, v in keep[section].items() if k not in keys}
+    for section, defaults in LATER.items():
+        keep[section] = {k: v for k, v in keep[section].items() if k not in defaults or v != defaults[k]}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

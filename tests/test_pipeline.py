@@ -385,3 +385,17 @@ def test_config_files_shipped_with_the_project_are_valid():
     assert big.caption.tensor_parallel == 2 and big.caption.num_gpus == 2
     bench = load_config(ROOT / "jobs/configs/gpu-bench.yaml", ["job_id=b", "source.uri=/tmp/in", "output.uri=/tmp/o"])
     assert bench.model.load_format == "dummy" and bench.generation.replay and bench.caption.num_gpus == 1
+
+
+def test_a_pinned_cost_table_is_part_of_the_caption_settings_and_speed_settings_are_not():
+    """config_hash (the nightly series, the rows): a pinned k=auto table decides captions, so it
+    changes the hash; unset, it is left out (series begun before the key existed keep their hash);
+    slots and prefill groups decide only speed."""
+    from pipeline.config import config_hash
+
+    base = ["job_id=h", "source.uri=/tmp/in", "output.uri=/tmp/o"]
+    plain = config_hash(load_config(ROOT / "jobs/configs/local.yaml", base))
+    pinned = "generation.k_costs={draft_step_ms: 1, verify_0_ms: 10, verify_1_ms: 11, verify_max_ms: 13}"
+    assert config_hash(load_config(ROOT / "jobs/configs/local.yaml", base + [pinned])) != plain
+    for speed in ("caption.slots=auto", "generation.prefill_tokens=4096", "generation.k_costs=null"):
+        assert config_hash(load_config(ROOT / "jobs/configs/local.yaml", base + [speed])) == plain, speed
