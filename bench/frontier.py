@@ -9,16 +9,17 @@ A bulk job runs at the batch that gives it the most tokens per second per GPU, s
 whether speculation pays is *peak lvspec / peak ar*: each mode at its own best batch. Per mode the
 batch climbs (1, 8, 32, 64, 128, 256) until one runs out of GPU memory, which is recorded and ends
 that mode's climb. Each point is one Engine with `batch` slots over random-weight models of real
-shapes (`bench.shapes`, bf16) whose rows are eight videos repeated: each prefilled for real once,
-the repeats' keys copied, then decoded again from the same prompt keys (`PromptsOnce`: decoding
-never writes over a prompt's keys), so that the prefill, which no decoding method speeds up, costs
-the sitting little and stays out of the figure; a warm-up, then `--repeats` timed runs
-with replayed acceptance (bench/replay_patterns.json), every row `--new-tokens` long, k=auto (each
-engine measures its own cost table, at its batch). Per point: decode tokens/s (median, spread),
-tau, the cycles' K, slot use (decoding rows per cycle over slots), the verify's TFLOP/s against the
-chip's bf16 peak, the bytes the forwards must read over HBM bandwidth, peak GPU memory.
-`--memory-gib` caps the process's GPU memory (an 80 GB card's, on an H200); `--auto` adds a
-slots="auto" engine streaming twice as many rows as it chose slots (end to end: prefill included).
+shapes (`bench.shapes`, bf16), a warm-up and `--repeats` timed runs with replayed acceptance
+(bench/replay_patterns.json), every row `--new-tokens` long, k=auto (each engine measures its own
+cost table, at its batch). The rows repeat `--videos` videos, each prefilled for real once in the
+sitting; every other row gets that prefill's keys copied into its slot (`PromptsOnce`), so the
+prefill, which no decoding method speeds up, costs the sitting little and stays out of the figure.
+A run is one call of `batch` rows, or with `--stream N`, N x batch rows streamed through the slots
+(a bulk job's steady state: a freed slot takes the next row at once). Per point: decode tokens/s
+(median, spread), tau, the cycles' K, slot use (decoding rows per cycle over slots), the verify's
+TFLOP/s against the chip's bf16 peak, the bytes the forwards must read over HBM bandwidth, peak GPU
+memory. `--memory-gib` caps the process's GPU memory (an 80 GB card's, on an H200); `--auto` adds an
+lvspec engine with slots="auto", streaming twice as many rows as it chose slots.
 """
 
 from __future__ import annotations
@@ -46,36 +47,56 @@ BATCHES = (1, 8, 32, 64, 128, 256)
 BF16_PEAK = 989e12  # H100 / H200 SXM dense bf16 FLOP/s (datasheet)
 
 
+SOURCE = "frontier_source"  # a benchmark row's source video: rows repeat a few videos
+
+
 class PromptsOnce:
-    """Stands in for an engine's `prompt_group` so that a batch's rows are prefilled for real once.
+    """Stands in for engines' `prompt_group` so that each source video is prefilled for real once.
 
-    The rows repeat with `period` (row j is row j mod period, placed in slot j: a static batch
-    filled in order): the first group that holds a row never seen runs for real; every other
-    slot gets its keys copied from the slot of its source row and what that prefill gave (first
-    token, the prompt's shape, positions and video mask). Decoding never writes over a prompt's
-    keys, so the same slots decode again from them, call after call."""
+    Rows name their source video (`SOURCE`). The first group holding a source not seen yet runs
+    for real, and each new source's keys (both caches, the prompt's width) are kept aside with
+    what its prefill gave (first token, the prompt's shape, positions and video mask); every later
+    row of a kept source, in any slot of any engine over the same models, gets those keys copied
+    in. Copies cost a few milliseconds where a prefill costs seconds: a benchmark's time goes to
+    decoding, also when rows stream through freed slots."""
 
-    def __init__(self, engine: Engine, period: int):
-        self.real, self.period, self.rows, self.prefills = engine.prompt_group, period, {}, 0
-        engine.prompt_group = self
+    def __init__(self):
+        self.kept: dict[tuple, tuple] = {}
+        self.prefills = 0
 
-    def __call__(self, st, rows: list[dict], slots: torch.Tensor):
+    def attach(self, engine: Engine) -> PromptsOnce:
+        real = engine.prompt_group
+        engine.prompt_group = lambda st, rows, slots: self(real, st, rows, slots)
+        return self
+
+    def __call__(self, real, st, rows: list[dict], slots: torch.Tensor):
+        drafted = st.D is not None
+        keys = [(row[SOURCE], drafted) for row in rows]
         index = slots.tolist()
-        source = [s % self.period for s in index]
-        if any((id(st), s) not in self.rows for s in source):
-            prompt, draft_prompt, first = self.real(st, rows, slots)
-            for j, s in enumerate(index):
-                self.rows[(id(st), s)] = (_row(prompt, j), _row(draft_prompt, j), first[j:j + 1].clone())
+        if any(key not in self.kept for key in keys):
+            prompt, draft_prompt, first = real(st, rows, slots)
             self.prefills += 1
-        for s, src in zip(index, source):
-            if src != s:
-                for cache, p in ((st.T, self.rows[(id(st), src)][0]), (st.D, self.rows[(id(st), src)][1])):
-                    if cache is not None:
-                        width = p.embeds.shape[1]
-                        cache.k[:, s, :, :width] = cache.k[:, src, :, :width]
-                        cache.v[:, s, :, :width] = cache.v[:, src, :, :width]
-        got = [self.rows[(id(st), src)] for src in source]
+            for j, (key, slot) in enumerate(zip(keys, index)):
+                if key not in self.kept:
+                    saved = [(c.k[:, slot, :, :p.embeds.shape[1]].clone(), c.v[:, slot, :, :p.embeds.shape[1]].clone())
+                             for c, p in ((st.T, prompt), (st.D, draft_prompt)) if c is not None]
+                    self.kept[key] = (_row(prompt, j), _row(draft_prompt, j), first[j:j + 1].clone(), saved)
+            return _light(prompt), _light(draft_prompt), first
+        for key, slot in zip(keys, index):
+            caches = [c for c in (st.T, st.D) if c is not None]
+            for cache, (k, v) in zip(caches, self.kept[key][3]):
+                cache.k[:, slot, :, :k.shape[-2]] = k
+                cache.v[:, slot, :, :v.shape[-2]] = v
+        got = [self.kept[key] for key in keys]
         return _cat([g[0] for g in got]), _cat([g[1] for g in got]), torch.cat([g[2] for g in got])
+
+
+def _light(prompt):
+    """A prompt without its embeddings (only their shape is read when rows are placed)."""
+    if prompt is None:
+        return None
+    b, p, _ = prompt.embeds.shape
+    return dataclasses.replace(prompt, embeds=prompt.embeds.new_empty(b, p, 0))
 
 
 def _batch_dim(name: str, t: torch.Tensor) -> int:
@@ -109,32 +130,35 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def point(engine: Engine, rows: list[dict], period: int, replay: Replay | None, repeats: int, T: TextDecoder,
-          D: TextDecoder | None, ctx: int) -> dict:
-    """One (mode, batch): warm-up (state, graphs, cost table, the real prefill), then timed runs."""
+def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: Replay | None, repeats: int,
+          T: TextDecoder, D: TextDecoder | None, ctx: int) -> dict:
+    """One (mode, batch): a warm-up of one batch (state, graphs, cost table), then timed runs of all
+    `rows` through the engine's `bs` slots (as many rows, or more: streamed through them)."""
     cuda = engine.device.type == "cuda"
-    once = PromptsOnce(engine, period)
-    warm = [o.tokens for o in engine.generate(rows, replay=replay)]
-    runs = []
+    once.attach(engine)
+    prefills = once.prefills
+    engine.generate(rows[:bs], replay=replay)
+    runs, first = [], None
     for _ in range(repeats):
         if cuda:
             torch.cuda.reset_peak_memory_stats(engine.device)
         outs = engine.generate(rows, replay=replay)
-        if [o.tokens for o in outs] != warm:
-            raise RuntimeError("a re-decoded batch differs from its first decode: the prompts' keys were not kept")
+        first = first or [o.tokens for o in outs]
+        if [o.tokens for o in outs] != first:
+            raise RuntimeError("a run decoded other tokens than the first: copied prompt keys differ from prefilled ones")
         t = engine.timing
         tokens = sum(o.stats.num_tokens - 1 for o in outs)  # the prefill's token is no decoding
         runs.append({"tps": tokens / t["decode_s"], "t": t, "tokens": tokens, "cycles": sum(o.stats.num_cycles for o in outs),
                      "peak_gib": torch.cuda.max_memory_allocated(engine.device) / 2**30 if cuda else None})
     tps = [r["tps"] for r in runs]
     mid = sorted(runs, key=lambda r: r["tps"])[len(runs) // 2]
-    t, bs = mid["t"], len(rows)
+    t = mid["t"]
     ks = t["k"]
     verify_tokens = bs * (len(ks) + sum(ks))  # every slot runs each verify: K + 1 tokens a cycle
     per_token = 2 * T.weight_bytes() / T.dtype.itemsize + 4 * len(T.layers) * T.heads * T.head_dim * ctx
     read = len(ks) * (T.weight_bytes() + kv_bytes(T, ctx, bs)) + t["draft_steps"] * (D.weight_bytes() + kv_bytes(D, ctx, bs) if D else 0)
     median = statistics.median(tps)
-    return {"batch_size": bs, "decode_tokens_per_s": median, "spread": (max(tps) - min(tps)) / median,
+    return {"batch_size": bs, "rows": len(rows), "decode_tokens_per_s": median, "spread": (max(tps) - min(tps)) / median,
             "runs_tokens_per_s": tps, "tau": mid["tokens"] / max(mid["cycles"], 1), "cycles": len(ks),
             "k_median": statistics.median(ks) if ks else 0, "k_mean": sum(ks) / max(len(ks), 1),
             "slot_use": t["slot_use"], "ingests": t["ingests"], "costs": t["costs"],
@@ -145,7 +169,7 @@ def point(engine: Engine, rows: list[dict], period: int, replay: Replay | None, 
             "verify_bf16_share": verify_tokens * per_token / max(t["verify_s"], 1e-12) / BF16_PEAK,
             "achieved_gb_per_s": read / t["decode_s"] / 1e9, "bandwidth_share": read / t["decode_s"] / HBM_BYTES_PER_S,
             "peak_gib": max((r["peak_gib"] or 0) for r in runs) if cuda else None,
-            "prefills": once.prefills, "attention": t["attention"]}
+            "prefills": once.prefills - prefills, "attention": t["attention"]}
 
 
 def _free(device) -> None:
@@ -155,34 +179,40 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def climb(args, family: str, target, draft, processor, patterns: dict, label: tuple[str, str], log=print) -> dict:
-    """Every mode up the batch sizes on one pair, until memory runs out."""
+def climb(args, family: str, target, draft, processor, patterns: dict, label: tuple[str, str], log=print,
+          save=lambda pair: None) -> dict:
+    """Every mode up the batch sizes on one pair, until memory runs out; `save(pair)` after each point
+    (a call cut short by its time limit keeps what it measured)."""
     device = target.device
     T = TextDecoder(target, text_config(target).vocab_size)
     D = TextDecoder(draft, text_config(draft).vocab_size)
-    base = video_rows(processor, min(8, max(args.batch_sizes)), args.frames, args.side)  # rows repeat: speed only
+    videos = video_rows(processor, min(args.videos, max(args.batch_sizes)), args.frames, args.side)
+    base = [{**row, SOURCE: i} for i, row in enumerate(videos)]  # rows repeat these: speed only
+    once = PromptsOnce()  # one pair, one set of prompt keys for every point
     prompt_tokens = int(base[0]["input_ids"].shape[1])
     ctx = prompt_tokens + args.new_tokens // 2  # mean tokens in the cache while decoding
     probe = tuple(relevance_layers(len(T.layers)))
     out = {"target": label[0], "draft": label[1], "family": family, "frames": args.frames, "setting": args.setting,
+           "stream": args.stream,
            "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "k": args.k,
            "memory_cap_gib": args.memory_gib, "relevance_layers": list(probe), "runs": [], "out_of_memory": {}}
     for mode in args.modes:
         for bs in args.batch_sizes:
-            rows = [base[i % len(base)] for i in range(bs)]
+            rows = [base[i % len(base)] for i in range(bs * max(args.stream, 1))]
             cfg = SpecConfig(mode=mode, k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
                              relevance_layers=probe if mode == "lvspec" else None)
             replay = Replay(regroup(patterns[mode], bs)) if mode != "ar" else None
             t0 = time.perf_counter()
             try:
                 engine = Engine(target, draft if mode != "ar" else None, cfg, slots=bs)
-                run = {"mode": mode, **point(engine, rows, len(base), replay, args.repeats, T,
+                run = {"mode": mode, **point(engine, bs, rows, once, replay, args.repeats, T,
                                              D if mode != "ar" else None, ctx)}
             except torch.OutOfMemoryError as e:
                 run = {"mode": mode, "batch_size": bs, "out_of_memory": True, "error": str(e).splitlines()[0][:300]}
             engine = None
             _free(device)
             out["runs"].append(run)
+            save({**out, **peaks(out["runs"])})
             if run.get("out_of_memory"):
                 out["out_of_memory"][mode] = bs
                 log(f"[{label[0]}/{label[1]}] {mode:6s} bs {bs:3d}: out of GPU memory ({run['error'][:120]}); "
@@ -194,39 +224,31 @@ def climb(args, family: str, target, draft, processor, patterns: dict, label: tu
                 f"{run['achieved_gb_per_s']:.0f} GB/s, peak {run['peak_gib'] or 0:.1f} GiB "
                 f"({time.perf_counter() - t0:.0f} s)")
     if args.auto:
-        out["auto"] = auto_point(args, target, draft, base, patterns, probe, log)
+        out["auto"] = auto_point(args, target, draft, base, once, patterns, probe, T, D, ctx, log)
     out.update(peaks(out["runs"]))
     return out
 
 
-def auto_point(args, target, draft, base, patterns, probe, log) -> dict:
-    """lvspec with slots="auto": the slots it chooses, and twice that many rows streamed through them."""
+def auto_point(args, target, draft, base, once, patterns, probe, T, D, ctx, log) -> dict:
+    """lvspec with slots="auto": the slots it chooses for a stream of many rows, and twice that many
+    rows streamed through them (as a bulk job's replica would)."""
     cfg = SpecConfig(mode="lvspec", k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
                      relevance_layers=probe)
     engine = Engine(target, draft, cfg, slots="auto", max_slots=max(args.batch_sizes))
     try:
-        with torch.inference_mode():  # the state a stream of many rows gets: its plan
+        with torch.inference_mode():
             slots = engine.state_for(None, engine.max_slots, int(base[0]["input_ids"].shape[-1])).slots
-        rows = [base[i % len(base)] for i in range(2 * slots)]
-        replay = Replay(patterns["lvspec"])
-        cuda = target.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(target.device)
-        _sync(target.device)
-        t0 = time.perf_counter()
-        outs = engine.generate(rows, replay=replay)
-        _sync(target.device)
-        wall = time.perf_counter() - t0
-        result = {"slots": slots, "plan": engine.plan.describe(), "rows": len(rows),
-                  "tokens_per_s_end_to_end": sum(o.stats.num_tokens for o in outs) / wall,
-                  "peak_gib": torch.cuda.max_memory_allocated(target.device) / 2**30 if cuda else None,
-                  "out_of_memory": False}
+        rows = [base[i % len(base)] for i in range(max(2 * slots, engine.max_slots))]
+        replay = Replay(regroup(patterns["lvspec"], slots))
+        result = {"plan": engine.plan.describe(), "slots": slots, "out_of_memory": False,
+                  **point(engine, slots, rows, once, replay, args.repeats, T, D, ctx)}
     except torch.OutOfMemoryError as e:
         result = {"plan": engine.plan.describe() if engine.plan else None, "out_of_memory": True,
                   "error": str(e).splitlines()[0][:300]}
     engine = None
     _free(target.device)
-    log(f"slots=auto: {result}")
+    shown = ("plan", "decode_tokens_per_s", "slot_use", "peak_gib", "error")
+    log(f"slots=auto: {({k: v for k, v in result.items() if k in shown})}")
     return result
 
 
@@ -271,11 +293,16 @@ def run_cmd(args, argv) -> None:
             processor, target, draft = real_processor(family), build(family, t, args.device), build(family, d, args.device)
             label = (f"{family}-{t}", f"{family}-{d}")
         built = [weakref.ref(target), weakref.ref(draft)]
-        report["pairs"].append(climb(args, family, target, draft, processor, recorded["families"][family], label, log))
+        done = len(report["pairs"])
+
+        def save(pair, done=done):
+            report["pairs"][done:] = [pair]
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+        pair = climb(args, family, target, draft, processor, recorded["families"][family], label, log, save)
         target = draft = None
-        report["pairs"][-1]["release"] = release(*built)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        save({**pair, "release": release(*built)})
     print(markdown(report))
     print(f"wrote {args.json}")
 
@@ -288,8 +315,10 @@ def markdown(report: dict) -> str:
              "OOM = out of GPU memory, where that mode's climb ends.", ""]
     for p in report["pairs"]:
         cap = f", memory capped at {p['memory_cap_gib']} GiB" if p.get("memory_cap_gib") else ""
+        flow = (f"{p['stream']} x batch rows streamed through the slots" if p.get("stream")
+                else "one call of batch rows")
         lines += [f"#### {p['target']} / {p['draft']}, {p['frames']} frames ({p['prompt_tokens']}-token prompts), "
-                  f"{p['new_tokens']} new tokens, {p.get('setting', 'default')} setting{cap}", "",
+                  f"{p['new_tokens']} new tokens, {p.get('setting', 'default')} setting{cap}; {flow}", "",
                   "| batch | mode | decode tok/s | spread | x ar | tau | K (mean) | slots busy | ms per verify | "
                   "verify TFLOP/s (share) | GB/s (share) | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         over = p.get("over_ar_by_batch", {})
@@ -309,8 +338,12 @@ def markdown(report: dict) -> str:
                                             for m, b in best.items())
                   + "; **peak lvspec / peak ar = " + _ratio(p.get("peak_lvspec_over_peak_ar"))
                   + "**, peak sd / peak ar = " + _ratio(p.get("peak_sd_over_peak_ar")), ""]
-        if p.get("auto"):
-            lines += [f"slots=auto: {p['auto']}", ""]
+        a = p.get("auto")
+        if a:
+            lines += [f"slots=auto (lvspec): {a['plan']}; " + (
+                f"out of GPU memory ({a['error']})" if a["out_of_memory"] else
+                f"{a['rows']} rows streamed at {a['decode_tokens_per_s']:.1f} decode tok/s, slots busy "
+                f"{a['slot_use']:.0%}, peak {_ratio(a.get('peak_gib'), '{:.1f}')} GiB"), ""]
         lines += chart(p)
     return "\n".join(lines)
 
@@ -337,7 +370,8 @@ def merged(pairs: list[dict]) -> list[dict]:
     to fit a call's time) joined, and its peaks taken over all of them."""
     out: dict[tuple, dict] = {}
     for p in pairs:
-        key = (p["target"], p["draft"], p["frames"], p["new_tokens"], p.get("setting"), p.get("memory_cap_gib"))
+        key = (p["target"], p["draft"], p["frames"], p["new_tokens"], p.get("setting"), p.get("memory_cap_gib"),
+               p.get("stream"))
         if key not in out:
             out[key] = {**p, "runs": [], "out_of_memory": {}}
         into = out[key]
@@ -375,6 +409,10 @@ def main(argv=None):
     run.add_argument("--k", default="auto")
     run.add_argument("--repeats", type=int, default=3)
     run.add_argument("--setting", default="default", help="a label for the shape (e.g. paper)")
+    run.add_argument("--stream", type=int, default=0,
+                     help="N > 0: N x batch rows streamed through each point's slots (a bulk job's steady state); "
+                          "0: one call of batch rows")
+    run.add_argument("--videos", type=int, default=8, help="distinct videos the rows repeat")
     run.add_argument("--memory-gib", type=float, default=None, help="cap the GPU memory this process may use")
     run.add_argument("--auto", action="store_true", help="also an lvspec engine with slots=auto")
     run.add_argument("--device", default="cuda")

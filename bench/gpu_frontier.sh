@@ -1,8 +1,10 @@
 #!/bin/bash
 # The bulk-throughput frontier (bench/frontier.py) on a lent GPU machine (device tool), one part a call, results
-# under $OUT (each part fits a call's 10 minutes: the rows are prefilled once per point, PromptsOnce):
+# under $OUT, written after every point (a call cut short keeps what it measured; each video is prefilled
+# once a sitting, PromptsOnce, so the time goes to decoding):
 #   bench/gpu_frontier.sh llava    # LLaVA-OV 7B/0.5B at an 80 GB card's memory (79.6 GiB cap on an H200), 16 frames,
-#                                  # 128 new tokens, batch 1..256, ar sd lvspec, + an lvspec engine with slots=auto
+#                                  # 128 new tokens, batch 1..256, ar sd lvspec, + an lvspec engine with slots=auto;
+#                                  # 2 x batch rows streamed through each point's slots (a bulk job's steady state)
 #   bench/gpu_frontier.sh qwen1    # Qwen2.5-VL 32B/7B (H200: it does not fit 80 GB), 16 frames: ar and sd
 #   bench/gpu_frontier.sh qwen2    #   ... lvspec, + slots=auto
 #   bench/gpu_frontier.sh paper1   # the paper's setting (64 frames, 256 new tokens): LLaVA-OV 7B/0.5B (80 GB cap)
@@ -21,9 +23,9 @@ climb() {  # name, then bench.frontier run arguments
     | grep "^\[\|slots=auto\|Error"
 }
 case "$1" in
-  llava) climb llava --pair llava_onevision:7b:0.5b --memory-gib 79.6 --auto ;;
-  qwen1) climb qwen1 --pair qwen2_5_vl:32b:7b --batch-sizes 1 8 32 64 128 256 --modes ar sd ;;
-  qwen2) climb qwen2 --pair qwen2_5_vl:32b:7b --batch-sizes 1 8 32 64 128 256 --modes lvspec --auto ;;
+  llava) climb llava --pair llava_onevision:7b:0.5b --memory-gib 79.6 --stream 2 --auto ;;
+  qwen1) climb qwen1 --pair qwen2_5_vl:32b:7b --stream 2 --modes ar sd ;;
+  qwen2) climb qwen2 --pair qwen2_5_vl:32b:7b --stream 2 --modes lvspec --auto ;;
   paper1) climb paper1 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --frames 64 --new-tokens 256 \
       --batch-sizes 1 8 32 64 --setting paper ;;
   paper2) climb paper2 --pair qwen2_5_vl:32b:7b --frames 64 --new-tokens 256 --batch-sizes 1 8 32 64 --setting paper ;;
