@@ -26,7 +26,7 @@ class SpecConfig:
     """How to decode. `sd` is exact greedy speculative decoding; `lvspec` loosens it on fillers."""
 
     mode: str = "lvspec"
-    k: int | str = "auto"  # draft tokens proposed per cycle, or "auto": chosen per cycle (see draft_length)
+    k: int | str = "auto"  # draft tokens proposed per cycle, or "auto": each row its own, every cycle (draft_length)
     k_max: int = 10  # the longest draft "auto" may choose
     # k=auto's cost table (draft_length.Costs, or a mapping of its fields in ms): None measures it once
     # per engine; pinned, the same video gets the same caption on any machine (see draft_length).

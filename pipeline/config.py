@@ -67,7 +67,7 @@ class ModelConfig:
 @dataclass
 class GenerationConfig:
     mode: str = "lvspec"
-    k: str = "auto"  # draft tokens per cycle: "auto" (chosen per cycle from measured costs and acceptance) or N
+    k: str = "auto"  # draft tokens per cycle: "auto" (each row its own, from one cost table and its acceptance) or N
     k_max: int = 10  # the longest draft "auto" may choose
     # k=auto's cost table in ms ({draft_step_ms, verify_0_ms, verify_1_ms, verify_max_ms}: the one a job's
     # summary records). None: each replica measures its own, so captions can differ between kinds of
