@@ -145,7 +145,8 @@ class Cycle:
         self.D.forward(D, torch.where(at == 0, st.seq0[:, None], emitted), logits=False)  # keys past `pending` unread
         D.length += pending
         st.lag -= pending
-        st.count[C["draft_forwards"]] += (pending > 0).long()
+        for name in ("draft_forwards", "catch_ups"):
+            st.count[C[name]] += (pending > 0).long()
 
     def draft(self, st: DecodeState, k: int) -> None:
         """k greedy draft tokens per slot into st.drafted[:, :k], after re-reading [prev, last]."""

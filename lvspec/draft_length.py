@@ -1,9 +1,9 @@
 """How many tokens a row drafts: the K that gives the row the most expected tokens per millisecond.
 
 A cycle with K drafts costs K draft steps and one verify forward over K + 1 tokens; K = 0 is a
-plain target step (what ar runs), so that drafting is chosen only where it pays. It yields
-1 + S(1) + ... + S(K) tokens, where S(j) is the chance that the first j drafts are all kept
-(acceptance is a prefix walk). S comes from the row's own counts: for every draft slot j, how many
+plain target step (what ar runs), so that drafting is chosen only where it pays, and only once the
+row's own drafts have shown it (EVIDENCE). A cycle yields 1 + S(1) + ... + S(K) tokens, where S(j)
+is the chance that the first j drafts are all kept (acceptance is a prefix walk). S comes from the row's own counts: for every draft slot j, how many
 of its cycles reached it (drafted it with all earlier slots kept) and how many kept it, each slot's
 rate drawn towards the row's pooled rate over all slots, and that towards a fixed prior (a new row
 starts from the prior alone).
@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 PRIOR, PRIOR_WEIGHT = 0.7, 2.0  # a new row's acceptance rate, worth two observed cycles
+# Cycles a row drafts (K >= 1) before it may choose K = 0: a row that drafts nothing learns nothing
+# more, so K = 0 is chosen for good, on the row's own evidence, never on the prior alone.
+EVIDENCE = 4
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,10 @@ def expected_tokens(reached: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def choose(reached: torch.Tensor, kept: torch.Tensor, cycle_ms: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
-    """Each row's K in [0, limit]: the most expected tokens per millisecond (the shortest on a tie).
-    `cycle_ms` [k_max + 1] (`Costs.cycle_ms`), `limit` [rows]. On the device, no host sync."""
+    """Each row's K in [0, limit]: the most expected tokens per millisecond (the shortest on a tie),
+    at least 1 until the row has drafted EVIDENCE cycles. `cycle_ms` [k_max + 1] (`Costs.cycle_ms`),
+    `limit` [rows]. On the device, no host sync."""
     rate = expected_tokens(reached, kept) / cycle_ms
     k = torch.arange(cycle_ms.numel(), device=rate.device)
-    return rate.masked_fill(k > limit[:, None], -math.inf).argmax(1)
+    least = torch.minimum((reached[:, 0] < EVIDENCE).long(), limit)
+    return rate.masked_fill((k > limit[:, None]) | (k < least[:, None]), -math.inf).argmax(1)

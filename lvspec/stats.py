@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Mapping
 
 KINDS = ("accepted_exact", "accepted_loose", "accepted_shift", "corrections", "bonus")
-COUNTERS = ("num_tokens", "num_cycles", "target_forwards", "draft_forwards", *KINDS, "rejected_anchor", "drafted")
+COUNTERS = ("num_tokens", "num_cycles", "target_forwards", "draft_forwards", *KINDS, "rejected_anchor", "drafted",
+            "catch_ups")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class RowStats:
     bonus: int = 0  # the prefill's token, and each cycle's token after K accepted drafts
     rejected_anchor: int = 0  # cycles ended by the relevance gate
     drafted: int = 0  # draft tokens proposed, over all cycles
+    catch_ups: int = 0  # draft forwards that read tokens emitted in cycles without drafts (k=auto's K = 0)
     mean_accepted_length: float = 0.0  # tau: tokens per cycle, the prefill's token excluded
     mean_draft_length: float = 0.0  # K per cycle (fixed, or as chosen with k="auto")
 

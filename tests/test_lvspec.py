@@ -53,7 +53,7 @@ def assert_counters_add_up(result, k):
     assert s.num_tokens == len(result.tokens)
     assert s.target_forwards == s.num_cycles + 1
     assert s.draft_forwards <= 1 + k * s.num_cycles
-    assert s.drafted <= k * s.num_cycles and (s.draft_forwards == 0 or s.draft_forwards == 1 + s.drafted)
+    assert s.drafted <= k * s.num_cycles and (s.draft_forwards == 0 or s.draft_forwards == 1 + s.drafted + s.catch_ups)
     # Each target forward adds one token of its own, except a last one cut short by a stop token.
     assert s.num_cycles <= s.corrections + s.bonus <= s.num_cycles + 1
     if s.num_cycles:
@@ -449,7 +449,7 @@ def test_the_draft_length_pays_for_itself():
     """k=auto, a row at a time: a short draft where drafting costs about what verifying does, a long
     one where drafting is cheap; longer with more acceptance; K = 0 (a plain target step) where a
     verify costs several target steps (a compute-bound batch); never past the row's limit."""
-    from lvspec.draft_length import Costs, choose, expected_tokens
+    from lvspec.draft_length import EVIDENCE, Costs, choose, expected_tokens
 
     def k_of(costs, reached, kept, limit=10):
         table = torch.tensor(costs.cycle_ms(10), dtype=torch.float64)
@@ -466,6 +466,9 @@ def test_the_draft_length_pays_for_itself():
     assert k_of(cheap, *often, [3]) == [3] and k_of(cheap, *often, [0]) == [0]
     assert k_of(Costs(1, 10, 25, 60), [[100] * 10], [[50] * 10], [10]) == [0]  # a 2-token verify: 2.5 target steps
     assert 1 <= k_of(mid, [[0] * 10], [[0] * 10], [10])[0] <= 10  # a new row: the prior alone
+    # K = 0 only on the row's own evidence: a row that has drafted fewer than EVIDENCE cycles drafts.
+    seen = [EVIDENCE - 1] + [0] * 9
+    assert k_of(Costs(1, 10, 25, 60), [seen], [seen], [10])[0] >= 1 and k_of(Costs(1, 10, 25, 60), [seen], [seen], [0]) == [0]
     # Expected tokens follow the prefix walk: E(K) = 1 + S(1) + ... + S(K), S falling with each slot.
     e = expected_tokens(torch.tensor([[10, 10]]), torch.tensor([[5, 5]]))[0].tolist()
     assert e[0] == 1.0 and 1.0 < e[1] < e[2] < 3.0 and e[2] - e[1] < e[1] - e[0]

@@ -88,7 +88,11 @@ def e2e(s3, ray_cluster):
     members += [("notes.txt", b"not a video"), ("big_4k.mp4", huge_mp4())]
     fs.pipe("videos/e2e/shard-000002.tar", _tar(members))
     fs.pipe("videos/e2e/shard-000003.tar", _tar([("toy7_000001.mp4", good)]))  # same id, other shard
-    cfg = load_config(ROOT / "jobs/configs/s3.yaml", base_overrides(s3, "s3://videos/e2e", "s3://captions/e2e", "e2e"))
+    # k=auto with a pinned cost table (drafting pays): each row's K from its own acceptance, not from
+    # the timings of a busy two-core CPU (where a verify can measure as dearer than its tokens).
+    pinned = "generation.k_costs={draft_step_ms: 1.0, verify_0_ms: 10.0, verify_1_ms: 10.5, verify_max_ms: 13.0}"
+    cfg = load_config(ROOT / "jobs/configs/s3.yaml",
+                      base_overrides(s3, "s3://videos/e2e", "s3://captions/e2e", "e2e") + [pinned])
     summary = run(cfg)
     rows = read_output(s3, "s3://captions/e2e/e2e")
     return summary, rows, {r["video_id"]: r for r in rows}
@@ -113,14 +117,16 @@ def test_rows_carry_the_documented_columns_and_consistent_counters(e2e):
     required = {"video_id", "source_uri", "shard", "caption", "num_tokens", "mode", "target_model", "draft_model",
                 "num_cycles", "target_forwards", "draft_forwards", "mean_accepted_length", "accepted_exact",
                 "accepted_loose", "accepted_shift", "rejected_anchor", "num_frames", "decode_ms", "generate_ms",
-                "error", "config_hash", "job_id", "drafted", "mean_draft_length"}
+                "error", "config_hash", "job_id", "drafted", "mean_draft_length", "catch_ups", "slots", "k_costs"}
     for r in rows:
         assert required <= r.keys() and r["job_id"] == "e2e" and r["mode"] == "lvspec"
         if r["error"] is None:
             assert r["num_frames"] == 8 and r["target_forwards"] == r["num_cycles"] + 1
             parts = r["accepted_exact"] + r["accepted_loose"] + r["accepted_shift"] + r["corrections"] + r["bonus"]
             assert parts == r["num_tokens"] > 0
-            assert r["draft_forwards"] == 1 + r["drafted"] and 1 <= r["mean_draft_length"] <= 10  # k=auto, k_max 10
+            # k=auto, k_max 10 (K = 0 where a verify costs more than it yields: then the draft catches up)
+            assert r["draft_forwards"] == 1 + r["drafted"] + r["catch_ups"] and 1 <= r["mean_draft_length"] <= 10
+            assert json.loads(r["k_costs"])["verify_1_ms"] == 10.5 and r["slots"] == 4  # the pinned table, batch_size
             assert r["shard"].startswith("s3://videos/e2e/shard-") and r["source_uri"].startswith(r["shard"] + "#")
 
 
