@@ -125,11 +125,6 @@ def _cat(rows: list):
                           for f in dataclasses.fields(first)})
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: Replay | None, repeats: int,
           T: TextDecoder, D: TextDecoder | None, ctx: int) -> dict:
     """One (mode, batch): a warm-up of one batch (state, graphs, cost table), then timed runs of all

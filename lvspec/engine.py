@@ -209,14 +209,15 @@ class Engine:
         self._state = st = None  # free the old caches before allocating new ones
         need = width + self.cfg.max_new_tokens + margin(self.k_max)
         capacity = -(-need // 128) * 128  # similar prompt lengths share a state (and its graphs)
+        plan = None
         if slots is None:
-            self.plan = memory.plan(self.T, self.D, capacity, self.k_max, self.cfg.prefill_tokens, cap, self.device,
-                                    self.tp)
-            slots = self.plan.slots
+            plan = self.plan = memory.plan(self.T, self.D, capacity, self.k_max, self.cfg.prefill_tokens, cap,
+                                           self.device, self.tp)
+            slots = plan.slots
             if self.tp is None or self.tp.leader:
-                print(f"lvspec: slots=auto: {self.plan.describe()}", flush=True)
+                print(f"lvspec: slots=auto: {plan.describe()}", flush=True)
         st = self._state = self.cycle.new_state(slots, capacity)
-        st.memory_bound = self.plan is not None and self.plan.memory_bound and self.slots == "auto"
+        st.memory_bound = plan is not None and plan.memory_bound
         st.stages = Stages(self.graphs, _snapshot(st.small()))
         st.prompts = PromptGraphs(self.prompt_graphs)  # they write into this state's caches
         if self.graphs:
