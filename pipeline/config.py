@@ -26,7 +26,10 @@ from lvspec.replay import LENGTHS
 SOURCE_FORMATS = ("auto", "webdataset", "files", "manifest")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BATCHING = ("continuous", "static")
-VIDEO_EXTENSIONS = ["mp4", "webm", "mkv", "mov", "avi", "m4v"]
+# The containers users have (decord reads most, PyAV the rest: pipeline.frames); other files under a
+# prefix are counted in the summary as not taken.
+VIDEO_EXTENSIONS = ["mp4", "m4v", "mov", "mkv", "webm", "avi", "ts", "m2ts", "mts", "mpg", "mpeg", "3gp", "flv", "wmv",
+                    "ogv", "gif"]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Decode stage (CPU actors): video bytes -> sampled frames (decord) -> the family's HF processor.
+"""Decode stage (CPU actors): video bytes -> sampled frames (decord, or PyAV) -> the family's HF processor.
 
 Every failure (empty, truncated, not a video, unsupported codec, no frames, missing object) becomes
 the row's `error`; nothing raised here stops the job.
@@ -16,7 +16,7 @@ from pipeline.frames import VideoError, read_frames
 DECODED = pa.schema([
     ("video_id", pa.string()), ("source_uri", pa.string()), ("shard", pa.string()), ("truth", pa.string()),
     ("error", pa.string()), ("inputs", pa.binary()), ("num_frames", pa.int32()), ("width", pa.int32()),
-    ("height", pa.int32()), ("decode_ms", pa.float64()),
+    ("height", pa.int32()), ("decoder", pa.string()), ("decode_ms", pa.float64()),
 ])
 
 
@@ -125,12 +125,12 @@ class DecodeStage:
         out = []
         for row in batch.to_pylist():
             start = time.perf_counter()
-            row.update(inputs=None, num_frames=None, width=None, height=None)
+            row.update(inputs=None, num_frames=None, width=None, height=None, decoder=None)
             if row["error"] is None:
                 try:
                     data = row["video"] if row["video"] is not None else self._fetch(row["source_uri"])
                     row["inputs"], row["num_frames"], meta = self._inputs(data)
-                    row["width"], row["height"] = meta["width"], meta["height"]
+                    row["width"], row["height"], row["decoder"] = meta["width"], meta["height"], meta["decoder"]
                 except FileNotFoundError:
                     row["error"] = f"source: object not found: {row['source_uri']}"
                 except VideoError as e:

@@ -129,11 +129,10 @@ def _pool(size: dict, calls_per_actor: int = 1):
                              max_tasks_in_flight_per_actor=calls_per_actor, enable_true_multi_threading=True)
 
 
-def build(cfg: JobConfig, admission):
+def build(cfg: JobConfig, admission, source: sources.Source):
     """The whole graph, source to captions (a lazy Ray Dataset)."""
 
-    ds = sources.read(cfg.source, cfg.decode.max_bytes)
-    ds = ds.map_batches(_admit, fn_kwargs={"admission": admission}, batch_format="pyarrow", num_cpus=0.1)
+    ds = source.dataset.map_batches(_admit, fn_kwargs={"admission": admission}, batch_format="pyarrow", num_cpus=0.1)
     ds = ds.map_batches(
         DecodeStage, batch_format="pyarrow", batch_size=cfg.decode.batch_size,
         compute=_pool(cfg.decode.actors), num_cpus=cfg.decode.num_cpus,
@@ -180,7 +179,10 @@ def run(cfg: JobConfig, log=None, quality=None, out: str | None = None, done: np
     before = set(_parquet_files(fs, out))
     admission = _admission_actor().remote(done)
     t0 = time.perf_counter()
-    build(cfg, admission).write_parquet(out, filesystem=sources.arrow_filesystem(fs),
+    source = sources.read(cfg.source, cfg.decode.max_bytes)
+    if source.not_taken["count"]:
+        log(f"source: {not_taken_line(source.not_taken)}")
+    build(cfg, admission, source).write_parquet(out, filesystem=sources.arrow_filesystem(fs),
                                         min_rows_per_file=cfg.output.rows_per_file,
                                         max_rows_per_file=cfg.output.rows_per_file,
                                         ray_remote_args={"num_cpus": 0.1})
@@ -189,7 +191,7 @@ def run(cfg: JobConfig, log=None, quality=None, out: str | None = None, done: np
     import ray
 
     table = committed_rows(fs, new, log=log)
-    summary = summarize(table, wall) | ray.get(admission.report.remote())
+    summary = summarize(table, wall) | ray.get(admission.report.remote()) | {"not_taken": source.not_taken}
     if quality is not None and table is not None:
         summary |= quality(table)
     summary.update(job_id=cfg.job_id, output=fs.unstrip_protocol(out), files_written=len(new),
@@ -227,11 +229,19 @@ def summarize(table: pa.Table | None, wall_s: float) -> dict:
                     "mean_accepted_length": counted["tau"], "mean_draft_length": counted["mean_draft_length"],
                     "shares": counted["shares"]},
         "mode": rows[0]["mode"],
+        "decoded_with_pyav": sum(r.get("decoder") == "pyav" for r in rows),
         "slots": sorted({r["slots"] for r in ok if r.get("slots")}),
         # k=auto's cost tables (one per kind of replica): pinned with generation.k_costs, they give the same captions
         "k_costs": [json.loads(t) for t in sorted({r["k_costs"] for r in ok if r.get("k_costs")})],
         "audit": estimate([r["audit_agreement"] for r in ok if r.get("audit_agreement") is not None]),
     }
+
+
+def not_taken_line(n: dict) -> str:
+    kinds = ", ".join(f".{ext} {count}" if ext != "(none)" else f"no extension {count}"
+                      for ext, count in n["by_extension"].items())
+    return (f"{n['count']} files under the prefix are not taken as videos ({kinds}), e.g. {', '.join(n['examples'])}; "
+            "add an extension to source.video_extensions to take it")
 
 
 def human_summary(s: dict) -> str:
@@ -259,6 +269,10 @@ def human_summary(s: dict) -> str:
     if s.get("errors_by_stage"):
         lines.append("  failed : " + ", ".join(f"{k} {v}" for k, v in s["errors_by_stage"].items())
                      + "".join(f"\n           {f['video_id']}: {f['error']}" for f in s["failures"][:5]))
+    if (s.get("not_taken") or {}).get("count"):
+        lines.append(f"  source : {not_taken_line(s['not_taken'])}")
+    if s.get("decoded_with_pyav"):
+        lines.append(f"  decode : {s['decoded_with_pyav']} videos decord cannot read were decoded with PyAV")
     if s.get("skipped_already_written"):
         lines.append(f"  resumed: {s['skipped_already_written']} videos already in the output were skipped")
     if s.get("duplicates_skipped"):

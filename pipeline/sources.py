@@ -11,6 +11,7 @@ decode stage fetches it from source_uri), truth (the sample's .json, if any), er
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
@@ -96,8 +97,29 @@ def _from_manifest(batch: pa.Table) -> pa.Table:
     return _normalised(out)
 
 
-def read(cfg: SourceConfig, max_bytes: int):
-    """The source as a Ray Dataset of normalised rows (see module docstring)."""
+EXAMPLES = 5  # not-taken files named in a summary
+
+
+@dataclass
+class Source:
+    """A source opened for reading: its rows (a lazy Ray Dataset) and the files under its prefix
+    that are no input to this job (`not_taken`: count, by extension, a few examples)."""
+    dataset: object
+    not_taken: dict = field(default_factory=lambda: {"count": 0, "by_extension": {}, "examples": []})
+
+
+def _not_taken(fs, paths: list[str]) -> dict:
+    by_extension: dict[str, int] = {}
+    for p in paths:
+        name = p.rsplit("/", 1)[-1]
+        ext = name.rsplit(".", 1)[-1].lower() if "." in name else "(none)"
+        by_extension[ext] = by_extension.get(ext, 0) + 1
+    return {"count": len(paths), "by_extension": dict(sorted(by_extension.items())),
+            "examples": [fs.unstrip_protocol(p) for p in sorted(paths)[:EXAMPLES]]}
+
+
+def read(cfg: SourceConfig, max_bytes: int) -> Source:
+    """The source's normalised rows (see module docstring) and what under it is not taken."""
     import ray
 
     fs, root = filesystem(cfg.uri, cfg.storage_options)
@@ -106,12 +128,15 @@ def read(cfg: SourceConfig, max_bytes: int):
     fs.invalidate_cache()
     fmt = detect_format(cfg)
     arrow_fs = arrow_filesystem(fs)
+    untaken: list[str] = []
     args = dict(filesystem=arrow_fs, ray_remote_args={"num_cpus": cfg.num_cpus})
     if fmt == "manifest":
         reader = ray.data.read_parquet if root.endswith(".parquet") else ray.data.read_json
         ds = reader([root], **args).map_batches(_from_manifest, batch_format="pyarrow", num_cpus=cfg.num_cpus)
     elif fmt == "webdataset":
-        shards = sorted(p for p in fs.find(root) if p.endswith(".tar"))
+        found = fs.find(root)
+        shards = sorted(p for p in found if p.endswith(".tar"))
+        untaken = [p for p in found if not p.endswith(".tar")]
         if not shards:
             raise FileNotFoundError(f"source.uri {cfg.uri!r} holds no .tar shards")
         # A block per shard at least: shards stream independently, and output commits as they finish.
@@ -120,11 +145,15 @@ def read(cfg: SourceConfig, max_bytes: int):
             num_cpus=cfg.num_cpus)
     elif fmt == "files":
         found = fs.find(root, detail=True)
-        files = sorted(p for p, info in found.items() if p.rsplit(".", 1)[-1].lower() in cfg.video_extensions)
+        extensions = {e.lower().lstrip(".") for e in cfg.video_extensions}
+        files = sorted(p for p in found if p.rsplit(".", 1)[-1].lower() in extensions)
+        untaken = sorted(set(found) - set(files))
         too_big = [p for p in files if found[p].get("size", 0) > max_bytes]
         files = [p for p in files if p not in too_big]
         if not files and not too_big:
-            raise FileNotFoundError(f"source.uri {cfg.uri!r} holds no video files ({', '.join(cfg.video_extensions)})")
+            others = ", ".join(untaken[:EXAMPLES]) or "none"
+            raise FileNotFoundError(f"source.uri {cfg.uri!r} holds no video files ({', '.join(cfg.video_extensions)}); "
+                                    f"{len(untaken)} other files, e.g. {others}")
         parts = []
         if files:
             parts.append(ray.data.read_binary_files(files, include_paths=True, **args).map_batches(
@@ -138,4 +167,4 @@ def read(cfg: SourceConfig, max_bytes: int):
         ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     else:
         raise ValueError(f"source.format {fmt!r} unknown")
-    return ds.limit(cfg.limit) if cfg.limit else ds
+    return Source(ds.limit(cfg.limit) if cfg.limit else ds, _not_taken(fs, untaken))

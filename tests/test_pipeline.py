@@ -69,7 +69,6 @@ BAD = {
     "bad_truncated": lambda good: good[: len(good) // 2],
     "bad_zero": lambda good: b"",
     "bad_random": lambda good: np.random.default_rng(0).bytes(6000),
-    "bad_av1": lambda good: encode_mp4(render(sample_scene(np.random.default_rng(1)), 8), codec="libsvtav1"),
     "bad_noframes": lambda good: no_frames_mp4(),
 }
 
@@ -86,6 +85,8 @@ def e2e(s3, ray_cluster):
     _, good = make_clip(123)
     members = [(f"{name}.mp4", make(good)) for name, make in BAD.items()]
     members += [("notes.txt", b"not a video"), ("big_4k.mp4", huge_mp4())]
+    # AV1, which decord's FFmpeg lacks: decoded with PyAV's (dav1d)
+    members += [("av1.mp4", encode_mp4(render(sample_scene(np.random.default_rng(1)), 8), codec="libsvtav1"))]
     fs.pipe("videos/e2e/shard-000002.tar", _tar(members))
     fs.pipe("videos/e2e/shard-000003.tar", _tar([("toy7_000001.mp4", good)]))  # same id, other shard
     # k=auto with a pinned cost table (drafting pays): each row's K from its own acceptance, not from
@@ -117,7 +118,8 @@ def test_rows_carry_the_documented_columns_and_consistent_counters(e2e):
     required = {"video_id", "source_uri", "shard", "caption", "num_tokens", "mode", "target_model", "draft_model",
                 "num_cycles", "target_forwards", "draft_forwards", "mean_accepted_length", "accepted_exact",
                 "accepted_loose", "accepted_shift", "rejected_anchor", "num_frames", "decode_ms", "generate_ms",
-                "error", "config_hash", "job_id", "drafted", "mean_draft_length", "catch_ups", "slots", "k_costs"}
+                "error", "config_hash", "job_id", "drafted", "mean_draft_length", "catch_ups", "slots", "k_costs",
+                "decoder"}
     for r in rows:
         assert required <= r.keys() and r["job_id"] == "e2e" and r["mode"] == "lvspec"
         if r["error"] is None:
@@ -134,13 +136,19 @@ def test_rows_carry_the_documented_columns_and_consistent_counters(e2e):
     ("bad_truncated", "not a readable video"),
     ("bad_zero", "empty file"),
     ("bad_random", "not a readable video"),
-    ("bad_av1", "unsupported codec"),
     ("bad_noframes", "no video frames"),
     ("notes", "no video member"),
 ])
 def test_bad_input_becomes_a_row_with_its_error(e2e, video_id, message):
     _, _, by_id = e2e
     assert message in by_id[video_id]["error"] and by_id[video_id]["caption"] is None
+
+
+def test_a_video_decord_cannot_read_is_decoded_with_pyav_and_captioned(e2e):
+    summary, _, by_id = e2e
+    row = by_id["av1"]
+    assert row["error"] is None and row["caption"] and row["decoder"] == "pyav" and row["num_frames"] == 8
+    assert summary["decoded_with_pyav"] == 1 and by_id["toy7_000000"]["decoder"] == "decord"
 
 
 def test_a_4k_clip_is_decoded_scaled_down_and_captioned(e2e):
@@ -157,8 +165,8 @@ def test_a_video_id_in_two_shards_is_captioned_once(e2e):
 
 def test_the_summary_accounts_for_every_row(e2e):
     summary, rows, _ = e2e
-    assert summary["videos"] == len(rows) == GOOD + len(BAD) + 2
-    assert summary["ok"] == GOOD + 1 and summary["failed"] == len(BAD) + 1
+    assert summary["videos"] == len(rows) == GOOD + len(BAD) + 3  # + notes (no video member), 4k, AV1
+    assert summary["ok"] == GOOD + 2 and summary["failed"] == len(BAD) + 1  # + the 4k and the AV1 videos
     assert summary["caption"]["tokens"] == sum(r["num_tokens"] or 0 for r in rows)
     assert summary["caption"]["mean_accepted_length"] > 1.5
 

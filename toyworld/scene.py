@@ -207,15 +207,29 @@ def render(scene: Scene, num_frames: int = NUM_FRAMES, size: int | tuple[int, in
     return frames
 
 
-def encode_mp4(frames: np.ndarray, fps: int = FPS, crf: int = 20, codec: str = "libx264") -> bytes:
-    """Encode (T, H, W, 3) uint8 RGB frames as an mp4 (H.264 by default) and return its bytes."""
+# Per file extension: the FFmpeg muxer and a video encoder PyAV's wheels carry (a user's files come in
+# all of these; the tests make one of each).
+CONTAINERS = {"mp4": ("mp4", "libx264"), "m4v": ("mp4", "libx264"), "mov": ("mov", "libx264"),
+              "mkv": ("matroska", "libx264"), "webm": ("webm", "libvpx-vp9"), "avi": ("avi", "mpeg4"),
+              "ts": ("mpegts", "libx264"), "m2ts": ("mpegts", "libx264"), "mts": ("mpegts", "libx264"),
+              "mpg": ("mpeg", "mpeg1video"), "mpeg": ("mpeg", "mpeg2video"), "3gp": ("3gp", "libx264"),
+              "flv": ("flv", "flv"), "wmv": ("asf", "wmv2"), "ogv": ("ogg", "libvpx"), "gif": ("gif", "gif")}
+MPEG_RATE = 24  # MPEG-1/2 video allows only the broadcast frame rates
+
+
+def encode_video(frames: np.ndarray, ext: str = "mp4", fps: int = FPS, crf: int = 20,
+                 codec: str | None = None) -> bytes:
+    """Encode (T, H, W, 3) uint8 RGB frames in the container of file extension `ext` (`CONTAINERS`;
+    H.264 in MP4 by default, `codec` to choose another) and return the file's bytes."""
     import av  # imported here: only producers of videos need PyAV
 
+    muxer, default = CONTAINERS[ext]
+    codec = codec or default
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=fps)
+    with av.open(buf, mode="w", format=muxer) as container:
+        stream = container.add_stream(codec, rate=MPEG_RATE if codec.startswith("mpeg") and codec != "mpeg4" else fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
         stream.thread_count = 1  # tiny clips: threads only oversubscribe parallel renderers
         if codec == "libx264":
             stream.options = {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency", "threads": "1"}
@@ -225,6 +239,11 @@ def encode_mp4(frames: np.ndarray, fps: int = FPS, crf: int = 20, codec: str = "
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def encode_mp4(frames: np.ndarray, fps: int = FPS, crf: int = 20, codec: str = "libx264") -> bytes:
+    """Encode (T, H, W, 3) uint8 RGB frames as an mp4 (H.264 by default) and return its bytes."""
+    return encode_video(frames, "mp4", fps, crf, codec)
 
 
 def decode_mp4(data: bytes) -> np.ndarray:
