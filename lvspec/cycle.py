@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lvspec.adapter import Prompt, shared_vocab, text_config
 from lvspec.config import SpecConfig
 from lvspec.decoder import TextDecoder
-from lvspec.draft_length import choose
+from lvspec.draft_length import choose, choose_batch
 from lvspec.families import adapter_for
 from lvspec.relevance import RelevanceProbe, relevance_heads, relevance_weights
 from lvspec.replay import Replay
@@ -239,10 +239,16 @@ class Cycle:
         st.publish()
 
     def next_k(self, st: DecodeState) -> None:
-        """Each decoding row's K for the next cycle, from its own history, within the tokens it may
-        still emit (less the target's own): k=auto's choice, or the fixed k."""
+        """Each decoding row's K for the next cycle, within the tokens it may still emit (less the
+        target's own): k=auto's choice (lvspec: from the row's own history; sd: the batch's), or
+        the fixed k."""
         if not self.k_max:
             return
         limit = (st.budget - st.length - 1).clamp(0, self.k_max)
-        k = choose(st.reached, st.kept, st.cycle_ms, limit) if self.auto else limit.clamp(max=self.cfg.k)
+        if not self.auto:
+            k = limit.clamp(max=self.cfg.k)
+        elif self.cfg.mode == "sd":  # exact: any K gives the same tokens, so the batch chooses one together
+            k = choose_batch(st.reached, st.kept, st.cycle_ms, limit, st.active)
+        else:
+            k = choose(st.reached, st.kept, st.cycle_ms, limit)
         st.k_row.copy_(k * st.active)

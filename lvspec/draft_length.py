@@ -10,7 +10,11 @@ starts from the prior alone).
 
 So a row's K follows from the config, the cost table and the row's own history alone, never from
 its batch neighbours, its slot or the rank count: the same video gets the same caption wherever it
-runs with the same table. The table is measured once per engine (the first state's shapes) or
+runs with the same table. A cycle drafts the longest K any row asks for, and every row pays for
+it: at large batch almost every cycle holds a row that wants to draft. Exact decoding (sd) emits
+the same tokens at any K, so there the batch chooses one K together (`choose_batch`): the most
+expected tokens of all its decoding rows per millisecond, K = 0 where drafting does not pay the
+batch. The table is measured once per engine (the first state's shapes) or
 pinned (`SpecConfig.k_costs`, e.g. the table a job's summary recorded on the same kind of GPU).
 """
 
@@ -85,3 +89,15 @@ def choose(reached: torch.Tensor, kept: torch.Tensor, cycle_ms: torch.Tensor, li
     k = torch.arange(cycle_ms.numel(), device=rate.device)
     least = torch.minimum((reached[:, 0] < EVIDENCE).long(), limit)
     return rate.masked_fill((k > limit[:, None]) | (k < least[:, None]), -math.inf).argmax(1)
+
+
+def choose_batch(reached: torch.Tensor, kept: torch.Tensor, cycle_ms: torch.Tensor, limit: torch.Tensor,
+                 active: torch.Tensor) -> torch.Tensor:
+    """Exact decoding's K: one for every decoding row (each capped by its `limit`), the one whose
+    cycle yields the batch the most expected tokens per millisecond (the shortest on a tie). Rows
+    new to the batch count at the prior, so a batch where drafting pays starts drafting; no row
+    needs evidence of its own (the choice is the batch's). On the device, no host sync."""
+    k = torch.arange(cycle_ms.numel(), device=limit.device)
+    per_row = expected_tokens(reached, kept).gather(1, torch.minimum(k[None, :], limit[:, None]))
+    best = ((per_row * active[:, None]).sum(0) / cycle_ms).argmax()
+    return torch.minimum(best, limit)

@@ -127,19 +127,58 @@ def test_a_draft_that_sat_out_cycles_catches_up_and_drafts_what_it_would_have(pa
 
 @pytest.mark.parametrize("mode", ["sd", "lvspec"])
 def test_k_auto_drafts_nothing_where_a_verify_costs_more_than_its_tokens(pair, mode):
-    """The K = 0 fallback: under a cost table where drafting cannot pay, a row drafts in its first
-    EVIDENCE cycles (what it accepts is its evidence), then runs plain target steps, the draft only
-    catching up now and then; so k=auto does not lose to ar. sd stays greedy-identical."""
+    """The K = 0 fallback: under a cost table where drafting cannot pay, an lvspec row drafts in its
+    first EVIDENCE cycles (what it accepts is its evidence), then runs plain target steps; an sd batch
+    (its choice the batch's, from the prior) never drafts. The draft catches up now and then; so
+    k=auto does not lose to ar. sd stays greedy-identical."""
     _, processor, target, draft = pair
     rows = make_rows(processor, [8, 4, 6])
     engine = Engine(target, draft, SpecConfig(mode=mode, k="auto", k_costs=NEVER, theta=0.45, max_new_tokens=48))
     out = engine.generate(rows)
+    ks = engine.timing["k"]
+    assert engine.timing["ingests"] >= 1 and sum(r.stats.catch_ups for r in out) >= 1
+    assert all(r.stats.draft_forwards == 1 + r.stats.drafted + r.stats.catch_ups for r in out)
     if mode == "sd":
         assert [r.tokens for r in out] == hf_greedy(processor, target, rows)
-    ks = engine.timing["k"]
-    assert min(ks[:EVIDENCE]) >= 1 and set(ks[EVIDENCE:]) == {0} and engine.timing["ingests"] >= 1
-    assert all(EVIDENCE <= r.stats.drafted <= EVIDENCE * 10 and r.stats.draft_forwards == 1 + r.stats.drafted
-               + r.stats.catch_ups for r in out) and sum(r.stats.catch_ups for r in out) >= 1
+        assert set(ks) == {0} and all(r.stats.drafted == 0 for r in out)
+    else:
+        assert min(ks[:EVIDENCE]) >= 1 and set(ks[EVIDENCE:]) == {0}
+        assert all(EVIDENCE <= r.stats.drafted <= EVIDENCE * 10 for r in out)
+
+
+def test_an_exact_batch_chooses_one_k_for_the_most_tokens_of_all_its_rows():
+    """sd's k=auto: one K for the batch, the best expected tokens of all decoding rows per ms (a
+    brute-force check), each row capped by its own limit; a batch of rows that keep their drafts
+    drafts where a lone poor row would not, and where drafting cannot pay nobody drafts."""
+    from lvspec.draft_length import choose, choose_batch, expected_tokens
+
+    k_max = 6
+    reached = torch.tensor([[20.0] * k_max, [20.0] * k_max, [20.0, 2, 0, 0, 0, 0], [0.0] * k_max], dtype=torch.float64)
+    kept = torch.tensor([[19.0] * k_max, [18.0] * k_max, [2.0, 0, 0, 0, 0, 0], [0.0] * k_max], dtype=torch.float64)
+    limit = torch.tensor([6, 6, 6, 2])
+    active = torch.tensor([True, True, True, False])
+    for costs in (PAYS, NEVER, Costs(draft_step_ms=2.0, verify_0_ms=10.0, verify_1_ms=12.0, verify_max_ms=30.0)):
+        cycle_ms = torch.tensor(costs.cycle_ms(k_max), dtype=torch.float64)
+        got = choose_batch(reached, kept, cycle_ms, limit, active)
+        gain = expected_tokens(reached, kept)
+        rate = [sum(float(gain[i, min(k, int(limit[i]))]) for i in range(3)) / float(cycle_ms[k]) for k in range(k_max + 1)]
+        best = max(range(k_max + 1), key=lambda k: (rate[k], -k))
+        assert got.tolist() == [min(best, int(n)) for n in limit], (costs, rate)
+    cycle_ms = torch.tensor(PAYS.cycle_ms(k_max), dtype=torch.float64)
+    assert int(choose_batch(reached, kept, cycle_ms, limit, active)[0]) == k_max
+    # Alone, the poor row (2 of 20 kept) would draft less than the batch has it draft.
+    assert int(choose(reached[2:3], kept[2:3], cycle_ms, limit[2:3])) < k_max
+    assert set(choose_batch(reached, kept, torch.tensor(NEVER.cycle_ms(k_max), dtype=torch.float64), limit,
+                            active).tolist()) == {0}
+
+
+def test_sd_k_auto_drafts_one_k_a_cycle_for_every_row_and_stays_greedy(pair):
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6, 5])
+    engine = Engine(target, draft, SpecConfig(mode="sd", k="auto", k_max=6, k_costs=PAYS, max_new_tokens=48))
+    out = engine.generate(rows)
+    assert [r.tokens for r in out] == hf_greedy(processor, target, rows)
+    assert max(engine.timing["k"]) > 1  # drafting pays this batch: it drafts
 
 
 def test_slots_auto_takes_what_memory_holds_and_decodes_like_fixed_slots(pair):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from conftest import spawn_ranks
 from lvspec import Engine, SpecConfig, loading, parallel
-from lvspec.draft_length import EVIDENCE, Costs
+from lvspec.draft_length import Costs
 from toyworld import families, grammar
 from toyworld.families import MODELS_DIR, load_pair
 from toyworld.scene import render, sample_scene
@@ -61,8 +61,8 @@ def test_graph_replay_decodes_exactly_like_eager(pair, cfg):
         assert [r.tokens for r in graphed] == [r.tokens for r in eager]
         if cfg.k != "auto" or cfg.k_costs is not None:  # a measured k=auto table may differ run to run
             assert [r.stats for r in graphed] == [r.stats for r in eager]
-    if cfg.k_costs == NEVER:  # K = 0 once the rows have drafted EVIDENCE cycles
-        assert engine.timing["ingests"] > 0 and set(engine.timing["k"][EVIDENCE:]) == {0}
+    if cfg.k_costs == NEVER:  # sd: the batch's choice, K = 0 from the first cycle; the draft still catches up
+        assert engine.timing["ingests"] > 0 and set(engine.timing["k"]) == {0}
     assert engine._state.stages.graphs, "nothing was captured"
     if cfg.mode == "lvspec":
         assert sum(r.stats.accepted_loose + r.stats.accepted_shift for r in graphed) > 0
