@@ -348,14 +348,16 @@ def _ratio(x, form: str = "{:.2f}") -> str:
 
 
 def chart(p: dict) -> list[str]:
-    """A Mermaid line chart of tokens/s against batch, one line a mode (ar, sd, lvspec; 0: out of memory)."""
+    """A Mermaid line chart of tokens/s against batch, one line a mode run (ar, sd, lvspec in that order;
+    0: out of memory)."""
     batches = sorted({r["batch_size"] for r in p["runs"]})
     tps = {(r["mode"], r["batch_size"]): (0 if r.get("out_of_memory") else r["decode_tokens_per_s"]) for r in p["runs"]}
     top = max(tps.values(), default=1)
+    ran = [m for m in MODES if any(r["mode"] == m for r in p["runs"])]
     lines = ["```mermaid", "xychart-beta", f'    title "{p["target"]} / {p["draft"]}: decode tokens/s by batch '
-             '(lines: ar, sd, lvspec)"', f"    x-axis \"batch\" [{', '.join(map(str, batches))}]",
+             f'(lines: {", ".join(ran)})"', f"    x-axis \"batch\" [{', '.join(map(str, batches))}]",
              f'    y-axis "tokens/s" 0 --> {int(top * 1.1) + 1}']
-    for mode in MODES:
+    for mode in ran:
         lines.append(f"    line [{', '.join(f'{tps.get((mode, b), 0):.0f}' for b in batches)}]")
     return lines + ["```", ""]
 
