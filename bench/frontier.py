@@ -15,8 +15,11 @@ cost table, at its batch). The rows repeat `--videos` videos, each prefilled for
 sitting; every other row gets that prefill's keys copied into its slot (`PromptsOnce`), so the
 prefill, which no decoding method speeds up, costs the sitting little and stays out of the figure.
 A run is one call of `batch` rows, or with `--stream N`, N x batch rows streamed through the slots
-(a bulk job's steady state: a freed slot takes the next row at once). Per point: decode tokens/s
-(median, spread), tau, the cycles' K, slot use (decoding rows per cycle over slots), the verify's
+(a freed slot takes the next row at once). Per point: decode tokens/s (median, spread); steady
+tokens/s, the same until the stream's rows ran out (a free slot found none): what a bulk job's
+replica runs at, whose slots never drain (a short stream's end is only slots emptying, and
+lvspec's rows, whose lengths in cycles vary, leave many idle there); tau, the cycles' K, slot
+use (decoding rows per cycle over slots), the verify's
 TFLOP/s against the chip's bf16 peak, the bytes the forwards must read over HBM bandwidth, peak GPU
 memory. `--memory-gib` caps the process's GPU memory (an 80 GB card's, on an H200); `--auto` adds an
 lvspec engine with slots="auto", streaming twice as many rows as it chose slots.
@@ -143,7 +146,9 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
             raise RuntimeError("a run decoded other tokens than the first: copied prompt keys differ from prefilled ones")
         t = engine.timing
         tokens = sum(o.stats.num_tokens - 1 for o in outs)  # the prefill's token is no decoding
-        runs.append({"tps": tokens / t["decode_s"], "t": t, "tokens": tokens, "cycles": sum(o.stats.num_cycles for o in outs),
+        steady = t["steady_tokens"] / t["steady_s"] if t.get("steady_s") else None  # until the rows ran out
+        runs.append({"tps": tokens / t["decode_s"], "steady": steady, "t": t, "tokens": tokens,
+                     "cycles": sum(o.stats.num_cycles for o in outs),
                      "peak_gib": torch.cuda.max_memory_allocated(engine.device) / 2**30 if cuda else None})
     tps = [r["tps"] for r in runs]
     mid = sorted(runs, key=lambda r: r["tps"])[len(runs) // 2]
@@ -153,8 +158,13 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
     per_token = 2 * T.weight_bytes() / T.dtype.itemsize + 4 * len(T.layers) * T.heads * T.head_dim * ctx
     read = len(ks) * (T.weight_bytes() + kv_bytes(T, ctx, bs)) + t["draft_steps"] * (D.weight_bytes() + kv_bytes(D, ctx, bs) if D else 0)
     median = statistics.median(tps)
+    steady = [r["steady"] for r in runs if r["steady"] is not None]
+    steady = steady if len(steady) == len(runs) else []
     return {"batch_size": bs, "rows": len(rows), "decode_tokens_per_s": median, "spread": (max(tps) - min(tps)) / median,
-            "runs_tokens_per_s": tps, "tau": mid["tokens"] / max(mid["cycles"], 1), "cycles": len(ks),
+            "runs_tokens_per_s": tps,
+            "steady_tokens_per_s": statistics.median(steady) if steady else None,
+            "steady_spread": (max(steady) - min(steady)) / statistics.median(steady) if steady else None,
+            "tau": mid["tokens"] / max(mid["cycles"], 1), "cycles": len(ks),
             "k_median": statistics.median(ks) if ks else 0, "k_mean": sum(ks) / max(len(ks), 1),
             "slot_use": t["slot_use"], "ingests": t["ingests"], "costs": t["costs"],
             "ms_per_verify": 1e3 * t["verify_s"] / max(t["verifies"], 1),
@@ -260,7 +270,16 @@ def peaks(runs: list[dict]) -> dict:
         if not r.get("out_of_memory"):
             by_batch.setdefault(r["batch_size"], {})[r["mode"]] = r["decode_tokens_per_s"]
     over_ar = {bs: {m: v / got["ar"] for m, v in got.items() if m != "ar"} for bs, got in by_batch.items() if "ar" in got}
-    return {"peak": best, **ratio, "over_ar_by_batch": over_ar}
+    # The same over each stream's steady part (until its rows ran out: a bulk job's slots never drain).
+    steady = {}
+    for r in runs:
+        value = None if r.get("out_of_memory") else r.get("steady_tokens_per_s")
+        if value is not None and value > steady.get(r["mode"], {}).get("tokens_per_s", 0):
+            steady[r["mode"]] = {"batch_size": r["batch_size"], "tokens_per_s": value}
+    ar_steady = steady.get("ar", {}).get("tokens_per_s")
+    steady_ratio = {f"steady_peak_{m}_over_peak_ar": steady[m]["tokens_per_s"] / ar_steady
+                    if ar_steady and m in steady else None for m in ("sd", "lvspec")}
+    return {"peak": best, **ratio, "over_ar_by_batch": over_ar, "steady_peak": steady, **steady_ratio}
 
 
 def run_cmd(args, argv) -> None:
@@ -305,7 +324,8 @@ def run_cmd(args, argv) -> None:
 def markdown(report: dict) -> str:
     lines = [f"Command: `{report['command']}`  ", f"Machine: {report['machine']}  ", f"Date: {report['date']}  ",
              f"Each point: median of {report.get('repeats', 3)} decodes of the same prefilled rows (spread = "
-             "(max - min) / median), replayed acceptance, k=auto; decode tokens/s leaves the prefill out; slots "
+             "(max - min) / median), replayed acceptance, k=auto; decode tokens/s leaves the prefill out; steady "
+             "tok/s: until the stream's rows ran out (a free slot found none; after it slots only empty); slots "
              "busy = decoding rows per cycle over slots; verify TFLOP/s against 989 (bf16 dense peak); "
              "OOM = out of GPU memory, where that mode's climb ends.", ""]
     for p in report["pairs"]:
@@ -314,16 +334,18 @@ def markdown(report: dict) -> str:
                 else "one call of batch rows")
         lines += [f"#### {p['target']} / {p['draft']}, {p['frames']} frames ({p['prompt_tokens']}-token prompts), "
                   f"{p['new_tokens']} new tokens, {p.get('setting', 'default')} setting{cap}; {flow}", "",
-                  "| batch | mode | decode tok/s | spread | x ar | tau | K (mean) | slots busy | ms per verify | "
-                  "verify TFLOP/s (share) | GB/s (share) | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| batch | mode | decode tok/s | spread | x ar | steady tok/s | tau | K (mean) | slots busy | "
+                  "ms per verify | verify TFLOP/s (share) | GB/s (share) | peak GiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         over = p.get("over_ar_by_batch", {})
         for r in sorted(p["runs"], key=lambda r: (r["batch_size"], MODES.index(r["mode"]))):
             if r.get("out_of_memory"):
-                lines.append(f"| {r['batch_size']} | {r['mode']} | OOM | | | | | | | | | |")
+                lines.append(f"| {r['batch_size']} | {r['mode']} | OOM | | | | | | | | | | |")
                 continue
             x = over.get(r["batch_size"], over.get(str(r["batch_size"]), {})).get(r["mode"])  # JSON keys are strings
             cells = [r["batch_size"], r["mode"], f"{r['decode_tokens_per_s']:.1f}", f"{r['spread']:.1%}", _ratio(x),
-                     f"{r['tau']:.2f}", f"{r['k_mean']:.1f}", f"{r['slot_use']:.0%}", f"{r['ms_per_verify']:.2f}",
+                     _ratio(r.get("steady_tokens_per_s"), "{:.1f}"), f"{r['tau']:.2f}",
+                     f"{r['k_mean']:.1f}", f"{r['slot_use']:.0%}", f"{r['ms_per_verify']:.2f}",
                      f"{r['verify_tflops']:.0f} ({r['verify_bf16_share']:.0%})",
                      f"{r['achieved_gb_per_s']:.0f} ({r['bandwidth_share']:.0%})",
                      _ratio(r.get("peak_gib"), "{:.1f}")]
@@ -333,6 +355,11 @@ def markdown(report: dict) -> str:
                                             for m, b in best.items())
                   + "; **peak lvspec / peak ar = " + _ratio(p.get("peak_lvspec_over_peak_ar"))
                   + "**, peak sd / peak ar = " + _ratio(p.get("peak_sd_over_peak_ar")), ""]
+        if p.get("steady_peak"):
+            lines += ["Steady state (each stream until its rows ran out): " + ", ".join(
+                f"{m} {b['tokens_per_s']:.1f} tok/s at batch {b['batch_size']}" for m, b in p["steady_peak"].items())
+                + "; peak lvspec / peak ar = " + _ratio(p.get("steady_peak_lvspec_over_peak_ar"))
+                + ", peak sd / peak ar = " + _ratio(p.get("steady_peak_sd_over_peak_ar")), ""]
         a = p.get("auto")
         if a:
             lines += [f"slots=auto (lvspec): {a['plan']}; " + (

@@ -99,6 +99,9 @@ class Stream:
         self.start, self.prefill_s, self.prefills, self.placed, self.peak = time.perf_counter(), 0.0, 0, 0, 0
         self.pending: _Pending | None = None  # a group being prefilled, not placed yet
         self.overlapped = self.ingests = self.busy = 0  # prefills run beside decoding; draft catch-ups; rows x cycles
+        # The steady part of a stream, until a free slot first finds no row (from then on slots only
+        # empty): decoded tokens of the rows finished so far; (seconds, prefill s, decoded tokens, cycles) then.
+        self.decoded, self.dry = 0, None
 
     def _free(self) -> list[int]:
         if self.st is None:  # before the first state: as many rows as it may get slots
@@ -233,6 +236,7 @@ class Stream:
         slots = [s for s, row in enumerate(self.slot_row) if row is not None and not flags[s]]
         out = []
         for slot, result in zip(slots, self._outputs(slots)):
+            self.decoded += max(len(result.tokens) - 1, 0)  # the first token is the prefill's
             i = self.slot_row[slot]
             result.trace, result.accepted_per_cycle = self.traces.pop(i), self.kept.pop(i)
             out.append((i, result))
@@ -259,6 +263,8 @@ class Stream:
         self._refill()
         if self.st is None:  # no rows yet: none at all, or none so far from a feed
             return None if self.exhausted and not self.waiting else []
+        if self.dry is None and self.exhausted and not self.waiting and self.pending is None:
+            self._mark_dry()
         finished = self._finished()
         if finished:
             return finished
@@ -287,6 +293,15 @@ class Stream:
         self.status = st.read()  # the cycle's one host read
         return self._finished()
 
+    def _mark_dry(self) -> None:
+        """The rows have run out (every one placed, and a read found no more): what the stream
+        decoded until now is its steady state (a bulk job's slots never run dry; a finite stream's
+        end is only its drain). One host read."""
+        held = [s for s, row in enumerate(self.slot_row) if row is not None]
+        lengths = self.st.length[torch.tensor(held, device=self.engine.device)].tolist() if held else []
+        tokens = self.decoded + sum(max(n - 1, 0) for n in lengths)
+        self.dry = (time.perf_counter() - self.start, self.prefill_s, tokens, len(self.ks))
+
     def timing(self) -> dict:
         """What this stream did, and how long it took (waits for the device)."""
         if self.cuda:
@@ -302,7 +317,15 @@ class Stream:
             "slot_use": self.busy / (len(self.ks) * self.st.slots) if self.ks else 0.0,  # decoding rows per cycle over slots
             "prompt_graphs": self.st.prompts.summary() if self.st is not None else None,
             "costs": e.costs.as_dict() if e.costs is not None else None,
-            "attention": {"target": dict(e.T.attention), "draft": dict(e.D.attention) if e.D else None}}
+            "attention": {"target": dict(e.T.attention), "draft": dict(e.D.attention) if e.D else None},
+            **self._steady()}
+
+    def _steady(self) -> dict:
+        """Decoding until the rows ran out (None where no cycle ran before it)."""
+        if self.dry is None or not self.dry[3]:
+            return {"steady_s": None, "steady_tokens": None, "steady_cycles": None}
+        seconds, prefill_s, tokens, cycles = self.dry
+        return {"steady_s": seconds - prefill_s, "steady_tokens": tokens, "steady_cycles": cycles}
 
 
 def _record(traces, kept, st: DecodeState, k: int, slot_row: list[int | None], layers: list[int], stop: set[int]) -> None:

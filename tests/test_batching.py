@@ -220,3 +220,18 @@ def test_bad_batching_settings_fail_clearly():
             Engine(target, draft, SpecConfig(mode="sd"), slots=slots)
     with pytest.raises(ValueError, match="max_slots"):
         next(Engine(target, draft, SpecConfig(mode="sd"), slots="auto").stream(RowFeed()))
+
+
+def test_a_stream_times_its_steady_part_until_its_rows_run_out(pair):
+    """timing's steady_* cover the stream until a free slot first found no row (a bulk job's state:
+    its slots never drain); after it only the drain is left."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6, 5])
+    engine = Engine(target, draft, SpecConfig(mode="lvspec", k="auto", k_costs=PAYS, theta=0.45, max_new_tokens=24),
+                    slots=2)
+    out = engine.generate(rows)
+    t = engine.timing
+    decoded = sum(len(r.tokens) - 1 for r in out)
+    assert 0 < t["steady_cycles"] < t["cycles"] and 0 < t["steady_tokens"] < decoded and 0 < t["steady_s"] < t["decode_s"]
+    # The last row enters once all but two rows (the slots) have finished: their tokens at least.
+    assert len(out) > 2 and t["steady_tokens"] >= sum(sorted(len(r.tokens) - 1 for r in out)[:len(out) - 2])

@@ -49,6 +49,8 @@ def test_a_frontier_climb_writes_every_point_and_each_modes_peak(tmp_path):
     # Two videos, each prefilled once for the engines without a draft (ar) and once for those with one.
     assert sum(r["prefills"] for r in pair["runs"]) == 4
     assert all(len(r["runs_tokens_per_s"]) == 2 and 0 < r["slot_use"] <= 1 for r in pair["runs"])
+    # Streamed: each point's steady part (until its rows ran out) timed too, and its peaks.
+    assert all(r["steady_tokens_per_s"] > 0 for r in pair["runs"]) and set(pair["steady_peak"]) == {"ar", "sd", "lvspec"}
     assert pair["auto"]["slots"] == 2 and pair["auto"]["rows"] == 4  # the most slots asked for; twice as many rows
     best = max((r for r in pair["runs"] if r["mode"] == "lvspec"), key=lambda r: r["decode_tokens_per_s"])
     assert pair["peak"]["lvspec"]["batch_size"] == best["batch_size"]
