@@ -32,11 +32,16 @@ from lvspec.stats import KINDS
 from lvspec.verify import BONUS, Verdict, verify
 
 
-def needs_ingest(k: int, lag: int) -> bool:
-    """Whether a cycle drafting k tokens first lets the draft catch up (`Cycle.ingest`), from the
-    status's largest lag: it missed tokens and drafts now, or it would miss more than one catch-up
-    forward reads."""
-    return lag > 2 and (k > 0 or lag >= CATCH_UP + 2)
+def catch_ups(k: int, lag: int, lazy: bool = False) -> int:
+    """How many catch-up forwards (`Cycle.ingest`, up to CATCH_UP tokens a row each) a cycle
+    drafting k tokens runs first, from the status's largest lag: enough to catch up where it
+    drafts now; else one where the draft would fall further behind than one forward reads, unless
+    `lazy` (exact sd, whose batch may stop drafting for good: it catches up only when it drafts)."""
+    if lag <= 2:
+        return 0
+    if k > 0:
+        return -(-(lag - 2) // CATCH_UP)
+    return int(not lazy and lag >= CATCH_UP + 2)
 
 
 class Cycle:
@@ -52,6 +57,7 @@ class Cycle:
         self.tp = self.T.tp  # the target sharded over ranks (parallel.py); the draft is whole on each
         self.k_max = cfg.longest_draft if draft is not None else 0
         self.auto = draft is not None and cfg.k == "auto"
+        self.batch_k = self.auto and cfg.mode == "sd"  # exact: the batch chooses one K (draft_length.choose_batch)
         self.probing = cfg.loosened and cfg.gate
         self.heads = relevance_heads(cfg, tc.num_hidden_layers, tc.num_attention_heads, target.device)
         self.head_weights = relevance_weights(cfg, target.device)
@@ -137,9 +143,10 @@ class Cycle:
     # ---- the decoding stages (fixed shapes, no host sync) ----------------------------------------
     def ingest(self, st: DecodeState) -> None:
         """The draft reads the tokens before [prev, last] that it missed (up to CATCH_UP a row, in
-        one forward): rows drafting next start from their two newest tokens again."""
+        one forward; the oldest first, so forwards in a row catch up any lag): rows caught up
+        start drafting from their two newest tokens again."""
         D = st.D
-        pending = (st.lag - 2).clamp(min=0) * st.active
+        pending = (st.lag - 2).clamp(0, CATCH_UP) * st.active
         at = (st.length + 1 - st.lag)[:, None] + torch.arange(CATCH_UP, device=st.lag.device)  # 0: seq0
         emitted = st.tokens.gather(1, (at - 1).clamp(0, st.tokens.shape[1] - 1))
         self.D.forward(D, torch.where(at == 0, st.seq0[:, None], emitted), logits=False)  # keys past `pending` unread
@@ -247,7 +254,7 @@ class Cycle:
         limit = (st.budget - st.length - 1).clamp(0, self.k_max)
         if not self.auto:
             k = limit.clamp(max=self.cfg.k)
-        elif self.cfg.mode == "sd":  # exact: any K gives the same tokens, so the batch chooses one together
+        elif self.batch_k:  # exact: any K gives the same tokens, so the batch chooses one together
             k = choose_batch(st.reached, st.kept, st.cycle_ms, limit, st.active)
         else:
             k = choose(st.reached, st.kept, st.cycle_ms, limit)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lvspec.adapter import Prompt, check_video_rows, rows_on
-from lvspec.cycle import needs_ingest
+from lvspec.cycle import catch_ups
 from lvspec.feed import RowFeed
 from lvspec.replay import Replay
 from lvspec.state import DecodeState, Status
@@ -277,7 +277,7 @@ class Stream:
         self.ks.append(k)
         self.busy += sum(self.status.slots)
         a = self.clock.mark()
-        if st.D is not None and needs_ingest(k, lag):  # the draft catches up first
+        for _ in range(catch_ups(k, lag, lazy=cycle.batch_k) if st.D is not None else 0):  # the draft catches up first
             st.stages.run(("ingest",), lambda: cycle.ingest(st))
             self.ingests += 1
         if k:

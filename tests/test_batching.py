@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lvspec import Engine, RowFeed, SpecConfig, memory
-from lvspec.cycle import needs_ingest
+from lvspec.cycle import catch_ups
 from lvspec.draft_length import EVIDENCE, Costs
 from lvspec.state import CATCH_UP
 from test_lvspec import FAMILIES, assert_counters_add_up, hf_greedy, make_rows
@@ -86,9 +86,11 @@ def draft_next(draft, row: dict, emitted: list[int], vocab: int) -> int:
     return int(logits[:vocab].argmax())
 
 
-def test_a_draft_that_sat_out_cycles_catches_up_and_drafts_what_it_would_have(pair):
+@pytest.mark.parametrize("lazy", [False, True], ids=["bounded", "lazy"])
+def test_a_draft_that_sat_out_cycles_catches_up_and_drafts_what_it_would_have(pair, lazy):
     """K = 0 cycles (plain target steps) leave the draft behind; before it drafts again it reads
-    what it missed in catch-up forwards (one whenever it would fall further behind than one reads),
+    what it missed in catch-up forwards (bounded: one whenever it would fall further behind than
+    one reads; lazy, sd's batch choice: only when it drafts again, as many forwards as it takes),
     then proposes exactly the draft model's greedy next token for every row's sequence so far. The
     stages run as a stream runs them; the tokens stay greedy generate's."""
     _, processor, target, draft = pair
@@ -97,7 +99,10 @@ def test_a_draft_that_sat_out_cycles_catches_up_and_drafts_what_it_would_have(pa
     engine = Engine(target, draft, SpecConfig(mode="sd", k=3, max_new_tokens=48))
     engine.generate(rows)  # builds the state
     st, cycle, vocab = engine._state, engine.cycle, engine.D.head.shape[0]
-    schedule = [0] * (CATCH_UP + 1) + [0, 2, 0, 0, 3] + [1] * 40  # toy captions: 15-20 tokens
+    if lazy:  # 13 tokens missed: three forwards before the K = 2 cycle
+        schedule = [0] * (2 * CATCH_UP + 1) + [2] + [1] * 40
+    else:
+        schedule = [0] * (CATCH_UP + 1) + [0, 2, 0, 0, 3] + [1] * 40  # toy captions: 15-20 tokens
     ingests, checked = [], 0
     with torch.inference_mode():
         st.reset()
@@ -108,11 +113,12 @@ def test_a_draft_that_sat_out_cycles_catches_up_and_drafts_what_it_would_have(pa
             status = st.read()
             if not status.decoding:
                 break
-            if needs_ingest(k, status.lag):
+            for _ in range(catch_ups(k, status.lag, lazy)):
                 cycle.ingest(st)
                 ingests.append(k)
-            assert status.lag <= CATCH_UP + 2
+            assert lazy or status.lag <= CATCH_UP + 2
             if k:
+                assert int((st.lag * st.active).max()) == 2  # caught up before drafting
                 cycle.draft(st, k)
                 for i, row in enumerate(rows):
                     if st.active[i]:
@@ -121,29 +127,31 @@ def test_a_draft_that_sat_out_cycles_catches_up_and_drafts_what_it_would_have(pa
                         checked += 1
             cycle.verify(st, k)
             cycle.commit(st, k)
-    assert not st.read().decoding and ingests == [0, 2, 3] and checked >= 6  # one in a K = 0 cycle, two before drafts
+    # bounded: one in a K = 0 cycle, two before drafts
+    assert not st.read().decoding and ingests == ([2, 2, 2] if lazy else [0, 2, 3]) and checked >= 6
     assert [st.tokens[i, :int(st.length[i])].tolist() for i in range(len(rows))] == expected
 
 
 @pytest.mark.parametrize("mode", ["sd", "lvspec"])
 def test_k_auto_drafts_nothing_where_a_verify_costs_more_than_its_tokens(pair, mode):
     """The K = 0 fallback: under a cost table where drafting cannot pay, an lvspec row drafts in its
-    first EVIDENCE cycles (what it accepts is its evidence), then runs plain target steps; an sd batch
-    (its choice the batch's, from the prior) never drafts. The draft catches up now and then; so
-    k=auto does not lose to ar. sd stays greedy-identical."""
+    first EVIDENCE cycles (what it accepts is its evidence), then runs plain target steps, its draft
+    catching up now and then; an sd batch (its choice the batch's, from the prior) never drafts, nor
+    does its draft read anything past the prompt. So k=auto does not lose to ar. sd stays greedy-identical."""
     _, processor, target, draft = pair
     rows = make_rows(processor, [8, 4, 6])
     engine = Engine(target, draft, SpecConfig(mode=mode, k="auto", k_costs=NEVER, theta=0.45, max_new_tokens=48))
     out = engine.generate(rows)
     ks = engine.timing["k"]
-    assert engine.timing["ingests"] >= 1 and sum(r.stats.catch_ups for r in out) >= 1
     assert all(r.stats.draft_forwards == 1 + r.stats.drafted + r.stats.catch_ups for r in out)
-    if mode == "sd":
+    if mode == "sd":  # never drafts, so its draft never catches up either (it would when the batch drafts)
         assert [r.tokens for r in out] == hf_greedy(processor, target, rows)
-        assert set(ks) == {0} and all(r.stats.drafted == 0 for r in out)
+        assert set(ks) == {0} and engine.timing["ingests"] == 0
+        assert all(r.stats.drafted == r.stats.catch_ups == 0 and r.stats.draft_forwards == 1 for r in out)
     else:
         assert min(ks[:EVIDENCE]) >= 1 and set(ks[EVIDENCE:]) == {0}
         assert all(EVIDENCE <= r.stats.drafted <= EVIDENCE * 10 for r in out)
+        assert engine.timing["ingests"] >= 1 and sum(r.stats.catch_ups for r in out) >= 1
 
 
 def test_an_exact_batch_chooses_one_k_for_the_most_tokens_of_all_its_rows():
