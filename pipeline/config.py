@@ -204,6 +204,12 @@ def check(job: JobConfig) -> None:
         raise ConfigError(f"config key 'source.format' must be one of {SOURCE_FORMATS}, got {job.source.format!r}")
     if job.source.limit is not None:
         _positive(job.source.limit, "source.limit")
+    extensions = job.source.video_extensions
+    if not extensions or any(not re.fullmatch(r"\.?[A-Za-z0-9]+", str(e)) for e in extensions):
+        raise ConfigError(f"config key 'source.video_extensions' must be a non-empty list of file extensions "
+                          f"(mp4, ts, ...), got {list(extensions)!r}")
+    if not (job.model.prompt or "").strip():
+        raise ConfigError(f"config key 'model.prompt' must be a non-empty instruction, got {job.model.prompt!r}")
     for key in ("num_frames", "max_frames", "max_side", "max_bytes", "batch_size", "num_cpus"):
         _positive(getattr(job.decode, key), f"decode.{key}")
     job.decode.actors = pool_size(job.decode.actors, "decode.actors")

@@ -291,6 +291,9 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("caption.slots=many", "caption.slots"),
     ("generation.prefill_tokens=0", "generation.prefill_tokens"),
     ("generation.k_costs={draft_step_ms: 1.0}", "generation.k_costs"),  # the table needs all four costs
+    ("model.prompt=' '", "model.prompt"),
+    ("source.video_extensions=[]", "source.video_extensions"),
+    ("source.video_extensions=[mp4,a/b]", "source.video_extensions"),
     ("generation.k_costs={draft_step_ms: 1, verify_0_ms: 2, verify_1_ms: 0, verify_max_ms: 3}",
      "generation.k_costs.verify_1_ms"),
 ])
