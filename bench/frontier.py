@@ -157,13 +157,11 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
     verify_tokens = bs * (len(ks) + sum(ks))  # every slot runs each verify: K + 1 tokens a cycle
     per_token = 2 * T.weight_bytes() / T.dtype.itemsize + 4 * len(T.layers) * T.heads * T.head_dim * ctx
     read = len(ks) * (T.weight_bytes() + kv_bytes(T, ctx, bs)) + t["draft_steps"] * (D.weight_bytes() + kv_bytes(D, ctx, bs) if D else 0)
-    median = statistics.median(tps)
-    steady = [r["steady"] for r in runs if r["steady"] is not None]
-    steady = steady if len(steady) == len(runs) else []
-    return {"batch_size": bs, "rows": len(rows), "decode_tokens_per_s": median, "spread": (max(tps) - min(tps)) / median,
-            "runs_tokens_per_s": tps,
-            "steady_tokens_per_s": statistics.median(steady) if steady else None,
-            "steady_spread": (max(steady) - min(steady)) / statistics.median(steady) if steady else None,
+    median, spread = _median_spread(tps)
+    steady = [r["steady"] for r in runs]
+    steady_median, steady_spread = _median_spread(steady) if None not in steady else (None, None)
+    return {"batch_size": bs, "rows": len(rows), "decode_tokens_per_s": median, "spread": spread,
+            "runs_tokens_per_s": tps, "steady_tokens_per_s": steady_median, "steady_spread": steady_spread,
             "tau": mid["tokens"] / max(mid["cycles"], 1), "cycles": len(ks),
             "k_median": statistics.median(ks) if ks else 0, "k_mean": sum(ks) / max(len(ks), 1),
             "slot_use": t["slot_use"], "ingests": t["ingests"], "costs": t["costs"],
@@ -175,6 +173,12 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
             "achieved_gb_per_s": read / t["decode_s"] / 1e9, "bandwidth_share": read / t["decode_s"] / HBM_BYTES_PER_S,
             "peak_gib": max((r["peak_gib"] or 0) for r in runs) if cuda else None,
             "prefills": once.prefills - prefills, "attention": t["attention"]}
+
+
+def _median_spread(values: list[float]) -> tuple[float, float]:
+    """The median of a point's runs and their spread, (max - min) / median."""
+    median = statistics.median(values)
+    return median, (max(values) - min(values)) / median
 
 
 def _free(device) -> None:

@@ -27,6 +27,10 @@ def fps_indices(total: int, video_fps: float, fps: float, max_frames: int) -> np
     return uniform_indices(total, n)
 
 
+def _message(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def probe(data: bytes) -> dict:
     """Container facts from PyAV without decoding a frame: codec, size, frame count (0 if unknown)."""
     import av
@@ -41,7 +45,7 @@ def probe(data: bytes) -> dict:
     except VideoError:
         raise
     except Exception as e:  # PyAV raises InvalidDataError and friends for non-videos
-        raise VideoError(f"not a readable video: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+        raise VideoError(f"not a readable video: {_message(e)}") from e
 
 
 DECORD_CODECS_MISSING = {"av1", "libdav1d", "libaom-av1"}  # decord's FFmpeg lacks them: PyAV's decodes them
@@ -60,10 +64,6 @@ def _scaled_size(height: int, width: int, max_side: int | None) -> dict:
 
 def _indices(total: int, video_fps: float, num_frames: int | None, fps: float | None, max_frames: int) -> np.ndarray:
     return fps_indices(total, video_fps, fps, max_frames) if fps else uniform_indices(total, num_frames)
-
-
-def _message(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def _with_decord(data: bytes, size: dict, sampling: dict) -> tuple[np.ndarray, int, float, np.ndarray]:
@@ -98,9 +98,8 @@ def _with_pyav(data: bytes, size: dict, sampling: dict) -> tuple[np.ndarray, int
                 break
     if not kept:
         raise VideoError("no video frames: no frame of the video stream decodes")
-    # A stream with fewer decodable frames than packets: samples past its end take its last frame.
-    have = sorted(kept)
-    idx = np.array([i if i in kept else have[max(0, np.searchsorted(have, i, side="right") - 1)] for i in idx.tolist()])
+    # A stream with fewer decodable frames than packets ends early: samples past its end take its last kept one.
+    idx = np.minimum(idx, max(kept))
     return np.stack([kept[i] for i in idx.tolist()]), total, video_fps, idx
 
 

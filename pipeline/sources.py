@@ -11,7 +11,7 @@ decode stage fetches it from source_uri), truth (the sample's .json, if any), er
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
@@ -105,7 +105,7 @@ class Source:
     """A source opened for reading: its rows (a lazy Ray Dataset) and the files under its prefix
     that are no input to this job (`not_taken`: count, by extension, a few examples)."""
     dataset: object
-    not_taken: dict = field(default_factory=lambda: {"count": 0, "by_extension": {}, "examples": []})
+    not_taken: dict
 
 
 def _not_taken(fs, paths: list[str]) -> dict:
