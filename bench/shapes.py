@@ -84,6 +84,11 @@ def write(family: str, size: str, out: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     cfg = real_config(family, size)
     cfg.save_pretrained(path)
+    # The stamp of the transformers that wrote it is not part of a shape: without it the shipped
+    # directories stay what any supported transformers release generates.
+    config = json.loads((path / "config.json").read_text())
+    config.pop("transformers_version", None)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     real_processor(family).save_pretrained(path)
     layers = cfg.get_text_config().num_hidden_layers
     settings = {"theta": 0.5, "relevance_layers": relevance_layers(layers),
