@@ -114,7 +114,7 @@ def engine(args, out: dict) -> dict:
     # Pixels in the replica's dtype, as the job's decode stage hands them over.
     pixels = getattr(torch, replica_dtype(cfg.model, torch.cuda.is_available()))
     prompts = [{k: v.to(pixels) if k.startswith("pixel_values") else v for k, v in p.items()} for p in prompts]
-    rows = [{**prompts[i % len(prompts)], REPLAY_KEY: replay_key(v)} for i, v in enumerate(ids(args.rows))]
+    rows = [{**prompts[i % len(prompts)], REPLAY_KEY: replay_key({"video_id": v})} for i, v in enumerate(ids(args.rows))]
     out.update(rows=args.rows, frames=cfg.decode.num_frames, slots=base.slots, built_s=built_s,
                prompt_tokens=int(rows[0]["input_ids"].shape[1]), tensor_parallel=tp, target=cfg.model.target,
                draft=cfg.model.draft, runs=[])
@@ -331,7 +331,7 @@ def decode_rate(args, out: dict) -> dict:
         batch = pa.Table.from_pylist([{"video_id": k, "source_uri": k, "shard": "", "video": v, "truth": None,
                                        "error": None} for k, v in videos[:args.videos]])
         t0 = time.perf_counter()
-        rows = stage(batch).to_pylist()
+        rows = [r for table in stage(batch) for r in table.to_pylist()]
         seconds = time.perf_counter() - t0
         rates[str(frames)] = {"videos": len(rows), "frames_per_s_per_core": len(rows) * frames / seconds,
                               "errors": [r["error"] for r in rows if r["error"]]}
@@ -438,7 +438,7 @@ def prefill(args, out: dict) -> dict:
 
             replay = Replay.from_file(cfg.generation.replay, eng.adapter.family, cfg.generation.mode,
                                       cfg.generation.replay_lengths)
-            stream = [{**row, REPLAY_KEY: replay_key(v)} for v in ids(args.rows)]
+            stream = [{**row, REPLAY_KEY: replay_key({"video_id": v})} for v in ids(args.rows)]
             list(eng.stream(stream[:8], replay=replay))  # state, graphs
             _profile(args.profile, f"engine: {args.rows} rows, continuous, {eng.slots} slots",
                      lambda: list(eng.stream(stream, replay=replay)), rows=25)

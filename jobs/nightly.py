@@ -50,10 +50,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     try:
-        done = night.done_ids(log)
+        done = night.done(log)
         summary = run(cfg, log=log, quality=quality, out=partition, done=done)
         latest = night.write_latest(log)
-        failed_share = summary["failed"] / max(summary["videos"], 1)
+        failed_share = summary["failed_videos"] / max(summary["videos"], 1)
         over = failed_share > cfg.nightly.max_failed_fraction
         status = "too_many_failures" if over else "succeeded"
         message = (f"{failed_share:.0%} of this night's videos failed (limit {cfg.nightly.max_failed_fraction:.0%})"
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     night.release()
     print(human_summary(summary))
     print(f"  nightly: dataset {night.dataset}, series {night.config_hash}, run {night.run_id}; "
-          f"{len(done)} videos were already captioned; latest view holds {latest} videos ({series}/latest.parquet)")
+          f"{len(done)} videos were already captioned; latest view holds {latest} rows ({series}/latest.parquet)")
     if over:
         print(f"  ALERT  : {message}", file=sys.stderr)
         return 1

@@ -39,7 +39,7 @@ def sample(cfg: JobConfig, videos: int, log=print) -> list[dict]:
     start_ray(cfg)
     rows = sources.read(cfg.source, cfg.decode.max_bytes).dataset.limit(videos * 2).take(videos * 2)
     stage = DecodeStage(cfg.decode, cfg.model, cfg.source.storage_options)
-    table = stage(pa.Table.from_pylist(rows))
+    table = pa.concat_tables(stage(pa.Table.from_pylist(rows)))
     decoded = [{**r, "inputs": v} for r, v in zip(table.drop_columns(["inputs"]).to_pylist(),
                                                    values(table.column("inputs")))]
     good = [r for r in decoded if r["error"] is None][:videos]

@@ -37,11 +37,15 @@ CAPTIONED = pa.schema(
 )
 
 
-def replay_key(video_id: str) -> int:
-    """A video's replay key: its replayed record and length follow the video, not the order rows arrive in."""
+def replay_key(row: dict) -> int:
+    """A row's replay key: its replayed record and length follow the (video, clip, prompt), not the order
+    rows arrive in (a whole video's default prompt keys on its video_id alone, as before clips)."""
     import hashlib
 
-    return int.from_bytes(hashlib.sha256(video_id.encode()).digest()[:7], "big")
+    key = row["video_id"]
+    if (row.get("clip_index") or 0, row.get("prompt_name") or "default") != (0, "default"):
+        key = f"{key}#{row['clip_index']}#{row['prompt_name']}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "big")
 
 
 class CaptionStage:
@@ -112,7 +116,7 @@ class CaptionStage:
         ready = [i for i, r in enumerate(rows) if r["error"] is None]
         futures, twins = [], []
         for i in ready:
-            inputs = unpack(packed[i]) | {REPLAY_KEY: replay_key(rows[i]["video_id"])}
+            inputs = unpack(packed[i]) | {REPLAY_KEY: replay_key(rows[i])}
             futures.append(self.feed.submit(inputs))
             # The audit twin decodes beside it, in a slot verified strictly: the exact caption.
             audited = selected(rows[i]["video_id"], self.audit_fraction)

@@ -49,6 +49,10 @@ class DecodeConfig:
     max_frames: int = 32
     max_side: int = 1024  # frames are scaled down while decoding, so huge videos stay small in memory
     max_bytes: int = 2 * 1024**3  # larger files fail as rows instead of filling memory
+    # What one row captions: "whole" (the video), {window_s: 60, stride_s: 60, min_s: 0, allow_gaps: false}
+    # (fixed windows, the last one shorter; a last one under min_s is dropped) or {scenes: content, threshold:
+    # 27, min_s: 0.6} (shots, PySceneDetect's content or adaptive detector). Frames are sampled per clip.
+    clips: Any = "whole"
     actors: Any = 1  # decode actors: N, or {min: N, max: M} for a pool that grows with the backlog
     num_cpus: float = 1.0
     batch_size: int = 8
@@ -63,6 +67,9 @@ class ModelConfig:
     # replica's GPU (real-shape directories without weights: bench/models/); captions are noise
     load_format: str = "auto"
     prompt: str = "Describe the video."
+    # Several instructions, one row each per clip ({short: "...", detailed: "..."}; the name is the rows'
+    # prompt_name), from one decode of the video. None: `prompt`, named "default".
+    prompts: dict[str, str] | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = "~/.cache/lvspec/models"
 
@@ -210,6 +217,8 @@ def check(job: JobConfig) -> None:
                           f"(mp4, ts, ...), got {list(extensions)!r}")
     if not (job.model.prompt or "").strip():
         raise ConfigError(f"config key 'model.prompt' must be a non-empty instruction, got {job.model.prompt!r}")
+    _check_prompts(job.model.prompts)
+    job.decode.clips = clip_spec(job.decode.clips)
     for key in ("num_frames", "max_frames", "max_side", "max_bytes", "batch_size", "num_cpus"):
         _positive(getattr(job.decode, key), f"decode.{key}")
     job.decode.actors = pool_size(job.decode.actors, "decode.actors")
@@ -269,6 +278,69 @@ def check(job: JobConfig) -> None:
             raise ConfigError(f"config key 'caption.num_gpus' must be 0 (CPU) or caption.tensor_parallel ({tp}): one "
                               f"GPU per rank, got {job.caption.num_gpus!r}")
         # Whether N ranks split the target's heads needs its config.json: see check_tensor_parallel.
+
+
+def prompts(model: ModelConfig) -> dict[str, str]:
+    """The instructions a clip is captioned with, by prompt_name."""
+    return {"default": model.prompt} if model.prompts is None else dict(model.prompts)
+
+
+def _check_prompts(found) -> None:
+    if found is None:
+        return
+    if not found:
+        raise ConfigError("config key 'model.prompts' must name at least one instruction ({short: '...'}), or be null")
+    for name, text in found.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
+            raise ConfigError(f"config key 'model.prompts.{name}': a prompt's name must be a plain name "
+                              f"(letters, digits, . _ -)")
+        if not (text or "").strip():
+            raise ConfigError(f"config key 'model.prompts.{name}' must be a non-empty instruction, got {text!r}")
+
+
+WHOLE = {"kind": "whole"}
+CLIP_KEYS = {"window": {"window_s", "stride_s", "min_s", "allow_gaps"}, "scenes": {"scenes", "threshold", "min_s"}}
+
+
+def clip_spec(value) -> dict:
+    """decode.clips as read_clips takes it: {kind: whole}, {kind: window, window_s, stride_s, min_s,
+    allow_gaps} or {kind: scenes, scenes, threshold, min_s}, every key set."""
+    from pipeline.clips import DETECTORS
+
+    if value == "whole" or value == WHOLE:
+        return dict(WHOLE)
+    if not isinstance(value, dict) or ("window_s" in value) == ("scenes" in value):
+        raise ConfigError(f"config key 'decode.clips' must be whole, {{window_s: S}} or {{scenes: "
+                          f"{'|'.join(DETECTORS)}}}, got {value!r}")
+    kind = "window" if "window_s" in value else "scenes"
+    extra = set(value) - CLIP_KEYS[kind] - {"kind"}
+    if extra:
+        raise ConfigError(f"config key 'decode.clips.{sorted(extra)[0]}' is not a {kind} setting "
+                          f"(those are {', '.join(sorted(CLIP_KEYS[kind]))})")
+
+    def number(key: str, default, allow_zero: bool = False):
+        got = value.get(key, default)
+        if got is not None and (isinstance(got, bool) or not isinstance(got, (int, float))):
+            raise ConfigError(f"config key 'decode.clips.{key}' must be a number of seconds, got {got!r}")
+        if got is not None:
+            _positive(got, f"decode.clips.{key}", allow_zero)
+        return None if got is None else float(got)
+
+    min_s = number("min_s", 0.0 if kind == "window" else None, allow_zero=True)
+    if kind == "scenes":
+        if value["scenes"] not in DETECTORS:
+            raise ConfigError(f"config key 'decode.clips.scenes' must be a detector of {tuple(DETECTORS)}, "
+                              f"got {value['scenes']!r}")
+        return {"kind": kind, "scenes": value["scenes"], "threshold": number("threshold", None), "min_s": min_s}
+    window = number("window_s", None)
+    stride = number("stride_s", window)
+    gaps = value.get("allow_gaps", False)
+    if not isinstance(gaps, bool):
+        raise ConfigError(f"config key 'decode.clips.allow_gaps' must be true or false, got {gaps!r}")
+    if stride > window and not gaps:
+        raise ConfigError(f"config key 'decode.clips.stride_s' ({stride:g}) exceeds window_s ({window:g}): the "
+                          f"video between windows would not be captioned; set allow_gaps: true if that is meant")
+    return {"kind": kind, "window_s": window, "stride_s": stride, "min_s": min_s, "allow_gaps": gaps}
 
 
 def _check_replay(path: str) -> None:
@@ -411,7 +483,7 @@ OPERATIONAL = {"decode": ("actors", "num_cpus", "batch_size"), "model": ("storag
 
 # Keys added after nightly series began, hashed only when set: at their default they change nothing,
 # so a series started before them keeps its hash.
-LATER = {"generation": {"k_costs": None}}
+LATER = {"generation": {"k_costs": None}, "decode": {"clips": WHOLE}, "model": {"prompts": None}}
 
 
 def config_hash(job: JobConfig) -> str:

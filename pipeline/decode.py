@@ -1,22 +1,29 @@
-"""Decode stage (CPU actors): video bytes -> sampled frames (decord, or PyAV) -> the family's HF processor.
+"""Decode stage (CPU actors): a video -> its clips' sampled frames (decord, or PyAV) -> the family's HF
+processor, once per prompt: one row per (video_id, clip_index, prompt_name), the video decoded once.
 
 Every failure (empty, truncated, not a video, unsupported codec, no frames, missing object) becomes
-the row's `error`; nothing raised here stops the job.
+an `error` row (per prompt, at the first clip not captioned); nothing raised here stops the job.
 """
 
 from __future__ import annotations
 
+import io
 import time
 
 import pyarrow as pa
 
-from pipeline.config import DecodeConfig, ModelConfig
-from pipeline.frames import VideoError, read_frames
+from pipeline.clips import read_clips
+from pipeline.config import DecodeConfig, ModelConfig, prompts
+from pipeline.frames import VideoError
 
+# decoded_frames: the frames this row's decode produced (0 where its clip's frames were decoded for
+# another prompt's row); decode_ms: its share of its video's decoding time.
 DECODED = pa.schema([
-    ("video_id", pa.string()), ("source_uri", pa.string()), ("shard", pa.string()), ("truth", pa.string()),
-    ("error", pa.string()), ("inputs", pa.binary()), ("num_frames", pa.int32()), ("width", pa.int32()),
-    ("height", pa.int32()), ("decoder", pa.string()), ("decode_ms", pa.float64()),
+    ("video_id", pa.string()), ("clip_index", pa.int32()), ("prompt_name", pa.string()), ("source_uri", pa.string()),
+    ("shard", pa.string()), ("truth", pa.string()), ("error", pa.string()), ("inputs", pa.binary()),
+    ("start_s", pa.float64()), ("end_s", pa.float64()), ("last_clip", pa.bool_()), ("num_frames", pa.int32()),
+    ("decoded_frames", pa.int32()), ("width", pa.int32()), ("height", pa.int32()), ("decoder", pa.string()),
+    ("decode_ms", pa.float64()),
 ])
 
 
@@ -84,9 +91,10 @@ def unpack(buf: pa.Buffer) -> dict:
 
 
 class DecodeStage:
-    """Frames of each row's video, sampled as `decode` says, through the target's processor with the
-    model's prompt (`model`); `source_storage_options` open videos that rows name by URI; pixels are
-    handed over in `pixel_dtype` (the replica's)."""
+    """Each row's video cut into clips and sampled as `decode` says, through the target's processor
+    with each of the model's prompts (`model`); `source_storage_options` open videos that rows name
+    by URI; pixels are handed over in `pixel_dtype` (the replica's). Yields its rows a clip at a
+    time, so a long video's clips leave the actor as they are made."""
 
     def __init__(self, decode: DecodeConfig, model: ModelConfig, source_storage_options: dict,
                  pixel_dtype: str = "float32"):
@@ -97,47 +105,71 @@ class DecodeStage:
 
         torch.set_num_threads(1)  # one video at a time per actor; scale with more actors
         self.processor = AutoProcessor.from_pretrained(resolve(model.target, model.cache_dir, model.storage_options))
-        self.text = chat_prompt(self.processor, model.prompt)
+        self.texts = {name: chat_prompt(self.processor, text) for name, text in prompts(model).items()}
+        self.clips = decode.clips
         self.sampling = dict(num_frames=decode.num_frames, fps=decode.fps, max_frames=decode.max_frames,
                              max_side=decode.max_side)
         self.max_bytes = decode.max_bytes
+        self.batch_size = decode.batch_size
         self.source_options = source_storage_options
         self.pixel_dtype = pixel_dtype
 
-    def _fetch(self, uri: str) -> bytes:
+    def _open(self, row: dict):
+        """The row's video: its bytes, or a file object on its URI (streamed where clips are cut, read whole
+        for the whole video)."""
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(uri, **self.source_options)
-        size = fs.size(path)
-        if size > self.max_bytes:
-            raise VideoError(f"object is {size} bytes, over decode.max_bytes={self.max_bytes}")
-        with fs.open(path, "rb") as f:
-            return f.read()
-
-    def _inputs(self, data: bytes) -> tuple[bytes, int, dict]:
+        data = row["video"]
+        if data is None:
+            fs, path = fsspec.core.url_to_fs(row["source_uri"], **self.source_options)
+            size = fs.size(path)
+            if size > self.max_bytes:
+                raise VideoError(f"object is {size} bytes, over decode.max_bytes={self.max_bytes}")
+            return fs.open(path, "rb")
         if len(data) > self.max_bytes:
             raise VideoError(f"video is {len(data)} bytes, over decode.max_bytes={self.max_bytes}")
-        frames, meta = read_frames(data, **self.sampling)
-        features = self.processor(text=[self.text], videos=[frames], return_tensors="pt")
-        return pack(features, self.pixel_dtype), len(frames), meta
+        return io.BytesIO(data)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _rows(self, row: dict):
+        """The rows of one source row: each clip once per prompt, then (if decoding failed) an error row
+        per prompt at the first clip not made."""
+        base = {k: v for k, v in row.items() if k != "video"} | dict(
+            inputs=None, clip_index=0, start_s=None, end_s=None, last_clip=True, num_frames=None, decoded_frames=0,
+            width=None, height=None, decoder=None)
+        mark, index = time.perf_counter(), 0
+        if row["error"] is None:
+            try:
+                with self._open(row) as source:
+                    for clip in read_clips(source, self.clips, **self.sampling):
+                        made = [(name, pack(self.processor(text=[text], videos=[clip.frames], return_tensors="pt"),
+                                            self.pixel_dtype)) for name, text in self.texts.items()]
+                        now = time.perf_counter()
+                        for n, (name, inputs) in enumerate(made):
+                            yield base | dict(
+                                clip_index=clip.index, prompt_name=name, inputs=inputs, start_s=clip.start_s,
+                                end_s=clip.end_s, last_clip=clip.last, num_frames=len(clip.frames),
+                                decoded_frames=len(clip.frames) if n == 0 else 0, width=clip.meta["width"],
+                                height=clip.meta["height"], decoder=clip.meta["decoder"],
+                                decode_ms=(now - mark) * 1e3 / len(made))
+                        mark, index = now, clip.index + 1
+                return
+            except FileNotFoundError:
+                base["error"] = f"source: object not found: {row['source_uri']}"
+            except VideoError as e:
+                base["error"] = f"decode: {e}"
+            except Exception as e:  # a bad video must not take the job down
+                base["error"] = f"decode: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        for name in self.texts:
+            yield base | dict(clip_index=index, prompt_name=name,
+                              decode_ms=(time.perf_counter() - mark) * 1e3 / len(self.texts))
+
+    def __call__(self, batch: pa.Table):
         out = []
         for row in batch.to_pylist():
-            start = time.perf_counter()
-            row.update(inputs=None, num_frames=None, width=None, height=None, decoder=None)
-            if row["error"] is None:
-                try:
-                    data = row["video"] if row["video"] is not None else self._fetch(row["source_uri"])
-                    row["inputs"], row["num_frames"], meta = self._inputs(data)
-                    row["width"], row["height"], row["decoder"] = meta["width"], meta["height"], meta["decoder"]
-                except FileNotFoundError:
-                    row["error"] = f"source: object not found: {row['source_uri']}"
-                except VideoError as e:
-                    row["error"] = f"decode: {e}"
-                except Exception as e:  # a bad video must not take the job down
-                    row["error"] = f"decode: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            row["decode_ms"] = (time.perf_counter() - start) * 1e3
-            row.pop("video")
-            out.append(row)
-        return pa.Table.from_pylist(out, schema=DECODED)
+            for made in self._rows(row):
+                out.append(made)
+                if len(out) >= self.batch_size:
+                    yield pa.Table.from_pylist(out, schema=DECODED)
+                    out = []
+        if out:
+            yield pa.Table.from_pylist(out, schema=DECODED)

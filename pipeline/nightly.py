@@ -25,14 +25,13 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import sources
-from pipeline.config import JobConfig, config_hash
-from pipeline.job import committed_rows
+from pipeline.config import JobConfig, config_hash, prompts
+from pipeline.job import Written, committed_rows, written_of
 
 LEDGER = pa.schema([
     ("run_id", pa.string()), ("event", pa.string()), ("status", pa.string()), ("time", pa.string()),
@@ -144,23 +143,22 @@ class Night:
             self._lease = None
 
     # ---- captions ------------------------------------------------------------------------------
-    def done_ids(self, log) -> np.ndarray:
-        """video_ids this series already holds (failed ones too, unless `nightly.retry_failed`)."""
+    def done(self, log) -> Written:
+        """What this series already holds (failed rows too, unless `nightly.retry_failed`)."""
         fs, _, _, series, _ = self.paths()
-        table = committed_rows(fs, partition_files(fs, series), ["video_id", "error"], log)
-        if table is None:
-            return np.array([], dtype=object)
-        if self.cfg.nightly.retry_failed:
+        table = committed_rows(fs, partition_files(fs, series),
+                               ["video_id", "clip_index", "prompt_name", "last_clip", "error"], log)
+        if table is not None and self.cfg.nightly.retry_failed:
             table = table.filter(pc.is_null(table.column("error")))
-        return np.unique(table.column("video_id").to_numpy(zero_copy_only=False))
+        return written_of(table, prompts(self.cfg.model))
 
     def write_latest(self, log) -> int:
-        """Rewrite `latest.parquet`: every video of the series once, its row from the newest night."""
+        """Rewrite `latest.parquet`: every (video, clip, prompt) of the series once, its row from the newest night."""
         fs, _, _, series, _ = self.paths()
-        newest: dict[str, dict] = {}
+        newest: dict[tuple, dict] = {}
         for path in partition_files(fs, series):  # oldest night first: later rows win
             for row in committed_rows(fs, [path], log=log).to_pylist():
-                newest[row["video_id"]] = row
+                newest[row["video_id"], row.get("clip_index") or 0, row.get("prompt_name") or "default"] = row
         table = pa.Table.from_pylist(list(newest.values()))
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)

@@ -1,7 +1,7 @@
 """Sources: one row per video from any fsspec URI, through Ray Data's own readers.
 
     WebDataset tar shards (<key>.mp4 + optional <key>.json)  -> ray.data.read_webdataset
-    plain video files under a prefix                         -> ray.data.read_binary_files
+    plain video files under a prefix                         -> their URIs (the decode stage reads them)
     a manifest (.parquet / .jsonl with video_id, uri)        -> ray.data.read_parquet / read_json
 
 Every reader's rows are normalised to: video_id, source_uri, shard, video (bytes, or null when the
@@ -83,7 +83,7 @@ def _from_files(batch: pa.Table, fs, root: str) -> pa.Table:
     for r in _rows(batch):
         rel = r["path"][len(root) + 1:] if r["path"].startswith(root + "/") else r["path"]
         out.append({"video_id": rel.rsplit(".", 1)[0], "source_uri": fs.unstrip_protocol(r["path"]),
-                    "shard": None, "video": r["bytes"], "truth": None, "error": None})
+                    "shard": None, "video": None, "truth": None, "error": None})
     return _normalised(out)
 
 
@@ -98,6 +98,7 @@ def _from_manifest(batch: pa.Table) -> pa.Table:
 
 
 EXAMPLES = 5  # not-taken files named in a summary
+FILE_BLOCKS = 1024
 
 
 @dataclass
@@ -156,7 +157,11 @@ def read(cfg: SourceConfig, max_bytes: int) -> Source:
                                     f"{len(untaken)} other files, e.g. {others}")
         parts = []
         if files:
-            parts.append(ray.data.read_binary_files(files, include_paths=True, **args).map_batches(
+            # Rows name their files; the decode stage reads each (streams it, where clips are cut), so no
+            # video's bytes wait in the object store. A block per file (up to FILE_BLOCKS): files stream
+            # independently, and output commits as they finish.
+            parts.append(ray.data.from_items([{"path": p} for p in files],
+                                             override_num_blocks=min(len(files), FILE_BLOCKS)).map_batches(
                 _from_files, fn_kwargs={"fs": fs, "root": root.rstrip("/")}, batch_format="pyarrow",
                 num_cpus=cfg.num_cpus))
         if too_big:  # never read: one error row each

@@ -122,7 +122,7 @@ def test_a_job_with_dummy_weights_and_replayed_acceptance_writes_every_row(tmp_p
     assert sorted(r["video_id"] for r in rows) == [f"toy5_{i:06d}" for i in range(10)]
     for r in rows:
         assert r["error"] is None and r["caption"] and r["finished_by"] == "length"
-        assert r["num_tokens"] == min(lengths[replay_key(r["video_id"]) % len(lengths)], 300)
+        assert r["num_tokens"] == min(lengths[replay_key(r) % len(lengths)], 300)
         assert r["load_format"] == "dummy" and r["acceptance_replayed"] is True and r["audit_caption"] is None
         assert r["accepted_exact"] + r["accepted_loose"] + r["accepted_shift"] + r["corrections"] + r["bonus"] \
             == r["num_tokens"]

@@ -251,7 +251,7 @@ def test_a_replica_streams_across_batches_smaller_than_its_slots(tmp_path, ray_c
 
 
 def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
-    from pipeline.job import written_ids
+    from pipeline.job import written
 
     out = tmp_path / "out" / "job"
     out.mkdir(parents=True)
@@ -261,7 +261,7 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     (out / "part-1.parquet").write_bytes(b"PAR1 truncated by a crash")
     cfg = load_config(None, ["job_id=job", f"source.uri={tmp_path}", "model.target=x", "model.draft=y",
                              f"output.uri={tmp_path / 'out'}"])
-    assert sorted(written_ids(cfg, log=lambda _: None)) == ["a", "b"]
+    assert written(cfg, log=lambda _: None).complete.tolist() == ["a", "b"]
     assert not (out / "part-1.parquet").exists()
 
 
@@ -292,6 +292,10 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("generation.prefill_tokens=0", "generation.prefill_tokens"),
     ("generation.k_costs={draft_step_ms: 1.0}", "generation.k_costs"),  # the table needs all four costs
     ("model.prompt=' '", "model.prompt"),
+    ("model.prompts={short: ''}", "model.prompts.short"),
+    ("decode.clips={window_s: 0}", "decode.clips.window_s"),
+    ("decode.clips={window_s: 10, stride_s: 30}", "decode.clips.stride_s"),
+    ("decode.clips={scenes: histogram}", "decode.clips.scenes"),
     ("source.video_extensions=[]", "source.video_extensions"),
     ("source.video_extensions=[mp4,a/b]", "source.video_extensions"),
     ("generation.k_costs={draft_step_ms: 1, verify_0_ms: 2, verify_1_ms: 0, verify_max_ms: 3}",

@@ -1,0 +1,189 @@
+"""A video as clips: the whole video, fixed windows, or shots (PySceneDetect), each with its own
+sampled frames. No Ray here.
+
+    for clip in read_clips(file, {"kind": "window", "window_s": 60, ...}, num_frames=8):
+        clip.index, clip.start_s, clip.end_s, clip.frames   # (T, H, W, 3) uint8 RGB
+
+`whole` is `frames.read_frames` (decord's seeking, PyAV where decord cannot read a file). Windows
+and shots come from one streaming pass over the file with PyAV: the file is read as it decodes
+(a file object, never the whole video in memory) and each open clip keeps at most twice the frames
+it samples (`_Samples`), so memory holds a few clips' samples whatever the video's length.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.frames import VideoError, _message, _scaled_size, read_frames
+
+# decode.clips' scenes detectors: PySceneDetect's class and the name of its cut threshold argument.
+DETECTORS = {"content": ("ContentDetector", "threshold"), "adaptive": ("AdaptiveDetector", "adaptive_threshold")}
+DETECT_WIDTH = 256  # shots are detected on frames at most this wide (PySceneDetect's own downscale)
+
+
+@dataclass
+class Clip:
+    index: int
+    start_s: float
+    end_s: float
+    frames: np.ndarray
+    meta: dict
+    last: bool = False  # the video's last clip: a resumed job knows from it that the video is complete
+
+
+def sample_count(duration_s: float, num_frames: int | None, fps: float | None, max_frames: int) -> int:
+    """Frames sampled from a clip: `num_frames`, or `fps` a second of it (1 to `max_frames`)."""
+    return int(np.clip(round(duration_s * fps), 1, max_frames)) if fps else num_frames
+
+
+class _Samples:
+    """The frames kept for one open clip: every `stride`-th from its first, the stride doubling
+    whenever `capacity` are held, so any length of clip holds at most `capacity` frames spread
+    evenly over it."""
+
+    def __init__(self, start_s: float, first: int, capacity: int, end_s: float | None = None):
+        self.start_s, self.end_s, self.first = start_s, end_s, first
+        self.capacity, self.stride = capacity, 1
+        self.kept: list[tuple[int, float, np.ndarray]] = []  # (frame number, time, image)
+
+    def wants(self, n: int) -> bool:
+        return (n - self.first) % self.stride == 0
+
+    def add(self, n: int, t: float, image: np.ndarray) -> None:
+        self.kept.append((n, t, image))
+        if len(self.kept) >= self.capacity:
+            self.stride *= 2
+            self.kept = [k for k in self.kept if (k[0] - self.first) % self.stride == 0]
+
+    def split(self, n: int, t: float) -> _Samples:
+        """End this clip before frame `n` (time `t`); the clip from there on keeps the frames held past it."""
+        after = _Samples(t, n, self.capacity)
+        after.kept = [k for k in self.kept if k[0] >= n]
+        self.kept = [k for k in self.kept if k[0] < n]
+        self.end_s = t
+        return after
+
+    def clip(self, index: int, sampling: dict, meta: dict, last: bool = False) -> Clip:
+        count = sample_count(self.end_s - self.start_s, **sampling)
+        pick = np.linspace(0, len(self.kept) - 1, count).round().astype(int)
+        frames = np.stack([self.kept[i][2] for i in pick])
+        total = max(1, round((self.end_s - self.start_s) * meta["video_fps"]))
+        return Clip(index, self.start_s, self.end_s, frames,
+                    meta | {"total_frames": total, "times": [self.kept[i][1] for i in pick]}, last)
+
+
+def _detector(kind: str, threshold: float | None, min_s: float | None):
+    import scenedetect
+
+    name, argument = DETECTORS[kind]
+    options = ({argument: threshold} if threshold is not None else {}) | (
+        {"min_scene_len": float(min_s)} if min_s is not None else {})
+    return getattr(scenedetect, name)(**options)
+
+
+def read_clips(source, clips: dict, num_frames: int | None = 8, fps: float | None = None, max_frames: int = 64,
+               max_side: int | None = None):
+    """The clips of a video (bytes or a seekable file object) as `decode.clips` (checked by
+    pipeline.config) cuts it, in order, the last one marked; frames sampled per clip as
+    `num_frames` or `fps` say. Raises `VideoError` where the file holds no readable video."""
+    sampling = {"num_frames": num_frames, "fps": fps, "max_frames": max_frames}
+    if clips["kind"] == "whole":
+        data = source if isinstance(source, (bytes, bytearray)) else source.read()
+        frames, meta = read_frames(data, max_side=max_side, **sampling)
+        yield Clip(0, 0.0, meta["total_frames"] / max(meta["video_fps"], 1e-6), frames, meta, last=True)
+        return
+    import io
+
+    import av
+
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise VideoError("empty file (0 bytes)")
+        source = io.BytesIO(source)
+    try:
+        container = av.open(source)
+    except Exception as e:  # PyAV raises InvalidDataError and friends for non-videos
+        raise VideoError(f"not a readable video: {_message(e)}") from e
+    with container:
+        if not container.streams.video:
+            raise VideoError("no video frames: the file has no video stream with frames")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        yield from _stream(container, stream, clips, sampling, max_side)
+
+
+def _stream(container, stream, clips: dict, sampling: dict, max_side: int | None):
+    codec = stream.codec_context
+    rate = float(stream.average_rate or stream.guessed_rate or 25.0)
+    size = _scaled_size(codec.height, codec.width, max_side)
+    meta = {"video_fps": rate, "height": codec.height, "width": codec.width, "codec": codec.name, "decoder": "pyav"}
+    capacity = 2 * max(sampling["num_frames"] or sampling["max_frames"], 2)
+    scenes = clips["kind"] == "scenes"
+    if scenes:
+        from scenedetect import FrameTimecode
+
+        detector = _detector(clips["scenes"], clips.get("threshold"), clips.get("min_s"))
+        small = _scaled_size(codec.height, codec.width, DETECT_WIDTH)
+        recent = collections.deque(maxlen=detector.event_buffer_length + 2)  # (frame number, time) a cut may name
+        opened = [_Samples(0.0, 0, capacity)]
+    else:
+        window, stride = clips["window_s"], clips["stride_s"]
+        opened, starts = [], 0  # windows open as the video reaches their start
+    done: collections.deque[_Samples] = collections.deque()  # closed, yielded one behind (the last one is marked)
+    t0 = t = None
+    n, count = -1, 0  # frames decoded, clips yielded
+
+    def cut(at: int) -> None:
+        when = next((time for number, time in recent if number == at), at / rate)
+        if opened[0].kept or opened[0].start_s < when:
+            after = opened[0].split(at, when)
+            done.append(opened[0])
+            opened[0] = after
+
+    try:
+        for n, frame in enumerate(container.decode(stream)):
+            t0 = frame.time if t0 is None and frame.time is not None else t0
+            t = frame.time - t0 if frame.time is not None and t0 is not None else n / rate
+            if scenes:
+                recent.append((n, t))
+                for found in detector.process_frame(FrameTimecode(n, fps=rate),
+                                                    frame.to_ndarray(format="bgr24", **small)):
+                    cut(found.frame_num)
+            else:
+                while starts * stride <= t:
+                    opened.append(_Samples(starts * stride, n, capacity, starts * stride + window))
+                    starts += 1
+                while opened and opened[0].end_s <= t:
+                    done.append(opened.pop(0))
+            wanted = [s for s in opened if (s.end_s is None or t < s.end_s) and s.wants(n)]
+            if wanted:
+                image = frame.to_ndarray(format="rgb24", **size)
+                for s in wanted:
+                    s.add(n, t, image)
+            while len(done) > 1:  # a window no frame fell in (shorter than a frame) is no clip
+                closed = done.popleft()
+                if closed.kept:
+                    yield closed.clip(count, sampling, meta)
+                    count += 1
+    except VideoError:
+        raise
+    except Exception as e:  # a stream that breaks off mid-way: what came before it was yielded
+        raise VideoError(f"video stream breaks off after {max(n, 0)} frames: {_message(e)}") from e
+    if n < 0:
+        raise VideoError("no video frames: no frame of the video stream decodes")
+    end = t + 1.0 / rate
+    if scenes:
+        for found in detector.post_process(FrameTimecode(n, fps=rate)):
+            cut(found.frame_num)
+    for s in opened:
+        s.end_s = end if s.end_s is None else min(s.end_s, end)
+        done.append(s)
+    tail = [s for s in done if s.kept]
+    # Last windows shorter than min_s are slivers: dropped, unless one is the whole video.
+    while not scenes and len(tail) > 1 and tail[-1].end_s - tail[-1].start_s < clips["min_s"]:
+        tail.pop()
+    for i, s in enumerate(tail):
+        yield s.clip(count + i, sampling, meta, last=i == len(tail) - 1)
