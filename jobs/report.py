@@ -29,7 +29,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     a = f["audit"]
-    print(f"report: {f['report']}\n  {f['videos']} videos ({f['ok']} ok, {f['failed']} failed), {f['tokens']} caption "
+    print(f"report: {f['report']}\n  {f['videos']} videos, {f['clips']} clips ({f['video_hours']:.2f} hours), "
+          f"{f['rows']} rows ({f['ok']} ok, {f['failed']} failed), {f['tokens']} caption "
           f"tokens, {f['draft_wording']:.1%} of them the draft's wording"
           + (f"; audit agreement {a['agreement']:.4f} on {a['videos']} videos" if a["videos"] else ""))
     return 0

@@ -34,6 +34,17 @@ class Clip:
     last: bool = False  # the video's last clip: a resumed job knows from it that the video is complete
 
 
+def figures(rows: list[dict]) -> dict:
+    """Clip figures of caption rows (job summary and report alike): videos, clips captioned, clips per
+    video, hours of video captioned, prompts. Rows from before clips count as whole videos."""
+    ok = {(r["video_id"], r.get("clip_index") or 0): r for r in rows if r.get("error") is None}
+    videos = {v for v, _ in ok}
+    return {"videos": len({r["video_id"] for r in rows}), "clips": len(ok),
+            "clips_per_video": len(ok) / max(len(videos), 1),
+            "video_hours": sum((r.get("end_s") or 0.0) - (r.get("start_s") or 0.0) for r in ok.values()) / 3600,
+            "prompts": sorted({r.get("prompt_name") or "default" for r in rows})}
+
+
 def sample_count(duration_s: float, num_frames: int | None, fps: float | None, max_frames: int) -> int:
     """Frames sampled from a clip: `num_frames`, or `fps` a second of it (1 to `max_frames`)."""
     return int(np.clip(round(duration_s * fps), 1, max_frames)) if fps else num_frames

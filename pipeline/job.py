@@ -24,6 +24,7 @@ from lvspec.stats import totals
 from pipeline import sources
 from pipeline.audit import estimate, interval
 from pipeline.caption import CaptionStage
+from pipeline.clips import figures
 from pipeline.config import (ConfigError, JobConfig, check_replay_family, check_tensor_parallel, config_hash,
                              prompts, replica_dtype)
 from pipeline.decode import DecodeStage
@@ -282,9 +283,7 @@ def summarize(table: pa.Table | None, wall_s: float) -> dict:
     failed = [r for r in rows if r["error"] is not None]
     counted = totals(ok)
     tokens = counted["num_tokens"]
-    frames = sum(r["decoded_frames"] or 0 for r in rows)
-    videos = {r["video_id"] for r in rows}
-    clips = {(r["video_id"], r["clip_index"]): r for r in ok}  # captioned clips, once whatever their prompts
+    frames = sum(r.get("decoded_frames", r.get("num_frames")) or 0 for r in rows)  # rows from before clips: num_frames
     decode_s = sum(r["decode_ms"] for r in rows) / 1e3
     generate_s = sum(r["generate_ms"] or 0.0 for r in ok) / 1e3
     errors: dict[str, int] = {}
@@ -292,13 +291,10 @@ def summarize(table: pa.Table | None, wall_s: float) -> dict:
         kind = r["error"].split(":", 1)[0]
         errors[kind] = errors.get(kind, 0) + 1
     return {
-        "videos": len(videos), "rows": len(rows), "ok": len(ok), "failed": len(failed),
+        **figures(rows), "rows": len(rows), "ok": len(ok), "failed": len(failed),
         "failed_videos": len({r["video_id"] for r in failed}), "errors_by_stage": errors,
-        "failures": [{"video_id": r["video_id"], "clip_index": r["clip_index"], "prompt_name": r["prompt_name"],
-                      "error": r["error"]} for r in failed[:50]],
-        "clips": len(clips), "clips_per_video": len(clips) / max(len({v for v, _ in clips}), 1),
-        "video_hours": sum((r["end_s"] or 0.0) - (r["start_s"] or 0.0) for r in clips.values()) / 3600,
-        "prompts": sorted({r["prompt_name"] for r in rows}),
+        "failures": [{"video_id": r["video_id"], "clip_index": r.get("clip_index"),
+                      "prompt_name": r.get("prompt_name"), "error": r["error"]} for r in failed[:50]],
         "wall_s": round(wall_s, 2), "videos_per_s": len(rows) / wall_s,
         "decode": {"frames": frames, "busy_s": round(decode_s, 3), "frames_per_s_per_core": frames / max(decode_s, 1e-9)},
         "caption": {"tokens": tokens, "busy_s": round(generate_s, 3), "tokens_per_s_wall": tokens / wall_s,

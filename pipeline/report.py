@@ -4,7 +4,7 @@
 
 Reads the Parquet rows under a job's output directory (`<output.uri>/<job_id>`, a nightly run
 partition, or any directory of caption rows; local or fsspec) and shows: videos ok / failed by
-error kind, caption tokens per second over the job's time, the distribution of tau (tokens per
+error kind, clips and hours of video, caption tokens per second over the job's time, the distribution of tau (tokens per
 target forward), the exact / loose / shift / correction / bonus shares, the audit's agreement,
 the slowest videos, captions beside their exact audit twins (words that differ marked), and per
 caption how much of its wording the draft supplied through loose or shifted acceptance.
@@ -25,6 +25,7 @@ import pyarrow as pa
 from lvspec.stats import totals
 from pipeline import sources
 from pipeline.audit import estimate, interval
+from pipeline.clips import figures
 
 def load_rows(uri: str, storage_options: dict | None = None) -> list[dict]:
     """Every caption row under `uri` (files and directories whose names start with '_' and the
@@ -52,17 +53,27 @@ def facts(rows: list[dict]) -> dict:
     audited = [r for r in ok if r.get("audit_agreement") is not None]
     slowest = sorted((r for r in ok if r.get("generate_ms") is not None), key=lambda r: -r["generate_ms"])[:10]
     return {
-        "videos": len(rows), "ok": len(ok), "failed": len(failed),
+        **figures(rows), "rows": len(rows), "ok": len(ok), "failed": len(failed),
         "errors": dict(Counter(r["error"].split(":", 1)[0] for r in failed)),
         "tokens": tokens, "shares": shares,
         "tau_median": float(np.median(taus)) if taus else None,
         "draft_wording": shares["accepted_loose"] + shares["accepted_shift"],
         "audit": estimate([r["audit_agreement"] for r in audited]),
-        "slowest": [{"video_id": r["video_id"], "generate_ms": r["generate_ms"], "num_tokens": r["num_tokens"]}
-                    for r in slowest],
+        "slowest": [{"video_id": r["video_id"], "clip": _clip(r), "generate_ms": r["generate_ms"],
+                     "num_tokens": r["num_tokens"]} for r in slowest],
         "modes": sorted({r.get("mode") for r in ok if r.get("mode")}),
         "job_ids": sorted({r.get("job_id") for r in rows if r.get("job_id")}),
     }
+
+
+def _clip(r: dict) -> str:
+    """A row's clip and prompt as the page names them ("" for a whole video's default prompt)."""
+    parts = []
+    if r.get("start_s") is not None and (r.get("clip_index") or not r.get("last_clip", True)):
+        parts.append(f"clip {r['clip_index']} ({r['start_s']:.0f}-{r['end_s']:.0f} s)")
+    if (r.get("prompt_name") or "default") != "default":
+        parts.append(r["prompt_name"])
+    return ", ".join(parts)
 
 
 def _png(fig) -> bytes:
@@ -83,8 +94,8 @@ def charts(rows: list[dict], f: dict) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(6, 2.6))
     kinds = {"ok": f["ok"], **{f"failed: {k}": v for k, v in f["errors"].items()}}
     ax.barh(list(kinds), list(kinds.values()), color=["#3a7"] + ["#c54"] * len(f["errors"]))
-    ax.set_xlabel("videos")
-    ax.set_title("Videos by outcome")
+    ax.set_xlabel("rows (a video's clip and prompt)")
+    ax.set_title("Rows by outcome")
     out["outcomes"] = _png(fig)
     plt.close(fig)
 
@@ -164,12 +175,13 @@ def page(rows: list[dict], f: dict, images: dict[str, bytes], title: str, sample
             agree = f"{r['audit_agreement']:.3f}"
         else:
             left, right, agree = esc(r["caption"] or ""), "<i>not audited</i>", "&ndash;"
-        sample_rows.append(f"<tr><td>{esc(r['video_id'])}</td><td>{left}</td><td>{right}</td><td>{agree}</td>"
+        where = f"<br><small>{esc(_clip(r))}</small>" if _clip(r) else ""
+        sample_rows.append(f"<tr><td>{esc(r['video_id'])}{where}</td><td>{left}</td><td>{right}</td><td>{agree}</td>"
                            f"<td>{share:.0%}</td></tr>")
     errors = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in f["errors"].items()) or \
         "<tr><td colspan=2>none</td></tr>"
-    slow = "".join(f"<tr><td>{esc(s['video_id'])}</td><td>{s['generate_ms']:.0f}</td><td>{s['num_tokens']}</td></tr>"
-                   for s in f["slowest"])
+    slow = "".join(f"<tr><td>{esc(s['video_id'])} <small>{esc(s['clip'])}</small></td><td>{s['generate_ms']:.0f}</td>"
+                   f"<td>{s['num_tokens']}</td></tr>" for s in f["slowest"])
     tau = f"{f['tau_median']:.2f}" if f["tau_median"] is not None else "&ndash;"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
@@ -183,12 +195,15 @@ mark {{ background: #fde68a; }} .kpi {{ display: inline-block; margin-right: 2em
 </style></head><body>
 <h1>{esc(title)}</h1>
 <p id="kpis"><span class="kpi">videos <b id="videos">{f['videos']}</b></span>
-<span class="kpi">ok <b id="ok">{f['ok']}</b></span><span class="kpi">failed <b id="failed">{f['failed']}</b></span>
+<span class="kpi">clips <b id="clips">{f['clips']}</b> ({f['clips_per_video']:.1f} a video)</span>
+<span class="kpi">hours of video <b id="hours">{f['video_hours']:.2f}</b></span>
+<span class="kpi">rows ok <b id="ok">{f['ok']}</b></span><span class="kpi">failed <b id="failed">{f['failed']}</b></span>
+<span class="kpi">prompts <b id="prompts">{esc(', '.join(f['prompts']))}</b></span>
 <span class="kpi">caption tokens <b>{f['tokens']}</b></span><span class="kpi">median tau <b>{tau}</b></span>
 <span class="kpi">mode <b>{esc(', '.join(f['modes']))}</b></span></p>
 <h2>Audit</h2><p id="audit">{audit}</p>
 <h2>Charts</h2><div class="charts">{img('outcomes')}{img('throughput')}{img('tau')}{img('shares')}</div>
-<h2>Failed videos by kind</h2><table id="errors"><tr><th>kind</th><th>videos</th></tr>{errors}</table>
+<h2>Failed rows by kind</h2><table id="errors"><tr><th>kind</th><th>rows</th></tr>{errors}</table>
 <h2>Wording from the draft</h2>
 <p id="wording">{f['draft_wording']:.1%} of caption tokens were the draft's, accepted loosely or shifted
 (fillers verified leniently): the facts are checked strictly, the style is partly the draft's.

@@ -185,6 +185,14 @@ def test_two_prompts_give_two_rows_a_clip_from_one_decode(videos, tmp_path, ray_
     printed = human_summary(summary)
     assert "10 rows this run (8 ok, 2 failed) from 3 videos" in printed
     assert "4 clips captioned (2.0 a video, 0.04 hours of video), prompts detailed, short" in printed
+    # The report shows the same clip figures, and names each sample's clip and prompt.
+    from pipeline.report import write
+
+    facts = write(str(tmp_path / "out" / "clips"))
+    assert (facts["videos"], facts["clips"], facts["rows"], facts["prompts"]) == (3, 4, 10, ["detailed", "short"])
+    assert facts["video_hours"] == pytest.approx(summary["video_hours"])
+    html = (tmp_path / "out" / "clips" / "_report" / "index.html").read_text()
+    assert '<b id="clips">4</b>' in html and "clip 1 (60-120 s), detailed" in html
 
 
 def keys_in(out) -> list[tuple]:
