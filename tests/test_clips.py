@@ -274,3 +274,26 @@ def test_a_killed_job_resumes_with_every_clip_and_prompt_once(many, tmp_path):
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(keys_in(out)) == expected  # every (video, clip, prompt) once: none lost, none twice
+
+
+def test_nightly_keeps_each_clip_and_prompt_once_across_nights(videos, tmp_path, ray_cluster):
+    from jobs import nightly
+    from pipeline.nightly import read_ledger
+
+    def night(date: str) -> int:
+        return nightly.main(["--config", str(ROOT / "jobs/configs/local.yaml"), f"source.uri={videos}",
+                             f"output.uri={tmp_path / 'captions'}", "nightly.dataset=talks", f"nightly.run_date={date}",
+                             "decode.clips={window_s: 60}", PROMPTS, "generation.max_new_tokens=8",
+                             "nightly.max_failed_fraction=0.5"])
+
+    assert night("2026-12-01") == 0 and night("2026-12-02") == 0  # the second night finds nothing new
+    (series,) = (tmp_path / "captions" / "talks").glob("series=*")
+    latest = pq.read_table(series / "latest.parquet").to_pylist()
+    keys = [(r["video_id"], r["clip_index"], r["prompt_name"]) for r in latest]
+    assert len(keys) == len(set(keys)) == 10  # long: 3 clips, short and broken: 1; two prompts each
+    import fsspec
+
+    runs = read_ledger(fsspec.filesystem("file"), str(tmp_path / "captions" / "talks" / "_ledger"))
+    # The ledger's videos are videos, its ok and failed rows; one video in three failing stays under 0.5.
+    assert [(r["status"], r["videos"], r["ok"], r["failed"]) for r in runs] == [
+        ("succeeded", 3, 8, 2), ("succeeded", 0, 0, 0)]
