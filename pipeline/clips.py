@@ -5,9 +5,11 @@ sampled frames. No Ray here.
         clip.index, clip.start_s, clip.end_s, clip.frames   # (T, H, W, 3) uint8 RGB
 
 `whole` is `frames.read_frames` (decord's seeking, PyAV where decord cannot read a file). Windows
-and shots come from one streaming pass over the file with PyAV: the file is read as it decodes
-(a file object, never the whole video in memory) and each open clip keeps at most twice the frames
-it samples (`_Samples`), so memory holds a few clips' samples whatever the video's length.
+and shots come from one forward pass over the file with PyAV, read as it decodes (a file object,
+never the whole video in memory). Windows of a video whose length the container states know their
+sample times in advance and seek past the stretches between them (`_windows`); shots, and windows
+of a video of unknown length, decode every frame, each open clip keeping at most twice the frames
+it samples (`_Samples`). Either way memory holds a few clips' samples whatever the video's length.
 """
 
 from __future__ import annotations
@@ -123,7 +125,92 @@ def read_clips(source, clips: dict, num_frames: int | None = 8, fps: float | Non
             raise VideoError("no video frames: the file has no video stream with frames")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        yield from _stream(container, stream, clips, sampling, max_side)
+        duration = _duration(container, stream)
+        if clips["kind"] == "window" and duration:
+            yield from _windows(container, stream, clips, sampling, max_side, duration)
+        else:
+            yield from _stream(container, stream, clips, sampling, max_side)
+
+
+def _duration(container, stream) -> float | None:
+    """The video stream's length in seconds as the container states it, or None."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return float(container.duration) / 1e6 if container.duration else None
+
+
+def spans(duration_s: float, clips: dict) -> list[tuple[float, float]]:
+    """The (start, end) seconds of the windows `clips` cuts a video of `duration_s` into."""
+    window, stride = clips["window_s"], clips["stride_s"]
+    out, k = [], 0
+    while k * stride < duration_s:
+        out.append((k * stride, min(k * stride + window, duration_s)))
+        k += 1
+    while len(out) > 1 and out[-1][1] - out[-1][0] < clips["min_s"]:  # slivers, unless one is the video
+        out.pop()
+    return out
+
+
+def _windows(container, stream, clips: dict, sampling: dict, max_side: int | None, duration: float):
+    """Windows of a video whose length is known: each window's sample times are set in advance and the
+    pass only decodes up to them, seeking past stretches longer than the keyframe spacing seen so far
+    (forward only: no frame is decoded twice but the few before a keyframe landed on), so a sparse
+    sampling of a long video decodes a small part of it, as decord's seeking does."""
+    codec = stream.codec_context
+    rate = float(stream.average_rate or stream.guessed_rate or 25.0)
+    size = _scaled_size(codec.height, codec.width, max_side)
+    meta = {"video_fps": rate, "height": codec.height, "width": codec.width, "codec": codec.name, "decoder": "pyav"}
+    start_pts = stream.start_time or 0
+    windows = spans(duration, clips)
+    wanted = []  # (time, window) in time order
+    for w, (lo, hi) in enumerate(windows):
+        n = sample_count(hi - lo, **sampling)
+        last = max(lo, hi - 1.0 / rate)  # the window's last frame starts a frame before its end
+        wanted += [(lo + (last - lo) * (j / (n - 1) if n > 1 else 0.5), w) for j in range(n)]
+    order = sorted(range(len(wanted)), key=lambda i: wanted[i][0])
+    picked: list[list] = [[] for _ in windows]
+    frames = container.decode(stream)
+    frame = image = None
+    t, gap = 0.0, 0.0  # the time of `frame`; the longest keyframe spacing seen (a seek lands up to that far back)
+    decoded = 0
+    done = 0  # windows yielded
+
+    def time_of(f) -> float:
+        return float(f.pts - start_pts) * float(stream.time_base) if f.pts is not None else t + 1.0 / rate
+
+    try:
+        for i in order:
+            target, w = wanted[i]
+            seeked = target - t > max(2.0, gap)  # else decoding on is cheaper than a seek's landing short
+            if seeked:
+                container.seek(start_pts + int(target / float(stream.time_base)), stream=stream, backward=True)
+                frames, frame = container.decode(stream), None
+            while frame is None or time_of(frame) + 0.5 / rate <= target:
+                nxt = next(frames, None)
+                if nxt is None:
+                    break
+                frame, image, decoded = nxt, None, decoded + 1
+                t = time_of(frame)
+                if seeked:  # the keyframe it landed on: the spacing is at least this long
+                    gap, seeked = max(gap, target - t), False
+            if frame is None:
+                raise VideoError("no video frames: no frame of the video stream decodes")
+            if image is None:
+                image = frame.to_ndarray(format="rgb24", **size)
+            picked[w].append((t, image))
+            while done < len(windows) and len(picked[done]) == sample_count(windows[done][1] - windows[done][0],
+                                                                           **sampling):
+                lo, hi = windows[done]
+                got = picked[done]
+                picked[done] = []
+                yield Clip(done, lo, hi, np.stack([im for _, im in got]),
+                           meta | {"total_frames": max(1, round((hi - lo) * rate)), "times": [x for x, _ in got],
+                                   "decoded": decoded}, last=done == len(windows) - 1)
+                done += 1
+    except VideoError:
+        raise
+    except Exception as e:  # a stream that breaks off mid-way: what came before it was yielded
+        raise VideoError(f"video stream breaks off after {decoded} frames: {_message(e)}") from e
 
 
 def _stream(container, stream, clips: dict, sampling: dict, max_side: int | None):
