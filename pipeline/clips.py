@@ -250,6 +250,8 @@ def _stream(container, stream, clips: dict, sampling: dict, max_side: int | None
                 for found in detector.process_frame(FrameTimecode(n, fps=rate),
                                                     frame.to_ndarray(format="bgr24", **small)):
                     cut(found.frame_num)
+                if clips.get("max_s") and t - opened[0].start_s >= clips["max_s"]:
+                    cut(n)  # a shot longer than max_s (a lecture's one camera) goes on as a new clip
             else:
                 while starts * stride <= t:
                     opened.append(_Samples(starts * stride, n, capacity, starts * stride + window))

@@ -51,7 +51,8 @@ class DecodeConfig:
     max_bytes: int = 2 * 1024**3  # larger files fail as rows instead of filling memory
     # What one row captions: "whole" (the video), {window_s: 60, stride_s: 60, min_s: 0, allow_gaps: false}
     # (fixed windows, the last one shorter; a last one under min_s is dropped) or {scenes: content, threshold:
-    # 27, min_s: 0.6} (shots, PySceneDetect's content or adaptive detector). Frames are sampled per clip.
+    # 27, min_s: 0.6, max_s: 120} (shots, PySceneDetect's content or adaptive detector; a shot longer than
+    # max_s goes on as a new clip). Frames are sampled per clip.
     clips: Any = "whole"
     actors: Any = 1  # decode actors: N, or {min: N, max: M} for a pool that grows with the backlog
     num_cpus: float = 1.0
@@ -299,7 +300,7 @@ def _check_prompts(found) -> None:
 
 
 WHOLE = {"kind": "whole"}
-CLIP_KEYS = {"window": {"window_s", "stride_s", "min_s", "allow_gaps"}, "scenes": {"scenes", "threshold", "min_s"}}
+CLIP_KEYS = {"window": {"window_s", "stride_s", "min_s", "allow_gaps"}, "scenes": {"scenes", "threshold", "min_s", "max_s"}}
 
 
 def clip_spec(value) -> dict:
@@ -331,7 +332,8 @@ def clip_spec(value) -> dict:
         if value["scenes"] not in DETECTORS:
             raise ConfigError(f"config key 'decode.clips.scenes' must be a detector of {tuple(DETECTORS)}, "
                               f"got {value['scenes']!r}")
-        return {"kind": kind, "scenes": value["scenes"], "threshold": number("threshold", None), "min_s": min_s}
+        return {"kind": kind, "scenes": value["scenes"], "threshold": number("threshold", None), "min_s": min_s,
+                "max_s": number("max_s", None)}
     window = number("window_s", None)
     stride = number("stride_s", window)
     gaps = value.get("allow_gaps", False)

@@ -103,6 +103,17 @@ def test_shots_start_within_a_second_of_the_generated_cuts(half_hour, detector):
     assert [c.end_s for c in clips[:-1]] == [c.start_s for c in clips[1:]]
 
 
+def test_a_shot_longer_than_max_s_goes_on_as_new_clips(half_hour):
+    clips = list(read_clips(io.BytesIO(half_hour), {"kind": "scenes", "scenes": "content", "threshold": None,
+                                                    "min_s": None, "max_s": 300.0}, num_frames=4))
+    lengths = [c.end_s - c.start_s for c in clips]
+    assert max(lengths) <= 300.0 + 1.0 and clips[-1].end_s == 1800.0
+    assert [c.end_s for c in clips[:-1]] == [c.start_s for c in clips[1:]]
+    starts = {c.start_s for c in clips}
+    assert all(any(abs(s - cut) <= 1.0 for s in starts) for cut in CUTS)  # every real cut still a boundary
+    assert len(clips) == 10  # shots of 95, 305, 377, 423, 451 and 150 s: 1 + 2 + 2 + 2 + 2 + 1 clips
+
+
 def test_clips_of_a_long_video_are_decoded_with_bounded_memory(tmp_path):
     """Ten minutes of 640x360 (830 MB of frames) streamed from a file, in windows (seeking) and in
     shots (every frame decoded): memory grows by a few clips' samples, not the video."""
@@ -141,6 +152,7 @@ def test_clips_of_a_long_video_are_decoded_with_bounded_memory(tmp_path):
     ("{window_s: 10, scenes: content}", "decode.clips"),
     ("{window_s: 10, threshold: 3}", "decode.clips.threshold"),
     ("{scenes: content, min_s: -1}", "decode.clips.min_s"),
+    ("{scenes: content, max_s: 0}", "decode.clips.max_s"),
     ("{window_s: 10, allow_gaps: sometimes}", "decode.clips.allow_gaps"),
 ])
 def test_bad_clip_settings_name_the_key(value, key):
