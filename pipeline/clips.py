@@ -7,8 +7,8 @@ sampled frames. No Ray here.
 `whole` is `frames.read_frames` (decord's seeking, PyAV where decord cannot read a file). Windows
 and shots come from one forward pass over the file with PyAV, read as it decodes (a file object,
 never the whole video in memory). Windows of a video whose length the container states know their
-sample times in advance and seek past the stretches between them (`_windows`); shots, and windows
-of a video of unknown length, decode every frame, each open clip keeping at most twice the frames
+sample times in advance and seek past the stretches between them (`_windows`, in containers that
+seek right: `SEEKABLE`); shots, and other windows, decode every frame, each open clip keeping at most twice the frames
 it samples (`_Samples`). Either way memory holds a few clips' samples whatever the video's length.
 """
 
@@ -23,6 +23,10 @@ from pipeline.frames import VideoError, _message, _scaled_size, read_frames
 
 # decode.clips' scenes detectors: PySceneDetect's class and the name of its cut threshold argument.
 DETECTORS = {"content": ("ContentDetector", "threshold"), "adaptive": ("AdaptiveDetector", "adaptive_threshold")}
+# Containers whose index seeks to the right frames (checked for each of toyworld's CONTAINERS by the
+# frame number drawn into each frame): MPEG-TS loses its end, MPEG-PS lands on other frames, so those
+# and the rest decode every frame.
+SEEKABLE = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv", "asf"}
 DETECT_WIDTH = 256  # shots are detected on frames at most this wide (PySceneDetect's own downscale)
 
 
@@ -126,7 +130,7 @@ def read_clips(source, clips: dict, num_frames: int | None = 8, fps: float | Non
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         duration = _duration(container, stream)
-        if clips["kind"] == "window" and duration:
+        if clips["kind"] == "window" and duration and container.format.name in SEEKABLE:
             yield from _windows(container, stream, clips, sampling, max_side, duration)
         else:
             yield from _stream(container, stream, clips, sampling, max_side)
@@ -168,16 +172,24 @@ def _windows(container, stream, clips: dict, sampling: dict, max_side: int | Non
         last = max(lo, hi - 1.0 / rate)  # the window's last frame starts a frame before its end
         wanted += [(lo + (last - lo) * (j / (n - 1) if n > 1 else 0.5), w) for j in range(n)]
     order = sorted(range(len(wanted)), key=lambda i: wanted[i][0])
+    counts = [sample_count(hi - lo, **sampling) for lo, hi in windows]
     picked: list[list] = [[] for _ in windows]
     frames = container.decode(stream)
     frame = image = None
     t, gap = 0.0, 0.0  # the time of `frame`; the longest keyframe spacing seen (a seek lands up to that far back)
-    decoded = 0
-    done = 0  # windows yielded
+    last = None  # (time, image) of the latest frame taken: a stream ending early ends its clip there
+    decoded, done, end = 0, 0, duration
 
     def time_of(f) -> float:
         return float(f.pts - start_pts) * float(stream.time_base) if f.pts is not None else t + 1.0 / rate
 
+    def clip(w: int, hi: float, got: list) -> Clip:
+        got = got + [got[-1]] * (counts[w] - len(got))  # a window cut short by the stream's end: its last frame
+        return Clip(w, windows[w][0], hi, np.stack([im for _, im in got]),
+                    meta | {"total_frames": max(1, round((hi - windows[w][0]) * rate)), "times": [x for x, _ in got],
+                            "decoded": decoded})
+
+    held = None  # the latest complete window, yielded once the next one is (the last one is marked)
     try:
         for i in order:
             target, w = wanted[i]
@@ -193,24 +205,29 @@ def _windows(container, stream, clips: dict, sampling: dict, max_side: int | Non
                 t = time_of(frame)
                 if seeked:  # the keyframe it landed on: the spacing is at least this long
                     gap, seeked = max(gap, target - t), False
-            if frame is None:
-                raise VideoError("no video frames: no frame of the video stream decodes")
+            if frame is None or time_of(frame) + 1.5 / rate <= target:  # the stream ends before the container says
+                end = last[0] + 1.0 / rate if last is not None else 0.0
+                break
             if image is None:
                 image = frame.to_ndarray(format="rgb24", **size)
-            picked[w].append((t, image))
-            while done < len(windows) and len(picked[done]) == sample_count(windows[done][1] - windows[done][0],
-                                                                           **sampling):
-                lo, hi = windows[done]
-                got = picked[done]
-                picked[done] = []
-                yield Clip(done, lo, hi, np.stack([im for _, im in got]),
-                           meta | {"total_frames": max(1, round((hi - lo) * rate)), "times": [x for x, _ in got],
-                                   "decoded": decoded}, last=done == len(windows) - 1)
+            last = (t, image)
+            picked[w].append(last)
+            while done < len(windows) and len(picked[done]) == counts[done]:
+                if held is not None:
+                    yield held
+                held, picked[done] = clip(done, windows[done][1], picked[done]), []
                 done += 1
-    except VideoError:
-        raise
     except Exception as e:  # a stream that breaks off mid-way: what came before it was yielded
         raise VideoError(f"video stream breaks off after {decoded} frames: {_message(e)}") from e
+    if last is None:
+        raise VideoError("no video frames: no frame of the video stream decodes")
+    # A stream that ends early (truncated, or a stated length that overshoots): the windows it reached
+    # end there, later ones are none.
+    rest = [clip(w, min(windows[w][1], end), picked[w]) for w in range(done, len(windows))
+            if picked[w] and windows[w][0] < end]
+    for c in ([held] if held is not None else []) + rest:
+        c.last = c is rest[-1] if rest else c is held
+        yield c
 
 
 def _stream(container, stream, clips: dict, sampling: dict, max_side: int | None):

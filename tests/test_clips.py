@@ -61,10 +61,26 @@ def test_the_last_window_is_shorter_and_a_sliver_under_min_s_is_dropped(half_hou
     assert [c.end_s for c in overlapping] == [600.0, 900.0, 1200.0, 1500.0, 1800.0, 1800.0]
 
 
+def numbered(total: int) -> np.ndarray:
+    """`total` 64x48 frames, each showing its own number in binary (14 blocks, white for a 1)."""
+    frames = np.zeros((total, 48, 64, 3), np.uint8)
+    for i in range(total):
+        for b in range(14):
+            if i >> b & 1:
+                frames[i, (b // 7) * 16:(b // 7) * 16 + 16, (b % 7) * 8:(b % 7) * 8 + 8] = 255
+    return frames
+
+
+def shown(image: np.ndarray) -> int:
+    """The number a `numbered` frame shows."""
+    return sum(1 << b for b in range(14)
+               if image[(b // 7) * 16 + 4:(b // 7) * 16 + 12, (b % 7) * 8 + 2:(b % 7) * 8 + 6].mean() > 128)
+
+
 def test_sparse_windows_of_a_long_video_seek_and_sample_the_right_frames():
     """Ten minutes at 24 fps with a keyframe every 2 s, 8 frames a minute: the pass seeks past what no
     window samples (a fraction of the frames decoded), and every sampled frame is the video's frame at
-    its reported time (each frame shows its own number in binary)."""
+    its reported time."""
     import av
 
     fps, total = 24, 24 * 600
@@ -73,11 +89,7 @@ def test_sparse_windows_of_a_long_video_seek_and_sample_the_right_frames():
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.options = {"preset": "ultrafast", "g": "48", "crf": "18", "threads": "1"}
-        for i in range(total):
-            frame = np.zeros((48, 64, 3), np.uint8)
-            for b in range(14):
-                if i >> b & 1:
-                    frame[(b // 7) * 16:(b // 7) * 16 + 16, (b % 7) * 8:(b % 7) * 8 + 8] = 255
+        for frame in numbered(total):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -87,9 +99,19 @@ def test_sparse_windows_of_a_long_video_seek_and_sample_the_right_frames():
     assert clips[-1].meta["decoded"] < total / 4
     for c in clips:
         for t, image in zip(c.meta["times"], c.frames):
-            shown = sum(1 << b for b in range(14)
-                        if image[(b // 7) * 16 + 4:(b // 7) * 16 + 12, (b % 7) * 8 + 2:(b % 7) * 8 + 6].mean() > 128)
-            assert shown == round(t * fps) and c.start_s <= t < c.end_s
+            assert shown(image) == round(t * fps) and c.start_s <= t < c.end_s
+
+
+def test_a_stream_shorter_than_its_container_says_ends_its_clips_where_it_ends():
+    """Half of a two-minute Matroska file (its header still says 120 s): the windows it reaches end
+    where its frames end, the last marked; none is made of frames the file does not hold."""
+    data = encode_video(numbered(24 * 120), "mkv", fps=24)
+    clips = list(read_clips(io.BytesIO(data[:len(data) // 2]), window(20.0), num_frames=4))
+    assert [c.last for c in clips] == [False] * (len(clips) - 1) + [True] and 2 <= len(clips) <= 3
+    assert [c.end_s for c in clips[:-1]] == [c.start_s for c in clips[1:]] and clips[-1].end_s < 60.0
+    for c in clips:
+        assert all(shown(image) == round(t * 24) and c.start_s <= t < c.end_s
+                   for t, image in zip(c.meta["times"], c.frames))
 
 
 @pytest.mark.parametrize("detector", ["content", "adaptive"])
