@@ -28,6 +28,38 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name != "test_cluster.py")  # stable: the rest keep their order
 
 
+def kill_job(proc) -> None:
+    """SIGKILL a job started with start_new_session=True and the local Ray cluster it started: its
+    process group, then the Ray processes of its session (`/tmp/ray/session_..._<driver pid>`, which
+    Ray starts in sessions of their own) and all their descendants, so no worker finishes the job
+    after the kill."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    parents, marked = {}, set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"_{proc.pid}/".encode() in cmdline:
+            marked.add(int(entry.name))
+    grown = True
+    while grown:  # and their descendants (the workers raylet forked)
+        more = {pid for pid, parent in parents.items() if parent in marked} - marked
+        marked |= more
+        grown = bool(more)
+    for pid in marked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

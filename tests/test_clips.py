@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, kill_job
 from pipeline.clips import read_clips
 from pipeline.config import ConfigError, load_config
 from toyworld.scene import encode_video, render, sample_scene
@@ -312,7 +312,6 @@ def many(tmp_path_factory):
 
 def test_a_killed_job_resumes_with_every_clip_and_prompt_once(many, tmp_path):
     import os
-    import signal
     import time
 
     out = tmp_path / "out" / "resume"
@@ -328,8 +327,7 @@ def test_a_killed_job_resumes_with_every_clip_and_prompt_once(many, tmp_path):
     while time.time() < deadline and job.poll() is None and not keys_in(out):
         time.sleep(0.1)
     assert job.poll() is None, f"the first run ended by itself:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
-    os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
-    job.wait()
+    kill_job(job)  # the driver and the local Ray cluster it started
     # A Ray worker outside the driver's process group may still finish a write for a moment.
     first, settled = keys_in(out), time.time()
     while time.time() - settled < 5:

@@ -7,7 +7,6 @@ below each check one promise against the Parquet it wrote.
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -17,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, base_overrides
+from conftest import ROOT, kill_job, base_overrides
 from pipeline.config import ConfigError, load_config
 from toyworld.scene import encode_mp4, make_clip, render, sample_scene
 from toyworld.score import parse_caption
@@ -212,8 +211,7 @@ def test_a_killed_job_resumes_without_duplicates_or_losses(s3, tmp_path):
             break  # the first committed file: kill now, mid-run
         time.sleep(0.1)
     assert job.poll() is None, f"the first run ended by itself (rc {job.returncode}):\n{log.read_text()[-3000:]}"
-    os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
-    job.wait()
+    kill_job(job)  # the driver and the local Ray cluster it started
     # A Ray worker outside the driver's process group may still finish a write for a moment:
     # take what the output holds once it has stopped changing.
     first, settled = read_output(s3, "s3://captions/resume/resume"), time.time()
