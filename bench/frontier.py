@@ -172,7 +172,10 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
             "verify_bf16_share": verify_tokens * per_token / max(t["verify_s"], 1e-12) / BF16_PEAK,
             "achieved_gb_per_s": read / t["decode_s"] / 1e9, "bandwidth_share": read / t["decode_s"] / HBM_BYTES_PER_S,
             "peak_gib": max((r["peak_gib"] or 0) for r in runs) if cuda else None,
-            "prefills": once.prefills - prefills, "attention": t["attention"]}
+            "prefills": once.prefills - prefills, "attention": t["attention"],
+            "attention_ms": {f"{name}/{size}": {m: round(sec * 1e3, 3) for m, sec in timed.items()}
+                             for (name, size), timed in engine.attention_timings.items()},
+            "attention_errors": {"/".join(key): why for key, why in engine.attention_errors.items()}}
 
 
 def _median_spread(values: list[float]) -> tuple[float, float]:
@@ -230,12 +233,18 @@ def climb(args, family: str, target, draft, processor, patterns: dict, label: tu
             log(f"[{label[0]}/{label[1]}] {mode:6s} bs {bs:3d}: {run['decode_tokens_per_s']:9.1f} tok/s "
                 f"(spread {run['spread']:.1%}), tau {run['tau']:.2f}, K {run['k_mean']:.1f}, slots busy "
                 f"{run['slot_use']:.0%}, verify {run['ms_per_verify']:.2f} ms = {run['verify_tflops']:.0f} TFLOP/s, "
-                f"{run['achieved_gb_per_s']:.0f} GB/s, peak {run['peak_gib'] or 0:.1f} GiB "
+                f"{run['achieved_gb_per_s']:.0f} GB/s, peak {run['peak_gib'] or 0:.1f} GiB, attention "
+                f"{_paths(run['attention'])} "
                 f"({time.perf_counter() - t0:.0f} s)")
     if args.auto:
         out["auto"] = auto_point(args, target, draft, base, once, patterns, probe, T, D, ctx, log)
     out.update(peaks(out["runs"]))
     return out
+
+
+def _paths(chosen: dict) -> str:
+    """The attention paths a point's engine chose: target step/verify, draft step/verify."""
+    return " ".join(f"{who[0].upper()} {paths['step']}/{paths['verify']}" for who, paths in chosen.items() if paths)
 
 
 def auto_point(args, target, draft, base, once, patterns, probe, T, D, ctx, log) -> dict:

@@ -2,6 +2,7 @@
 # The bulk-throughput frontier (bench/frontier.py) on a lent GPU machine (device tool), one part a call, results
 # under $OUT, written after every point (a call cut short keeps what it measured; each video is prefilled
 # once a sitting, PromptsOnce, so the time goes to decoding):
+#   bench/gpu_frontier.sh check    # tests/test_gpu.py's split-attention tests (the kernel on this GPU)
 #   bench/gpu_frontier.sh llava    # LLaVA-OV 7B/0.5B at an 80 GB card's memory (79.6 GiB cap on an H200), 16 frames,
 #                                  # 128 new tokens, batch 1..256, ar sd lvspec, + an lvspec engine with slots=auto;
 #                                  # 2 x batch rows streamed through each point's slots (a bulk job's steady state)
@@ -24,6 +25,8 @@ climb() {  # name, then bench.frontier run arguments
     | grep "^\[\|slots=auto\|Error"
 }
 case "$1" in
+  # The split-KV attention kernel on this GPU (its tests), before any climb relies on it.
+  check) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k split 2>&1 | tee $OUT/check.log | tail -15 ;;
   # Modes in the order the peak-over-peak figure needs them: a call cut at its time limit loses sd's top batches.
   llava) climb llava --pair llava_onevision:7b:0.5b --memory-gib 79.6 --stream 2 --modes ar lvspec sd --auto \
            --batch-sizes 1 8 32 64 128 192 256 ;;
@@ -35,5 +38,5 @@ case "$1" in
   paper1) climb paper1 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --frames 64 --new-tokens 256 \
       --batch-sizes 1 8 32 64 --setting paper ;;
   paper2) climb paper2 --pair qwen2_5_vl:32b:7b --frames 64 --new-tokens 256 --batch-sizes 1 8 32 64 --setting paper ;;
-  *) echo "usage: $0 llava|qwen|qwen1|qwen2|paper1|paper2"; exit 2 ;;
+  *) echo "usage: $0 check|llava|qwen|qwen1|qwen2|paper1|paper2"; exit 2 ;;
 esac

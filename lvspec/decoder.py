@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lvspec import parallel
 from lvspec.adapter import text_config
+from lvspec.attention import available, split_attention
 from lvspec.cache import StaticCache
 from lvspec.relevance import RelevanceProbe
 
@@ -100,18 +101,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
-ATTENTION = ("matmul", "sdpa", "sdpa_gqa")
+ATTENTION = ("matmul", "sdpa", "sdpa_gqa", "split")
+
+
+def attention_paths(device: torch.device) -> tuple[str, ...]:
+    """The attention paths a decoder can run on `device` ("split" needs Triton: CUDA)."""
+    return tuple(m for m in ATTENTION if m != "split" or (device.type == "cuda" and available(device)))
 
 
 class TextDecoder:
     """Decoding forwards of one model over a `StaticCache`.
 
-    Attention runs one of three ways, chosen per forward size ("step": 1-2 tokens, "verify":
+    Attention runs one of four ways, chosen per forward size ("step": 1-2 tokens, "verify":
     more) by `attention` (the engine times them on each new state; None: a default rule):
     "matmul" (scores, softmax, product: batched GEMMs parallel over the whole cache), "sdpa"
     (the fused kernel with the query group folded into the query length: each kv head read
     once), "sdpa_gqa" (the fused kernel with its own grouped-query support: more blocks in flight,
-    which long caches at larger batches need).
+    which long caches at larger batches need), all three over the whole capacity through a mask;
+    "split" (`attention.split_attention`: each row's band of keys only, cut into stretches read
+    in parallel, the relevance probe's video mass summed in the same pass).
     """
 
     def __init__(self, model, vocab: int):
@@ -169,11 +177,12 @@ class TextDecoder:
         angle = (slot + cache.offset[:, None]).float()[..., None] * self.inv_freq  # [S, q, hd/2]
         cos = torch.cat([angle.cos(), angle.cos()], -1).to(dt)[:, :, None]  # [S, q, 1, hd]
         sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt)[:, :, None]
-        keys = torch.arange(cache.capacity, device=dev)
-        visible = (keys >= cache.pad[:, None, None]) & (keys <= slot[..., None])  # [S, q, capacity]
-        bias = torch.zeros(visible.shape, dtype=dt, device=dev).masked_fill_(~visible, -math.inf)[:, None]
         mode = self.attention["step" if q <= 2 else "verify"] or ("matmul" if S * kvh < 32 else "sdpa")
-        if mode != "sdpa_gqa" or probe is not None:
+        if mode != "split":
+            keys = torch.arange(cache.capacity, device=dev)
+            visible = (keys >= cache.pad[:, None, None]) & (keys <= slot[..., None])  # [S, q, capacity]
+            bias = torch.zeros(visible.shape, dtype=dt, device=dev).masked_fill_(~visible, -math.inf)[:, None]
+        if mode not in ("sdpa_gqa", "split") or (probe is not None and mode != "split"):
             # The query group folded into the query length: each kv head's keys are read once for all
             # of its query heads. Folded row g * q + j is query j of group head g.
             folded = bias.expand(S, group, q, cache.capacity).reshape(S, 1, group * q, cache.capacity)
@@ -187,7 +196,13 @@ class TextDecoder:
             cache.k[i].scatter_(2, where, qk[:, :, nh:].transpose(1, 2))
             cache.v[i].scatter_(2, where, qkv[:, :, nh + kvh:].transpose(1, 2))
             probed = probe is not None and i in probe.layers
-            if mode == "sdpa_gqa" and not probed:
+            if mode == "split":
+                out, mass = split_attention(qk[:, :, :nh], cache.k[i], cache.v[i], cache.pad, cache.length,
+                                            self.scale, probe.video_keys if probed else None)
+                if probed:
+                    probe.add_mass(i, mass)
+                out = out.view(S * q, nh * hd)
+            elif mode == "sdpa_gqa" and not probed:
                 out = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), cache.k[i], cache.v[i],
                                                      attn_mask=bias, scale=self.scale, enable_gqa=True)
                 out = out.transpose(1, 2).reshape(S * q, nh * hd)

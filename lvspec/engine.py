@@ -27,7 +27,7 @@ from lvspec import memory
 from lvspec.adapter import check_pair
 from lvspec.config import SpecConfig
 from lvspec.cycle import Cycle
-from lvspec.decoder import ATTENTION
+from lvspec.decoder import attention_paths
 from lvspec.draft_length import Costs
 from lvspec.graphs import PromptGraphs, Stages
 from lvspec.replay import Replay
@@ -88,6 +88,7 @@ class Engine:
         self.plan: memory.Plan | None = None  # slots="auto": the latest state's plan
         self.timing: dict = {}  # of the latest call: prefill and decode seconds, K per cycle, costs
         self.attention_timings: dict = {}  # (model, forward size) -> seconds per attention path, when tuned
+        self.attention_errors: dict = {}  # (model, forward size, path) -> why that path could not run
 
     # ---- the API ---------------------------------------------------------------------------------
     def compile_prefill(self) -> None:
@@ -220,6 +221,12 @@ class Engine:
         st.memory_bound = plan is not None and plan.memory_bound
         st.stages = Stages(self.graphs, _snapshot(st.small()))
         st.prompts = PromptGraphs(self.prompt_graphs)  # they write into this state's caches
+        # Until the first rows come (Stream resets the state), every slot stands at a typical length,
+        # half-way through a caption: the attention paths and the cost table are timed on the caches
+        # that decoding reads ("split" reads only each row's band of keys).
+        for cache in (st.T, st.D):
+            if cache is not None:
+                cache.length.fill_(width + self.cfg.max_new_tokens // 2)
         if self.graphs:
             self._tune_attention(st)
         self._capture_all(st)
@@ -239,12 +246,13 @@ class Engine:
         for name, decoder, cache, size, q in jobs:
             tokens = torch.zeros(st.slots, q, dtype=torch.long, device=self.device)
             timed = {}
-            for mode in ATTENTION:
+            for mode in attention_paths(self.device):
                 decoder.attention[size] = mode
                 try:
                     timed[mode] = Stages.seconds(lambda: decoder.forward(cache, tokens))
-                except RuntimeError:  # a path this device or build cannot run: never chosen
+                except Exception as e:  # noqa: BLE001 - a path this device or build cannot run: never chosen
                     timed[mode] = float("inf")
+                    self.attention_errors[(name, size, mode)] = f"{type(e).__name__}: {e}"[:300]
             decoder.attention[size] = min(timed, key=timed.get)
             self.attention_timings[(name, size)] = timed
         if self.tp is not None:  # one choice for all ranks (timings differ a little between GPUs)

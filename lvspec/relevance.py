@@ -48,7 +48,8 @@ class RelevanceProbe:
         self.weights = weights  # [chosen heads] summing to 1, or None: the plain mean
         self.layers = set(heads)
         self.tp = tp
-        self.video = video[:, None, :, None]  # [S, 1, capacity, 1]: where a slot holds a video token
+        self.video_keys = video  # [S, capacity]: where a slot holds a video token
+        self.video = video[:, None, :, None]  # [S, 1, capacity, 1]
         self.by_head: dict[int, torch.Tensor] = {}  # layer -> [S, this rank's heads, q]
         self._all: dict[int, torch.Tensor] | None = None  # layer -> [S, all heads, q]
 
@@ -56,6 +57,12 @@ class RelevanceProbe:
         """probs: [S, kv heads, group * q, capacity] (float32 or wider), folded as the decoder runs attention."""
         S, kvh = probs.shape[:2]
         self.by_head[layer] = torch.matmul(probs, self.video.to(probs.dtype)).view(S, kvh * group, q)
+        self._all = None
+
+    def add_mass(self, layer: int, mass: torch.Tensor) -> None:
+        """mass: [S, this rank's heads, q], each head's attention on the video keys (summed by the
+        attention kernel itself: `attention.split_attention`)."""
+        self.by_head[layer] = mass
         self._all = None
 
     def _every_head(self) -> dict[int, torch.Tensor]:

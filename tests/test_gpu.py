@@ -83,6 +83,66 @@ def test_slots_auto_plans_from_the_gpus_free_memory(pair):
     assert auto.plan.slots == 6 and auto.plan.free_bytes > auto.plan.reserve_bytes + 6 * auto.plan.slot_bytes
 
 
+@pytest.mark.parametrize("cfg", [SpecConfig(mode="ar"), SpecConfig(mode="sd", k=6),
+                                 SpecConfig(mode="lvspec", k="auto", k_max=6, theta=0.45, k_costs=PAYS)],
+                         ids=["ar", "sd", "lvspec-auto-pinned"])
+def test_graphs_on_split_attention_decode_what_eager_masked_attention_decodes(pair, cfg, monkeypatch):
+    """Every decoding forward on the split-KV kernel (the only path the tuner may pick), captured and
+    replayed: the same tokens and counters as eager forwards on the masked matmul path, and
+    lvspec's relevance (summed in the kernel) within float32 rounding of the score matrix's."""
+    import lvspec.engine
+
+    processor, target, draft = pair
+    rows = rendered_rows(processor, 6, seed=5)
+    cfg = dataclasses.replace(cfg, max_new_tokens=48)
+    eager = Engine(target, draft, dataclasses.replace(cfg, cuda_graphs=False)).generate(rows, trace=True)
+    monkeypatch.setattr(lvspec.engine, "attention_paths", lambda device: ("split",))
+    engine = Engine(target, draft, cfg, slots=4)  # six rows through four slots: refills beside decoding
+    for _ in range(2):
+        split = engine.generate(rows, trace=True)
+        assert {engine.T.attention["step"], engine.T.attention["verify"]} == {"split"}
+        assert [r.tokens for r in split] == [r.tokens for r in eager]
+        assert [r.stats for r in split] == [r.stats for r in eager]
+    for a, b in zip(eager, split):
+        for x, y in zip(a.trace, b.trace):
+            if x["relevance"] is not None:
+                assert abs(x["relevance"] - y["relevance"]) < 1e-4
+    for decoder in (engine.T, engine.D):  # the models' decoders are shared with the next test's engines
+        if decoder is not None:
+            decoder.attention.update(step=None, verify=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_split_attention_at_real_shapes_equals_float64_attention(dtype):
+    """The kernel at the real models' decode shapes (LLaVA-OV 7B / 0.5B and Qwen2.5-VL 32B heads,
+    3.2k-token caches, 1 to 11 new tokens, 1 to 128 rows): output and video mass against float64
+    attention over each row's band; keys outside the band poisoned with NaN (never read)."""
+    from lvspec.attention import split_attention
+
+    g = torch.Generator("cuda").manual_seed(0)
+    for S, q, heads, kvh, hd, capacity in [(1, 1, 28, 4, 128, 3328), (128, 4, 14, 2, 64, 3328),
+                                           (32, 11, 28, 4, 128, 3328), (96, 6, 40, 8, 128, 1408)]:
+        query = torch.randn(S, q, heads, hd, device="cuda", generator=g, dtype=dtype)
+        k = torch.randn(S, kvh, capacity, hd, device="cuda", generator=g, dtype=dtype)
+        v = torch.randn(S, kvh, capacity, hd, device="cuda", generator=g, dtype=dtype)
+        pad = torch.randint(0, 64, (S,), device="cuda", generator=g)
+        length = torch.randint(capacity // 2, capacity - q, (S,), device="cuda", generator=g)
+        keys = torch.arange(capacity, device="cuda")
+        band = (keys >= pad[:, None]) & (keys < (length + q)[:, None])  # [S, capacity]
+        k.masked_fill_(~band[:, None, :, None], float("nan"))
+        v.masked_fill_(~band[:, None, :, None], float("nan"))
+        video = torch.rand(S, capacity, device="cuda", generator=g) < 0.7
+        out, mass = split_attention(query, k, v, pad, length, hd ** -0.5, video)
+        visible = (keys >= pad[:, None, None]) & (keys <= (length[:, None] + torch.arange(q, device="cuda"))[..., None])
+        kk, vv = (t.double().nan_to_num(0.0).repeat_interleave(heads // kvh, 1) for t in (k, v))
+        p = (torch.einsum("sjhd,shnd->shjn", query.double(), kk) * hd ** -0.5).masked_fill(
+            ~visible[:, None], float("-inf")).softmax(-1)
+        want = torch.einsum("shjn,shnd->sjhd", p, vv)
+        err = ((out.double() - want).norm() / want.norm()).item()
+        assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), (S, q, heads, kvh, hd, err)
+        assert (mass.double() - (p * video[:, None, None].double()).sum(-1)).abs().max() < 1e-3
+
+
 # ---- two GPUs: the one-shot all-reduce (lvspec/parallel.py) -----------------------------------------
 
 TP_CONFIGS = [SpecConfig(mode="ar", max_new_tokens=48), SpecConfig(mode="lvspec", k=4, max_new_tokens=48)]

@@ -1,0 +1,204 @@
+"""Decode attention over the static cache: a split-KV (flash-decoding) Triton kernel.
+
+A decoding forward has few queries a row (1 to k_max + 1 new tokens) and many keys (a video
+prompt's 1-5k), so its attention is a read of the cache, and its speed is the share of HBM
+bandwidth that read reaches. Each program takes one (row, kv head, stretch of keys) and folds the
+kv head's query heads times the row's new tokens into one block of query rows, so every key is read
+once for all of them (grouped-query attention), and it reads only the row's band: key i is visible
+to new token j when pad <= i <= length + j. Stretches of one row are merged by a second kernel
+(their softmax maxima and sums), which writes the output in the layout the output projection reads.
+
+The same pass can sum each query's attention on the row's video keys (`video`: the relevance
+probe), so a probed layer needs no score matrix either. Runs on CUDA, or anywhere with
+TRITON_INTERPRET=1 (Triton's interpreter: what the CPU tests use, float32 only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import types
+
+import torch
+
+BLOCK_N = 64  # keys a program reads per step
+MAX_SPLITS = 16
+
+
+def available(device: torch.device) -> bool:
+    """Whether `split_attention` can run on `device` (CUDA with Triton, or Triton's interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or _interpreting()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def splits_for(rows: int, kv_heads: int, capacity: int, sms: int) -> int:
+    """How many stretches each row's keys are cut into: enough programs for several per SM
+    (a program reads its stretch in sequence, so bandwidth needs many in flight), each stretch at
+    least one block of keys."""
+    want = -(-4 * sms // (rows * kv_heads))
+    return max(1, min(want, -(-capacity // BLOCK_N), MAX_SPLITS))
+
+
+def split_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor,
+                    length: torch.Tensor, scale: float, video: torch.Tensor | None = None,
+                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of the new tokens' queries over a layer's cache.
+
+    query [S, q, heads, hd] (any strides but the last), keys and values [S, kv_heads, capacity, hd];
+    new token j of row s sees keys pad[s] <= i <= length[s] + j. Returns the output [S, q, heads, hd]
+    and, with `video` ([S, capacity] bool: the row's video keys), each head's attention mass on them
+    [S, heads, q] (float32), else None. `splits`: stretches a row's keys are cut into (None: `splits_for`)."""
+    S, q, heads, hd = query.shape
+    kvh, capacity = k.shape[1], k.shape[2]
+    group = heads // kvh
+    rows = group * q
+    block_m = max(16, 1 << (rows - 1).bit_length())
+    if splits is None:
+        sms = _sms(query.device.index or 0) if query.device.type == "cuda" else 8
+        splits = splits_for(S, kvh, capacity, sms)
+    stretch = -(-(-(-capacity // splits)) // BLOCK_N) * BLOCK_N
+    splits = -(-capacity // stretch)
+    out = torch.empty(S, q, heads, hd, dtype=query.dtype, device=query.device)
+    mass = torch.empty(S, heads, q, dtype=torch.float32, device=query.device) if video is not None else None
+    probe = video is not None
+    vid = video.view(torch.uint8) if probe else pad  # any tensor: not read without PROBE
+    kernels = _kernels(_interpreting())
+    ieee = query.dtype == torch.float32  # float32 models (toy, tests): no tf32 rounding in the products
+    warps = 8 if block_m >= 128 else 4
+    common = dict(BLOCK_M=block_m, BLOCK_N=BLOCK_N, D=hd, PROBE=probe, IEEE=ieee)
+    qs, ks, vs = query.stride(), k.stride(), v.stride()
+    if splits == 1:
+        kernels.attend[(S, kvh, 1)](
+            query, k, v, pad, length, vid, out, out, out, out, out, mass if probe else out,
+            qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], vid.stride(0),
+            out.stride(0), out.stride(1), out.stride(2), q, group, capacity, stretch, scale * math.log2(math.e),
+            SPLITS=1, num_warps=warps, num_stages=2, **common)
+        return out, mass
+    part = (S, kvh, splits, block_m)
+    acc = torch.empty(*part, hd, dtype=torch.float32, device=query.device)
+    top, total = torch.empty(part, dtype=torch.float32, device=query.device), torch.empty(part, dtype=torch.float32, device=query.device)
+    vmass = torch.empty(part, dtype=torch.float32, device=query.device) if probe else total
+    kernels.attend[(S, kvh, splits)](
+        query, k, v, pad, length, vid, out, acc, top, total, vmass, mass if probe else out,
+        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], vid.stride(0),
+        out.stride(0), out.stride(1), out.stride(2), q, group, capacity, stretch, scale * math.log2(math.e),
+        SPLITS=splits, num_warps=warps, num_stages=2, **common)
+    merge_m = 16
+    kernels.merge[(S, kvh, block_m // merge_m)](
+        acc, top, total, vmass, out, mass if probe else out,
+        out.stride(0), out.stride(1), out.stride(2), q, group,
+        SPLITS=splits, BLOCK_M=block_m, MERGE_M=merge_m, D=hd, PROBE=probe, num_warps=4)
+    return out, mass
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """The jitted kernels (built on first use: Triton decides at decoration whether it interprets)."""
+    del interpret  # the cache key: a test may switch the interpreter on after another built the kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def attend(Q, K, V, Pad, Length, Video, Out, Acc, Top, Total, VMass, Mass,
+               sq_s, sq_j, sq_h, sk_s, sk_h, sk_n, sv_s, sv_h, sv_n, s_vid, so_s, so_j, so_h,
+               q_len, group, capacity, stretch, scale_log2,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+               PROBE: tl.constexpr, IEEE: tl.constexpr):
+        s, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        r = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, D)
+        g, j = r // q_len, r % q_len  # folded query row r: new token j of the kv head's query head g
+        real = r < group * q_len
+        head = h * group + g
+        start = tl.load(Length + s)
+        pad = tl.load(Pad + s)
+        query = tl.load(Q + s * sq_s + j[:, None] * sq_j + head[:, None] * sq_h + d[None, :], mask=real[:, None], other=0.0)
+        lo = tl.maximum(pad, part * stretch)
+        hi = tl.minimum(tl.minimum(start + q_len, (part + 1) * stretch), capacity)
+        last = start + j  # the newest key each query row sees: its own
+        top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        vmass = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            inside = n < hi
+            key = tl.load(K + s * sk_s + h * sk_h + n[:, None] * sk_n + d[None, :], mask=inside[:, None], other=0.0)
+            if IEEE:
+                score = tl.dot(query, tl.trans(key), input_precision="ieee")
+            else:
+                score = tl.dot(query, tl.trans(key))
+            score = tl.where((n[None, :] <= last[:, None]) & inside[None, :], score * scale_log2, float("-inf"))
+            new_top = tl.maximum(top, tl.max(score, 1))
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            p = tl.exp2(score - safe[:, None])
+            alpha = tl.exp2(top - safe)
+            total = total * alpha + tl.sum(p, 1)
+            if PROBE:
+                on_video = tl.load(Video + s * s_vid + n, mask=inside, other=0).to(tl.float32)
+                vmass = vmass * alpha + tl.sum(p * on_video[None, :], 1)
+            value = tl.load(V + s * sv_s + h * sv_h + n[:, None] * sv_n + d[None, :], mask=inside[:, None], other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value)
+            top = new_top
+        if SPLITS == 1:
+            norm = tl.where(total > 0, total, 1.0)
+            tl.store(Out + s * so_s + j[:, None] * so_j + head[:, None] * so_h + d[None, :],
+                     (acc / norm[:, None]).to(Out.dtype.element_ty), mask=real[:, None])
+            if PROBE:
+                tl.store(Mass + (s * group * tl.num_programs(1) + head) * q_len + j, vmass / norm, mask=real)
+        else:
+            at = ((s * tl.num_programs(1) + h) * SPLITS + part) * BLOCK_M + r
+            tl.store(Top + at, top)
+            tl.store(Total + at, total)
+            if PROBE:
+                tl.store(VMass + at, vmass)
+            tl.store(Acc + at[:, None] * D + d[None, :], acc)
+
+    @triton.jit
+    def merge(Acc, Top, Total, VMass, Out, Mass, so_s, so_j, so_h, q_len, group,
+              SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, MERGE_M: tl.constexpr, D: tl.constexpr,
+              PROBE: tl.constexpr):
+        s, h, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        r = chunk * MERGE_M + tl.arange(0, MERGE_M)
+        d = tl.arange(0, D)
+        g, j = r // q_len, r % q_len
+        real = r < group * q_len
+        head = h * group + g
+        top = tl.full([MERGE_M], float("-inf"), tl.float32)
+        total = tl.zeros([MERGE_M], tl.float32)
+        vmass = tl.zeros([MERGE_M], tl.float32)
+        acc = tl.zeros([MERGE_M, D], tl.float32)
+        for part in tl.static_range(SPLITS):
+            at = ((s * tl.num_programs(1) + h) * SPLITS + part) * BLOCK_M + r
+            t = tl.load(Top + at)
+            new_top = tl.maximum(top, t)
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            alpha, beta = tl.exp2(top - safe), tl.exp2(t - safe)
+            total = total * alpha + tl.load(Total + at) * beta
+            if PROBE:
+                vmass = vmass * alpha + tl.load(VMass + at) * beta
+            acc = acc * alpha[:, None] + tl.load(Acc + at[:, None] * D + d[None, :]) * beta[:, None]
+            top = new_top
+        norm = tl.where(total > 0, total, 1.0)
+        tl.store(Out + s * so_s + j[:, None] * so_j + head[:, None] * so_h + d[None, :],
+                 (acc / norm[:, None]).to(Out.dtype.element_ty), mask=real[:, None])
+        if PROBE:
+            tl.store(Mass + (s * group * tl.num_programs(1) + head) * q_len + j, vmass / norm, mask=real)
+
+    return types.SimpleNamespace(attend=attend, merge=merge)
