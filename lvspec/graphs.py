@@ -8,9 +8,25 @@ with one launch. Off (CPU, or `cuda_graphs=False`), it is simply called. One swi
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections.abc import Callable, Hashable
 
 import torch
+
+
+@contextlib.contextmanager
+def _no_collection():
+    """No cyclic garbage collection while a graph is captured: a collected CUDA graph (an old
+    state's, an engine's that a traceback kept) is destroyed then, which a capture does not permit,
+    and the capture fails ("operation failed due to a previous error during capture")."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Stages:
@@ -47,7 +63,7 @@ class Stages:
             fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with _no_collection(), torch.cuda.graph(graph):
             fn()
         graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -67,7 +83,7 @@ class Stages:
         torch.cuda.current_stream().wait_stream(side)
         restore()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with _no_collection(), torch.cuda.graph(graph, pool=self.pool):
             stage()
         return graph
 
@@ -138,7 +154,8 @@ class PromptGraphs:
             with torch.cuda.stream(side):
                 fn(static_rows, static_index)  # warm-up (lazy initialisation); writes only the slots being filled
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
+                with _no_collection(), torch.cuda.graph(graph, pool=self.pool, stream=side,
+                                                        capture_error_mode="thread_local"):
                     out = fn(static_rows, static_index)
         except RuntimeError as e:
             import warnings
