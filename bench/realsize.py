@@ -48,6 +48,14 @@ SHORT = 16  # new tokens of a warm-up run
 HBM_BYTES_PER_S = 4.8e12  # H200 datasheet (the reference probe's floor uses the same)
 
 
+def hbm_bytes_per_s(machine: str | None = None) -> float:
+    """The datasheet HBM bandwidth of the GPU named in `machine` (default: this process's GPU):
+    an H100 SXM's 3.35 TB/s, else an H200's 4.8."""
+    if machine is None and torch.cuda.is_available():
+        machine = torch.cuda.get_device_name()
+    return 3.35e12 if machine and "H100" in machine else HBM_BYTES_PER_S
+
+
 def build(family: str, size: str, device: str, dtype=torch.bfloat16):
     """A random-weight model of a real size (the product's load format `dummy`), stop tokens off."""
     model = dummy.from_config(real_config(family, size), dtype, device)

@@ -54,13 +54,15 @@ def splits_for(rows: int, kv_heads: int, capacity: int, sms: int) -> int:
 
 def split_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor,
                     length: torch.Tensor, scale: float, video: torch.Tensor | None = None,
-                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    splits: int | None = None, block_n: int = BLOCK_N, stages: int = 2, warps: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of the new tokens' queries over a layer's cache.
 
     query [S, q, heads, hd] (any strides but the last), keys and values [S, kv_heads, capacity, hd];
     new token j of row s sees keys pad[s] <= i <= length[s] + j. Returns the output [S, q, heads, hd]
     and, with `video` ([S, capacity] bool: the row's video keys), each head's attention mass on them
-    [S, heads, q] (float32), else None. `splits`: stretches a row's keys are cut into (None: `splits_for`)."""
+    [S, heads, q] (float32), else None. `splits`: stretches a row's keys are cut into (None: `splits_for`);
+    `block_n`, `stages`, `warps`: the kernel's launch configuration (bench.attention sweeps them)."""
     S, q, heads, hd = query.shape
     kvh, capacity = k.shape[1], k.shape[2]
     group = heads // kvh
@@ -69,7 +71,7 @@ def split_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: 
     if splits is None:
         sms = _sms(query.device.index or 0) if query.device.type == "cuda" else 8
         splits = splits_for(S, kvh, capacity, sms)
-    stretch = -(-(-(-capacity // splits)) // BLOCK_N) * BLOCK_N
+    stretch = -(-(-(-capacity // splits)) // block_n) * block_n
     splits = -(-capacity // stretch)
     out = torch.empty(S, q, heads, hd, dtype=query.dtype, device=query.device)
     mass = torch.empty(S, heads, q, dtype=torch.float32, device=query.device) if video is not None else None
@@ -77,15 +79,15 @@ def split_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: 
     vid = video.view(torch.uint8) if probe else pad  # any tensor: not read without PROBE
     kernels = _kernels(_interpreting())
     ieee = query.dtype == torch.float32  # float32 models (toy, tests): no tf32 rounding in the products
-    warps = 8 if block_m >= 128 else 4
-    common = dict(BLOCK_M=block_m, BLOCK_N=BLOCK_N, D=hd, PROBE=probe, IEEE=ieee)
+    warps = warps or (8 if block_m >= 128 else 4)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=hd, PROBE=probe, IEEE=ieee)
     qs, ks, vs = query.stride(), k.stride(), v.stride()
     if splits == 1:
         kernels.attend[(S, kvh, 1)](
             query, k, v, pad, length, vid, out, out, out, out, out, mass if probe else out,
             qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], vid.stride(0),
             out.stride(0), out.stride(1), out.stride(2), q, group, capacity, stretch, scale * math.log2(math.e),
-            SPLITS=1, num_warps=warps, num_stages=2, **common)
+            SPLITS=1, num_warps=warps, num_stages=stages, **common)
         return out, mass
     part = (S, kvh, splits, block_m)
     acc = torch.empty(*part, hd, dtype=torch.float32, device=query.device)
@@ -95,7 +97,7 @@ def split_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: 
         query, k, v, pad, length, vid, out, acc, top, total, vmass, mass if probe else out,
         qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], vid.stride(0),
         out.stride(0), out.stride(1), out.stride(2), q, group, capacity, stretch, scale * math.log2(math.e),
-        SPLITS=splits, num_warps=warps, num_stages=2, **common)
+        SPLITS=splits, num_warps=warps, num_stages=stages, **common)
     merge_m = 16
     kernels.merge[(S, kvh, block_m // merge_m)](
         acc, top, total, vmass, out, mass if probe else out,
