@@ -164,7 +164,8 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
             "runs_tokens_per_s": tps, "steady_tokens_per_s": steady_median, "steady_spread": steady_spread,
             "tau": mid["tokens"] / max(mid["cycles"], 1), "cycles": len(ks),
             "k_median": statistics.median(ks) if ks else 0, "k_mean": sum(ks) / max(len(ks), 1),
-            "slot_use": t["slot_use"], "ingests": t["ingests"], "costs": t["costs"],
+            "slot_use": t["slot_use"], "steady_slot_use": t.get("steady_slot_use"), "ingests": t["ingests"],
+            "costs": t["costs"],
             "ms_per_verify": 1e3 * t["verify_s"] / max(t["verifies"], 1),
             "ms_per_draft_step": 1e3 * t["draft_s"] / t["draft_steps"] if t["draft_steps"] else None,
             "cycle_ms": 1e3 * t["decode_s"] / max(len(ks), 1),
@@ -339,7 +340,7 @@ def markdown(report: dict) -> str:
              f"Each point: median of {report.get('repeats', 3)} decodes of the same prefilled rows (spread = "
              "(max - min) / median), replayed acceptance, k=auto; decode tokens/s leaves the prefill out; steady "
              "tok/s: until the stream's rows ran out (a free slot found none; after it slots only empty); slots "
-             "busy = decoding rows per cycle over slots; verify TFLOP/s against 989 (bf16 dense peak); GB/s: "
+             "busy = decoding rows per cycle over slots (whole stream / its steady part, where measured); verify TFLOP/s against 989 (bf16 dense peak); GB/s: "
              f"bytes the forwards must read, against {hbm_bytes_per_s(report['machine']) / 1e12:.2f} TB/s; "
              "OOM = out of GPU memory, where that mode's climb ends.", ""]
     hbm = hbm_bytes_per_s(report["machine"])  # the share of the card's own bandwidth
@@ -360,7 +361,9 @@ def markdown(report: dict) -> str:
             x = over.get(r["batch_size"], over.get(str(r["batch_size"]), {})).get(r["mode"])  # JSON keys are strings
             cells = [r["batch_size"], r["mode"], f"{r['decode_tokens_per_s']:.1f}", f"{r['spread']:.1%}", _ratio(x),
                      _ratio(r.get("steady_tokens_per_s"), "{:.1f}"), f"{r['tau']:.2f}",
-                     f"{r['k_mean']:.1f}", f"{r['slot_use']:.0%}", f"{r['ms_per_verify']:.2f}",
+                     f"{r['k_mean']:.1f}", f"{r['slot_use']:.0%}" + (f" / {r['steady_slot_use']:.0%}" if
+                                                                    r.get("steady_slot_use") else ""),
+                     f"{r['ms_per_verify']:.2f}",
                      f"{r['verify_tflops']:.0f} ({r['verify_bf16_share']:.0%})",
                      f"{r['achieved_gb_per_s']:.0f} ({r['achieved_gb_per_s'] * 1e9 / hbm:.0%})",
                      _ratio(r.get("peak_gib"), "{:.1f}")]

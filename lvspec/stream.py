@@ -100,7 +100,8 @@ class Stream:
         self.pending: _Pending | None = None  # a group being prefilled, not placed yet
         self.overlapped = self.ingests = self.busy = 0  # prefills run beside decoding; draft catch-ups; rows x cycles
         # The steady part of a stream, until a free slot first finds no row (from then on slots only
-        # empty): decoded tokens of the rows finished so far; (seconds, prefill s, decoded tokens, cycles) then.
+        # empty): decoded tokens of the rows finished so far; (seconds, prefill s, decoded tokens, cycles,
+        # rows x cycles) then.
         self.decoded, self.dry = 0, None
 
     def _free(self) -> list[int]:
@@ -300,7 +301,7 @@ class Stream:
         held = [s for s, row in enumerate(self.slot_row) if row is not None]
         lengths = self.st.length[torch.tensor(held, device=self.engine.device)].tolist() if held else []
         tokens = self.decoded + sum(max(n - 1, 0) for n in lengths)
-        self.dry = (time.perf_counter() - self.start, self.prefill_s, tokens, len(self.ks))
+        self.dry = (time.perf_counter() - self.start, self.prefill_s, tokens, len(self.ks), self.busy)
 
     def timing(self) -> dict:
         """What this stream did, and how long it took (waits for the device)."""
@@ -323,9 +324,10 @@ class Stream:
     def _steady(self) -> dict:
         """Decoding until the rows ran out (None where no cycle ran before it)."""
         if self.dry is None or not self.dry[3]:
-            return {"steady_s": None, "steady_tokens": None, "steady_cycles": None}
-        seconds, prefill_s, tokens, cycles = self.dry
-        return {"steady_s": seconds - prefill_s, "steady_tokens": tokens, "steady_cycles": cycles}
+            return {"steady_s": None, "steady_tokens": None, "steady_cycles": None, "steady_slot_use": None}
+        seconds, prefill_s, tokens, cycles, busy = self.dry
+        return {"steady_s": seconds - prefill_s, "steady_tokens": tokens, "steady_cycles": cycles,
+                "steady_slot_use": busy / (cycles * self.st.slots)}
 
 
 def _record(traces, kept, st: DecodeState, k: int, slot_row: list[int | None], layers: list[int], stop: set[int]) -> None:

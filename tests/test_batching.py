@@ -243,3 +243,5 @@ def test_a_stream_times_its_steady_part_until_its_rows_run_out(pair):
     assert 0 < t["steady_cycles"] < t["cycles"] and 0 < t["steady_tokens"] < decoded and 0 < t["steady_s"] < t["decode_s"]
     # The last row enters once all but two rows (the slots) have finished: their tokens at least.
     assert len(out) > 2 and t["steady_tokens"] >= sum(sorted(len(r.tokens) - 1 for r in out)[:len(out) - 2])
+    # Slot use: decoding rows per cycle over slots; the steady part's is its own, the drain's empty slots excluded.
+    assert 0 < t["slot_use"] < t["steady_slot_use"] <= 1
