@@ -54,14 +54,15 @@ def splits_for(rows: int, kv_heads: int, capacity: int, sms: int) -> int:
 
 def split_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor,
                     length: torch.Tensor, scale: float, video: torch.Tensor | None = None,
-                    splits: int | None = None, block_n: int = BLOCK_N, stages: int = 2, warps: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    live: torch.Tensor | None = None, splits: int | None = None, block_n: int = BLOCK_N,
+                    stages: int = 2, warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of the new tokens' queries over a layer's cache.
 
     query [S, q, heads, hd] (any strides but the last), keys and values [S, kv_heads, capacity, hd];
     new token j of row s sees keys pad[s] <= i <= length[s] + j. Returns the output [S, q, heads, hd]
     and, with `video` ([S, capacity] bool: the row's video keys), each head's attention mass on them
-    [S, heads, q] (float32), else None. `splits`: stretches a row's keys are cut into (None: `splits_for`);
+    [S, heads, q] (float32), else None. `live` ([S] bool): rows whose output is wanted; the others
+    read no keys and get zeros (a slot that is not decoding, a row past its own draft length). `splits`: stretches a row's keys are cut into (None: `splits_for`);
     `block_n`, `stages`, `warps`: the kernel's launch configuration (bench.attention sweeps them)."""
     S, q, heads, hd = query.shape
     kvh, capacity = k.shape[1], k.shape[2]
@@ -77,14 +78,15 @@ def split_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: 
     mass = torch.empty(S, heads, q, dtype=torch.float32, device=query.device) if video is not None else None
     probe = video is not None
     vid = video.view(torch.uint8) if probe else pad  # any tensor: not read without PROBE
+    alive = live.view(torch.uint8) if live is not None else pad  # likewise without LIVE
     kernels = _kernels(_interpreting())
     ieee = query.dtype == torch.float32  # float32 models (toy, tests): no tf32 rounding in the products
     warps = warps or (8 if block_m >= 128 else 4)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=hd, PROBE=probe, IEEE=ieee)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=hd, PROBE=probe, IEEE=ieee, LIVE=live is not None)
     qs, ks, vs = query.stride(), k.stride(), v.stride()
     if splits == 1:
         kernels.attend[(S, kvh, 1)](
-            query, k, v, pad, length, vid, out, out, out, out, out, mass if probe else out,
+            query, k, v, pad, length, vid, alive, out, out, out, out, out, mass if probe else out,
             qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], vid.stride(0),
             out.stride(0), out.stride(1), out.stride(2), q, group, capacity, stretch, scale * math.log2(math.e),
             SPLITS=1, num_warps=warps, num_stages=stages, **common)
@@ -94,7 +96,7 @@ def split_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: 
     top, total = torch.empty(part, dtype=torch.float32, device=query.device), torch.empty(part, dtype=torch.float32, device=query.device)
     vmass = torch.empty(part, dtype=torch.float32, device=query.device) if probe else total
     kernels.attend[(S, kvh, splits)](
-        query, k, v, pad, length, vid, out, acc, top, total, vmass, mass if probe else out,
+        query, k, v, pad, length, vid, alive, out, acc, top, total, vmass, mass if probe else out,
         qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], vid.stride(0),
         out.stride(0), out.stride(1), out.stride(2), q, group, capacity, stretch, scale * math.log2(math.e),
         SPLITS=splits, num_warps=warps, num_stages=stages, **common)
@@ -114,11 +116,11 @@ def _kernels(interpret: bool):
     import triton.language as tl
 
     @triton.jit
-    def attend(Q, K, V, Pad, Length, Video, Out, Acc, Top, Total, VMass, Mass,
+    def attend(Q, K, V, Pad, Length, Video, Live, Out, Acc, Top, Total, VMass, Mass,
                sq_s, sq_j, sq_h, sk_s, sk_h, sk_n, sv_s, sv_h, sv_n, s_vid, so_s, so_j, so_h,
                q_len, group, capacity, stretch, scale_log2,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-               PROBE: tl.constexpr, IEEE: tl.constexpr):
+               PROBE: tl.constexpr, IEEE: tl.constexpr, LIVE: tl.constexpr):
         s, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         r = tl.arange(0, BLOCK_M)
         d = tl.arange(0, D)
@@ -130,6 +132,8 @@ def _kernels(interpret: bool):
         query = tl.load(Q + s * sq_s + j[:, None] * sq_j + head[:, None] * sq_h + d[None, :], mask=real[:, None], other=0.0)
         lo = tl.maximum(pad, part * stretch)
         hi = tl.minimum(tl.minimum(start + q_len, (part + 1) * stretch), capacity)
+        if LIVE:
+            hi = tl.where(tl.load(Live + s) != 0, hi, lo)  # a row not wanted reads nothing
         last = start + j  # the newest key each query row sees: its own
         top = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)

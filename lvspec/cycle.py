@@ -149,20 +149,32 @@ class Cycle:
         pending = (st.lag - 2).clamp(0, CATCH_UP) * st.active
         at = (st.length + 1 - st.lag)[:, None] + torch.arange(CATCH_UP, device=st.lag.device)  # 0: seq0
         emitted = st.tokens.gather(1, (at - 1).clamp(0, st.tokens.shape[1] - 1))
-        self.D.forward(D, torch.where(at == 0, st.seq0[:, None], emitted), logits=False)  # keys past `pending` unread
+        self.D.forward(D, torch.where(at == 0, st.seq0[:, None], emitted), logits=False,
+                       live=pending > 0)  # keys past `pending` unread
         D.length += pending
         st.lag -= pending
         for name in ("draft_forwards", "catch_ups"):
             st.count[C[name]] += (pending > 0).long()
 
+    def own_k(self, st: DecodeState, k: int) -> torch.Tensor:
+        """The drafts each row may keep in a cycle drafting k: a loosened row its own K (so its
+        caption never depends on the batch's K), an exact row all k (the same tokens either way)."""
+        loosened = ~st.exact_only if self.cfg.loosened else torch.zeros_like(st.exact_only)
+        return torch.where(loosened, st.k_row, k)
+
     def draft(self, st: DecodeState, k: int) -> None:
-        """k greedy draft tokens per slot into st.drafted[:, :k], after re-reading [prev, last]."""
+        """k greedy draft tokens per slot into st.drafted[:, :k], after re-reading [prev, last].
+        Step j only for rows that keep more than j drafts: the others' attention reads nothing
+        (their later drafts are never kept, and the keys a cycle commits come from steps before
+        the row's own K)."""
         D = st.D
-        token = self.D.forward(D, torch.stack([st.prev, st.last], 1), last_only=True)[:, -1].argmax(-1)
+        own = self.own_k(st, k)
+        token = self.D.forward(D, torch.stack([st.prev, st.last], 1), last_only=True,
+                               live=st.active)[:, -1].argmax(-1)
         D.length += 2
         st.drafted[:, 0] = token
         for j in range(1, k):
-            token = self.D.forward(D, token[:, None])[:, -1].argmax(-1)
+            token = self.D.forward(D, token[:, None], live=st.active & (own > j))[:, -1].argmax(-1)
             D.length += 1
             st.drafted[:, j] = token
         D.length -= k + 1  # back to the cycle's start: commit moves it by what was kept
@@ -172,10 +184,9 @@ class Cycle:
     def verify(self, st: DecodeState, k: int) -> None:
         """The target's forward over [last, drafts] (keys written, not committed) and its verdict."""
         drafted = st.drafted[:, :k]
-        loosened = ~st.exact_only if self.cfg.loosened else torch.zeros_like(st.exact_only)
-        st.limit.copy_(torch.where(loosened, st.k_row, k))  # exact rows keep what they can: same tokens
+        st.limit.copy_(self.own_k(st, k))
         probe = RelevanceProbe(self.heads, st.video, self.tp, self.head_weights) if self.probing and k else None
-        logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe)
+        logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe, live=st.active)
         relevance = probe.result() if probe is not None else None
         v = verify(drafted, logits, relevance, self.cfg, st.exact_only, st.limit)
         self._keep(st, k, v)

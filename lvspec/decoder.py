@@ -166,9 +166,12 @@ class TextDecoder:
         return x + self.tp.reduce(torch.mm(h, weight.t())).view(S, q, H)
 
     def forward(self, cache: StaticCache, tokens: torch.Tensor, last_only: bool = False,
-                probe: RelevanceProbe | None = None, logits: bool = True) -> torch.Tensor | None:
+                probe: RelevanceProbe | None = None, logits: bool = True,
+                live: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run `tokens` [S, q] at each slot's `length` (writing their keys, not committing them);
-        returns logits [S, q, V] (or [S, 1, V] with `last_only`; None without `logits`: keys only)."""
+        returns logits [S, q, V] (or [S, 1, V] with `last_only`; None without `logits`: keys only).
+        `live` ([S] bool): the slots whose results are used; on the "split" path the others read no
+        keys (their results, and their keys past the first layer, are then meaningless)."""
         S, q = tokens.shape
         nh, kvh, hd, H = self.heads, self.kv_heads, self.head_dim, self.hidden
         group = nh // kvh
@@ -198,7 +201,7 @@ class TextDecoder:
             probed = probe is not None and i in probe.layers
             if mode == "split":
                 out, mass = split_attention(qk[:, :, :nh], cache.k[i], cache.v[i], cache.pad, cache.length,
-                                            self.scale, probe.video_keys if probed else None)
+                                            self.scale, probe.video_keys if probed else None, live=live)
                 if probed:
                     probe.add_mass(i, mass)
                 out = out.view(S * q, nh * hd)

@@ -29,15 +29,17 @@ def test_split_attention_equals_masked_softmax_attention_over_each_rows_band():
     """Any shape a decoder runs (1 to 11 new tokens, grouped query heads, head sizes 64 and 128,
     rows left-padded and at their own lengths, keys cut into one or many stretches): the output and
     each head's attention mass on the video keys equal float64 attention over keys pad <= i <=
-    length + j, and nothing past a row's band is read (poisoned with NaN there)."""
+    length + j, and nothing past a row's band is read (poisoned with NaN there); rows not `live`
+    read nothing at all and get zeros, the others the same output."""
     _interpreted("kernel")
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
 def test_an_engine_on_split_attention_decodes_what_it_decodes_on_masked_attention(family):
     """The toy pair with every decoding forward on "split" (target and draft, steps, verifies and
-    catch-ups; lvspec's relevance probe summed inside the kernel): the same lvspec tokens, counters
-    and relevance as on the masked paths, and exact sd still equal to greedy generate."""
+    catch-ups; lvspec's relevance probe summed inside the kernel; idle slots and rows past their
+    own K skipped): the same lvspec tokens, counters and relevance as on the masked paths, and
+    exact sd still equal to greedy generate."""
     _interpreted(f"engine:{family}")
 
 
@@ -85,6 +87,11 @@ def check_kernel() -> None:
         assert (mass.double() - want_mass).abs().max() < 1e-5
         plain, none = split_attention(query, k, v, pad, length, hd ** -0.5, None, splits=splits)
         assert none is None and torch.equal(plain, out)
+        live = torch.arange(S) % 2 == 0  # rows not wanted read nothing: their keys poisoned too
+        k[~live], v[~live] = float("nan"), float("nan")
+        some, some_mass = split_attention(query, k, v, pad, length, hd ** -0.5, video, live=live, splits=splits)
+        assert torch.equal(some[live], out[live]) and torch.equal(some_mass[live], mass[live])
+        assert not some[~live].any() and not some_mass[~live].any()
         print(f"rows {S} q {q} heads {heads}/{kvh} hd {hd} capacity {capacity} stretches {splits}: rel err {err:.1e}")
 
 
