@@ -221,12 +221,15 @@ class Engine:
         st.memory_bound = plan is not None and plan.memory_bound
         st.stages = Stages(self.graphs, _snapshot(st.small()))
         st.prompts = PromptGraphs(self.prompt_graphs)  # they write into this state's caches
-        # Until the first rows come (Stream resets the state), every slot stands at a typical length,
-        # half-way through a caption: the attention paths and the cost table are timed on the caches
-        # that decoding reads ("split" reads only each row's band of keys).
+        # Until the first rows come (Stream resets the state), every slot decodes, drafting k_max, at
+        # a typical length, half-way through a caption: the attention paths and the cost table are
+        # timed on the work decoding does ("split" reads only the band of keys of each row that
+        # uses its result: a fresh state's idle rows would read nothing).
         for cache in (st.T, st.D):
             if cache is not None:
                 cache.length.fill_(width + self.cfg.max_new_tokens // 2)
+        st.active.fill_(True)
+        st.k_row.fill_(self.k_max)
         if self.graphs:
             self._tune_attention(st)
         self._capture_all(st)

@@ -245,3 +245,36 @@ def test_a_stream_times_its_steady_part_until_its_rows_run_out(pair):
     assert len(out) > 2 and t["steady_tokens"] >= sum(sorted(len(r.tokens) - 1 for r in out)[:len(out) - 2])
     # Slot use: decoding rows per cycle over slots; the steady part's is its own, the drain's empty slots excluded.
     assert 0 < t["slot_use"] < t["steady_slot_use"] <= 1
+
+
+def test_k_autos_cost_table_is_timed_on_busy_rows_at_a_typical_length(pair):
+    """The cost table (and on a GPU the attention paths) is timed before any row is placed: on a
+    state whose every slot decodes, drafting k_max, half-way through a caption. An idle fresh state
+    would time forwards whose split attention reads no keys (GPU: a verify at half its cost)."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4])
+    cfg = SpecConfig(mode="lvspec", k="auto", k_max=4, theta=0.45, max_new_tokens=24)
+    engine = Engine(target, draft, cfg, slots=2)
+    seen, timing = [], [False]
+    for name in ("draft", "verify"):
+        stage = getattr(engine.cycle, name)
+
+        def wrapped(st, k, stage=stage):
+            if timing[0]:
+                seen.append((bool(st.active.all()), int(st.k_row.min()), st.T.length.tolist()))
+            return stage(st, k)
+        setattr(engine.cycle, name, wrapped)
+    state_for = engine.state_for
+
+    def timed_state_for(*args):
+        timing[0] = True
+        try:
+            return state_for(*args)
+        finally:
+            timing[0] = False
+    engine.state_for = timed_state_for
+    out = engine.generate(rows)
+    width = max(r["input_ids"].shape[-1] for r in rows)
+    assert seen and all(active and k_row == 4 for active, k_row, _ in seen)
+    assert all(lengths == [width + 12] * 2 for *_, lengths in seen)
+    assert engine.costs is not None and all(len(r.tokens) > 1 for r in out)  # the stream began on a reset state
