@@ -62,49 +62,48 @@ def split_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: 
     new token j of row s sees keys pad[s] <= i <= length[s] + j. Returns the output [S, q, heads, hd]
     and, with `video` ([S, capacity] bool: the row's video keys), each head's attention mass on them
     [S, heads, q] (float32), else None. `live` ([S] bool): rows whose output is wanted; the others
-    read no keys and get zeros (a slot that is not decoding, a row past its own draft length). `splits`: stretches a row's keys are cut into (None: `splits_for`);
-    `block_n`, `stages`, `warps`: the kernel's launch configuration (bench.attention sweeps them)."""
+    read no keys and get zeros (a slot that is not decoding, a row past its own draft length).
+    `splits`: stretches a row's keys are cut into (None: `splits_for`); `block_n`, `stages`,
+    `warps`: the kernel's launch configuration (bench.attention sweeps them)."""
     S, q, heads, hd = query.shape
     kvh, capacity = k.shape[1], k.shape[2]
     group = heads // kvh
-    rows = group * q
-    block_m = max(16, 1 << (rows - 1).bit_length())
+    block_m = max(16, 1 << (group * q - 1).bit_length())
     if splits is None:
         sms = _sms(query.device.index or 0) if query.device.type == "cuda" else 8
         splits = splits_for(S, kvh, capacity, sms)
-    stretch = -(-(-(-capacity // splits)) // block_n) * block_n
+    stretch = -(-capacity // splits)
+    stretch = -(-stretch // block_n) * block_n  # whole blocks of keys
     splits = -(-capacity // stretch)
-    out = torch.empty(S, q, heads, hd, dtype=query.dtype, device=query.device)
-    mass = torch.empty(S, heads, q, dtype=torch.float32, device=query.device) if video is not None else None
+    dev = query.device
+    out = torch.empty(S, q, heads, hd, dtype=query.dtype, device=dev)
     probe = video is not None
-    vid = video.view(torch.uint8) if probe else pad  # any tensor: not read without PROBE
-    alive = live.view(torch.uint8) if live is not None else pad  # likewise without LIVE
+    mass = torch.empty(S, heads, q, dtype=torch.float32, device=dev) if probe else None
+    # Tensors a launch does not read stand in for the ones it has no use for (no PROBE, LIVE, SPLITS).
+    vid = video.view(torch.uint8) if probe else pad
+    alive = live.view(torch.uint8) if live is not None else pad
+    mass_out = mass if probe else out
+    if splits > 1:  # each stretch's partial result: its softmax maximum, sum and weighted values
+        part = (S, kvh, splits, block_m)
+        acc = torch.empty(*part, hd, dtype=torch.float32, device=dev)
+        top, total = (torch.empty(part, dtype=torch.float32, device=dev) for _ in range(2))
+        vmass = torch.empty(part, dtype=torch.float32, device=dev) if probe else total
+    else:
+        acc = top = total = vmass = out
     kernels = _kernels(_interpreting())
     ieee = query.dtype == torch.float32  # float32 models (toy, tests): no tf32 rounding in the products
-    warps = warps or (8 if block_m >= 128 else 4)
-    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, D=hd, PROBE=probe, IEEE=ieee, LIVE=live is not None)
     qs, ks, vs = query.stride(), k.stride(), v.stride()
-    if splits == 1:
-        kernels.attend[(S, kvh, 1)](
-            query, k, v, pad, length, vid, alive, out, out, out, out, out, mass if probe else out,
-            qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], vid.stride(0),
-            out.stride(0), out.stride(1), out.stride(2), q, group, capacity, stretch, scale * math.log2(math.e),
-            SPLITS=1, num_warps=warps, num_stages=stages, **common)
-        return out, mass
-    part = (S, kvh, splits, block_m)
-    acc = torch.empty(*part, hd, dtype=torch.float32, device=query.device)
-    top, total = torch.empty(part, dtype=torch.float32, device=query.device), torch.empty(part, dtype=torch.float32, device=query.device)
-    vmass = torch.empty(part, dtype=torch.float32, device=query.device) if probe else total
     kernels.attend[(S, kvh, splits)](
-        query, k, v, pad, length, vid, alive, out, acc, top, total, vmass, mass if probe else out,
+        query, k, v, pad, length, vid, alive, out, acc, top, total, vmass, mass_out,
         qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], vid.stride(0),
         out.stride(0), out.stride(1), out.stride(2), q, group, capacity, stretch, scale * math.log2(math.e),
-        SPLITS=splits, num_warps=warps, num_stages=stages, **common)
-    merge_m = 16
-    kernels.merge[(S, kvh, block_m // merge_m)](
-        acc, top, total, vmass, out, mass if probe else out,
-        out.stride(0), out.stride(1), out.stride(2), q, group,
-        SPLITS=splits, BLOCK_M=block_m, MERGE_M=merge_m, D=hd, PROBE=probe, num_warps=4)
+        BLOCK_M=block_m, BLOCK_N=block_n, D=hd, SPLITS=splits, PROBE=probe, IEEE=ieee, LIVE=live is not None,
+        num_warps=warps or (8 if block_m >= 128 else 4), num_stages=stages)
+    if splits > 1:
+        merge_m = 16
+        kernels.merge[(S, kvh, block_m // merge_m)](
+            acc, top, total, vmass, out, mass_out, out.stride(0), out.stride(1), out.stride(2), q, group,
+            SPLITS=splits, BLOCK_M=block_m, MERGE_M=merge_m, D=hd, PROBE=probe, num_warps=4)
     return out, mass
 
 

@@ -181,14 +181,14 @@ class TextDecoder:
         cos = torch.cat([angle.cos(), angle.cos()], -1).to(dt)[:, :, None]  # [S, q, 1, hd]
         sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt)[:, :, None]
         mode = self.attention["step" if q <= 2 else "verify"] or ("matmul" if S * kvh < 32 else "sdpa")
-        if mode != "split":
+        if mode != "split":  # the masked paths: every slot's band as a bias over the whole capacity
             keys = torch.arange(cache.capacity, device=dev)
             visible = (keys >= cache.pad[:, None, None]) & (keys <= slot[..., None])  # [S, q, capacity]
             bias = torch.zeros(visible.shape, dtype=dt, device=dev).masked_fill_(~visible, -math.inf)[:, None]
-        if mode not in ("sdpa_gqa", "split") or (probe is not None and mode != "split"):
-            # The query group folded into the query length: each kv head's keys are read once for all
-            # of its query heads. Folded row g * q + j is query j of group head g.
-            folded = bias.expand(S, group, q, cache.capacity).reshape(S, 1, group * q, cache.capacity)
+            if mode != "sdpa_gqa" or probe is not None:
+                # The query group folded into the query length: each kv head's keys are read once for
+                # all of its query heads. Folded row g * q + j is query j of group head g.
+                folded = bias.expand(S, group, q, cache.capacity).reshape(S, 1, group * q, cache.capacity)
         where = slot[:, None, :, None].expand(S, kvh, q, hd)
 
         x = F.embedding(tokens, self.embed)
