@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lvspec.adapter import Prompt, shared_vocab, text_config
 from lvspec.config import SpecConfig
-from lvspec.decoder import TextDecoder
+from lvspec.decoder import TextDecoder, signed_sin
 from lvspec.draft_length import choose, choose_batch
 from lvspec.families import adapter_for
 from lvspec.relevance import RelevanceProbe, relevance_heads, relevance_weights
@@ -67,10 +67,11 @@ class Cycle:
             ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.stop = torch.tensor(sorted(set(ids)), dtype=torch.long, device=target.device)
 
-    def new_state(self, slots: int, capacity: int) -> DecodeState:
+    def new_state(self, slots: int, capacity: int, chunk: int = 0) -> DecodeState:
+        """A state of `slots` x `capacity`; `chunk`: prompt tokens a verify may carry (0: none)."""
         probed = len(self.heads) * text_config(self.target_model).num_attention_heads if self.probing else 0
         return DecodeState(self.T, self.D, slots, capacity, self.k_max, self.cfg.max_new_tokens, probed,
-                           self.target_model.device)
+                           self.target_model.device, chunk)
 
     # ---- prefill (eager, HF modules) -------------------------------------------------------------
     def prompt_group(self, st: DecodeState, rows: list[dict], slots: torch.Tensor):
@@ -80,6 +81,21 @@ class Cycle:
         prompt = self.adapter.prompt(self.target_model, rows)
         draft_prompt = self.adapter.prompt(self.draft_model, rows) if self.D is not None else None
         return prompt, draft_prompt, self.prompt_keys(st, prompt, draft_prompt, slots)
+
+    def prompt_chunks(self, st: DecodeState, rows: list[dict], slots: torch.Tensor):
+        """A group's prompts as `prompt_group` makes them, but only the draft's prompt forward runs:
+        the target's runs in slices riding later verify forwards (`verify(..., chunk=True)`), for which
+        this returns the prompt's rotary cos and signed sin [B, P, hd] (HF's own, from its positions):
+        (target prompt, draft prompt, (cos, sin))."""
+        prompt = self.adapter.prompt(self.target_model, rows)
+        draft_prompt = self.adapter.prompt(self.draft_model, rows) if self.D is not None else None
+        if self.D is not None:
+            self._prompt_forward(self.draft_model, self.D, st.D, draft_prompt, slots)
+        cos, sin = self.target_model.model.language_model.rotary_emb(prompt.embeds, prompt.position_ids)
+        if cos.shape != (*prompt.embeds.shape[:2], self.T.head_dim):  # M-RoPE's sections not merged by HF
+            raise RuntimeError(f"prefill_chunk: this transformers gives rotary tables of shape {tuple(cos.shape)}, "
+                               f"not one per prompt token; set generation.prefill_chunk=0")
+        return prompt, draft_prompt, (cos, signed_sin(sin))
 
     def prompt_keys(self, st: DecodeState, prompt: Prompt, draft_prompt: Prompt | None, slots: torch.Tensor):
         if self.tp is not None:  # rank 0's video features on every rank: one prompt, one verdict
@@ -181,12 +197,18 @@ class Cycle:
         if self.tp is not None:  # every rank verifies rank 0's drafts (the draft runs whole on each)
             self.tp.broadcast(st.drafted[:, :k])
 
-    def verify(self, st: DecodeState, k: int) -> None:
-        """The target's forward over [last, drafts] (keys written, not committed) and its verdict."""
+    def verify(self, st: DecodeState, k: int, chunk: bool = False) -> None:
+        """The target's forward over [last, drafts] (keys written, not committed) and its verdict;
+        with `chunk`, the prompt slice in `st.chunk` rides along (its keys into its slot; after a
+        prompt's last slice, its first token in `st.chunk_first`)."""
         drafted = st.drafted[:, :k]
         st.limit.copy_(self.own_k(st, k))
         probe = RelevanceProbe(self.heads, st.video, self.tp, self.head_weights) if self.probing and k else None
-        logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe, live=st.active)
+        logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe, live=st.active,
+                                chunk=st.chunk if chunk else None)
+        if chunk:
+            logits, first = logits
+            st.chunk_first.copy_(first.argmax(-1))
         relevance = probe.result() if probe is not None else None
         v = verify(drafted, logits, relevance, self.cfg, st.exact_only, st.limit)
         self._keep(st, k, v)

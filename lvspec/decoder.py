@@ -26,6 +26,47 @@ from lvspec.relevance import RelevanceProbe
 
 
 @dataclass
+class Chunk:
+    """A slice of one row's prompt riding a decoding forward (chunked prefill, `SpecConfig.prefill_chunk`):
+    its embedded tokens (video spliced in), their rotary cos and signed sin (the prompt's own positions,
+    3-D for M-RoPE), the cache slot its keys go to, where in the slot the slice starts, and how many of
+    its tokens are the prompt's. The others are padding: their keys go to the slot's last position
+    (never read: a row's keys are read below its length) and their outputs are never used."""
+
+    embeds: torch.Tensor  # [C, H]
+    cos: torch.Tensor  # [C, hd]
+    sin: torch.Tensor  # [C, hd], signed as `_rotate` takes it
+    slot: torch.Tensor  # [1] long
+    start: torch.Tensor  # [1] long
+    valid: torch.Tensor  # [1] long, >= 1
+
+    @classmethod
+    def empty(cls, tokens: int, hidden: int, head_dim: int, dtype, device) -> Chunk:
+        long = dict(dtype=torch.long, device=device)
+        return cls(torch.zeros(tokens, hidden, dtype=dtype, device=device),
+                   torch.ones(tokens, head_dim, dtype=dtype, device=device),
+                   torch.zeros(tokens, head_dim, dtype=dtype, device=device),
+                   torch.zeros(1, **long), torch.zeros(1, **long), torch.ones(1, **long))
+
+    def load(self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor, start: int) -> None:
+        """Hold the slice `embeds` [n, H] (its cos and signed sin [n, hd]) of the prompt entering
+        `slot` ([1], on the device), starting at `start` (copies on the device: no host wait)."""
+        n = embeds.shape[0]
+        self.embeds[:n].copy_(embeds)
+        self.cos[:n].copy_(cos)
+        self.sin[:n].copy_(sin)
+        self.slot.copy_(slot)
+        self.start.fill_(start)
+        self.valid.fill_(n)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """HF's sin (both halves equal) as `_rotate` takes it: the first half negated."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], -1)
+
+
+@dataclass
 class _Layer:
     norm_in: torch.Tensor
     qkv: torch.Tensor
@@ -158,28 +199,46 @@ class TextDecoder:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _residual(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x + h @ weight.T: one fused GEMM, or under tensor parallelism the sum over ranks of each
-        rank's part (its heads / MLP columns) added once."""
-        S, q, H = x.shape
+        """x + h @ weight.T (x [N, H]): one fused GEMM, or under tensor parallelism the sum over ranks
+        of each rank's part (its heads / MLP columns) added once."""
         if self.tp is None:
-            return torch.addmm(x.view(S * q, H), h, weight.t()).view(S, q, H)
-        return x + self.tp.reduce(torch.mm(h, weight.t())).view(S, q, H)
+            return torch.addmm(x, h, weight.t())
+        return x + self.tp.reduce(torch.mm(h, weight.t()))
 
     def forward(self, cache: StaticCache, tokens: torch.Tensor, last_only: bool = False,
                 probe: RelevanceProbe | None = None, logits: bool = True,
-                live: torch.Tensor | None = None) -> torch.Tensor | None:
+                live: torch.Tensor | None = None, chunk: Chunk | None = None):
         """Run `tokens` [S, q] at each slot's `length` (writing their keys, not committing them);
         returns logits [S, q, V] (or [S, 1, V] with `last_only`; None without `logits`: keys only).
         `live` ([S] bool): the slots whose results are used; on the "split" path the others read no
-        keys (their results, and their keys past the first layer, are then meaningless)."""
+        keys (their results, and their keys past the first layer, are then meaningless).
+        `chunk`: a slice of a prompt computed in the same forward (one pass over the weights for
+        both), its keys written into its slot; then returns (logits, the logits [1, V] of the
+        chunk's last prompt token)."""
         S, q = tokens.shape
+        n = S * q  # decoding tokens; a chunk's follow them
         nh, kvh, hd, H = self.heads, self.kv_heads, self.head_dim, self.hidden
         group = nh // kvh
         dt, dev = self.dtype, tokens.device
         slot = cache.length[:, None] + torch.arange(q, device=dev)  # [S, q] cache slots of the new tokens
         angle = (slot + cache.offset[:, None]).float()[..., None] * self.inv_freq  # [S, q, hd/2]
-        cos = torch.cat([angle.cos(), angle.cos()], -1).to(dt)[:, :, None]  # [S, q, 1, hd]
-        sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt)[:, :, None]
+        cos = torch.cat([angle.cos(), angle.cos()], -1).to(dt).view(n, 1, hd)
+        sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt).view(n, 1, hd)
+        x = F.embedding(tokens, self.embed).view(n, H)
+        if chunk is not None:
+            C = chunk.embeds.shape[0]
+            x = torch.cat([x, chunk.embeds])
+            cos, sin = torch.cat([cos, chunk.cos[:, None]]), torch.cat([sin, chunk.sin[:, None]])
+            j = torch.arange(C, device=dev)
+            at = chunk.start + j  # the chunk's positions in its slot
+            write = (chunk.slot.view(1, 1), torch.arange(kvh, device=dev)[:, None],
+                     torch.where(j < chunk.valid, at, cache.capacity - 1)[None])
+            keys = torch.arange(cache.capacity, device=dev)
+            # Causal over the row's prompt so far (earlier chunks, this one); the group folded into the
+            # query length as on the "sdpa" path.
+            chunk_bias = torch.zeros(C, cache.capacity, dtype=dt, device=dev).masked_fill_(
+                keys[None] > at[:, None], -math.inf)
+            chunk_bias = chunk_bias[None, None].expand(1, group, C, cache.capacity).reshape(1, 1, group * C, -1)
         mode = self.attention["step" if q <= 2 else "verify"] or ("matmul" if S * kvh < 32 else "sdpa")
         if mode != "split":  # the masked paths: every slot's band as a bias over the whole capacity
             keys = torch.arange(cache.capacity, device=dev)
@@ -191,13 +250,16 @@ class TextDecoder:
                 folded = bias.expand(S, group, q, cache.capacity).reshape(S, 1, group * q, cache.capacity)
         where = slot[:, None, :, None].expand(S, kvh, q, hd)
 
-        x = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (H,), layer.norm_in, self.eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(S, q, nh + 2 * kvh, hd)
-            qk = _rotate(qkv[:, :, : nh + kvh], cos, sin)
+            every = F.linear(h, layer.qkv, layer.qkv_bias).view(-1, nh + 2 * kvh, hd)
+            rotated = _rotate(every[:, : nh + kvh], cos, sin)
+            qkv, qk = every[:n].view(S, q, nh + 2 * kvh, hd), rotated[:n].view(S, q, nh + kvh, hd)
             cache.k[i].scatter_(2, where, qk[:, :, nh:].transpose(1, 2))
             cache.v[i].scatter_(2, where, qkv[:, :, nh + kvh:].transpose(1, 2))
+            if chunk is not None:
+                cache.k[i].index_put_(write, rotated[n:, nh:].transpose(0, 1))
+                cache.v[i].index_put_(write, every[n:, nh + kvh:].transpose(0, 1))
             probed = probe is not None and i in probe.layers
             if mode == "split":
                 out, mass = split_attention(qk[:, :, :nh], cache.k[i], cache.v[i], cache.pad, cache.length,
@@ -220,11 +282,23 @@ class TextDecoder:
                 else:
                     out = F.scaled_dot_product_attention(query, cache.k[i], cache.v[i], attn_mask=folded, scale=self.scale)
                 out = out.view(S, kvh, group, q, hd).permute(0, 3, 1, 2, 4).reshape(S * q, nh * hd)
+            if chunk is not None:
+                query = rotated[n:, :nh].view(C, kvh, group, hd).permute(1, 2, 0, 3).reshape(1, kvh, group * C, hd)
+                held = chunk.slot  # the chunk's row: its slot's keys and values
+                own = F.scaled_dot_product_attention(query, cache.k[i].index_select(0, held),
+                                                     cache.v[i].index_select(0, held), attn_mask=chunk_bias,
+                                                     scale=self.scale)
+                out = torch.cat([out, own.view(kvh, group, C, hd).permute(2, 0, 1, 3).reshape(C, nh * hd)])
             x = self._residual(x, out, layer.o)
             gate, up = F.linear(F.rms_norm(x, (H,), layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
-            x = self._residual(x, (F.silu(gate) * up).view(S * q, -1), layer.down)
+            x = self._residual(x, F.silu(gate) * up, layer.down)
         if not logits:
             return None
+        decoded = x[:n].view(S, q, H)
         if last_only:
-            x = x[:, -1:]
-        return F.linear(F.rms_norm(x, (H,), self.norm, self.eps), self.head)
+            decoded = decoded[:, -1:]
+        out = F.linear(F.rms_norm(decoded, (H,), self.norm, self.eps), self.head)
+        if chunk is None:
+            return out
+        end = x[n:].index_select(0, chunk.valid - 1)  # the chunk's last prompt token
+        return out, F.linear(F.rms_norm(end, (H,), self.norm, self.eps), self.head)

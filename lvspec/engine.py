@@ -75,6 +75,7 @@ class Engine:
         # on a low-priority one. CPU: the same steps, run in order. Not under tensor parallelism
         # (its collectives keep one order).
         self.overlap = cfg.overlap_prefill and self.tp is None
+        self.chunk = cfg.prefill_chunk if self.overlap else 0  # prompt tokens a verify carries (0: none)
         cuda = self.device.type == "cuda"
         self.decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         self.prefill_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None
@@ -217,7 +218,7 @@ class Engine:
             slots = plan.slots
             if self.tp is None or self.tp.leader:
                 print(f"lvspec: slots=auto: {plan.describe()}", flush=True)
-        st = self._state = self.cycle.new_state(slots, capacity)
+        st = self._state = self.cycle.new_state(slots, capacity, self.chunk)
         st.memory_bound = plan is not None and plan.memory_bound
         st.stages = Stages(self.graphs, _snapshot(st.small()))
         st.prompts = PromptGraphs(self.prompt_graphs)  # they write into this state's caches
@@ -272,6 +273,8 @@ class Engine:
             if k:
                 st.stages.capture(("draft", k), lambda: c.draft(st, k))
             st.stages.capture(("verify", k), lambda: c.verify(st, k))
+            if st.chunk is not None:
+                st.stages.capture(("verify", k, "chunk"), lambda: c.verify(st, k, chunk=True))
             st.stages.capture(("commit", k), lambda: c.commit(st, k))
         if self.D is not None:
             st.stages.capture(("ingest",), lambda: c.ingest(st))

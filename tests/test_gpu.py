@@ -111,6 +111,29 @@ def test_graphs_on_split_attention_decode_what_eager_masked_attention_decodes(pa
                 assert abs(x["relevance"] - y["relevance"]) < 1e-4
 
 
+@pytest.mark.parametrize("cfg", [SpecConfig(mode="ar"), SpecConfig(mode="sd", k=6),
+                                 SpecConfig(mode="lvspec", k="auto", k_max=6, theta=0.45, k_costs=PAYS)],
+                         ids=["ar", "sd", "lvspec-auto-pinned"])
+def test_chunked_prefill_replayed_decodes_what_eager_whole_prompts_decode(pair, cfg):
+    """generation.prefill_chunk on a GPU: rows entering beside decoding (vision and the draft's
+    prompt on the prefill stream) have their target prompt run in 64-token slices riding the
+    captured verify graphs: the same tokens and counters as eager decoding with whole prompt forwards."""
+    processor, target, draft = pair
+    rows = rendered_rows(processor, 8, seed=6)
+    cfg = dataclasses.replace(cfg, max_new_tokens=48)
+    draft = draft if cfg.mode != "ar" else None
+    eager = Engine(target, draft, dataclasses.replace(cfg, cuda_graphs=False), slots=3).generate(rows)
+    engine = Engine(target, draft, dataclasses.replace(cfg, prefill_chunk=64), slots=3)
+    assert engine.graphs
+    for _ in range(2):
+        sliced = engine.generate(rows)
+        assert [r.tokens for r in sliced] == [r.tokens for r in eager]
+        assert [r.stats for r in sliced] == [r.stats for r in eager]
+        t = engine.timing
+        assert t["overlapped_prefills"] >= 1 and t["prompt_chunks"] > t["lone_prompt_chunks"]
+    assert any(len(key) == 3 for key in engine._state.stages.graphs), "no verify captured with a slice"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_split_attention_at_real_shapes_equals_float64_attention(dtype):
     """The kernel at the real models' decode shapes (LLaVA-OV 7B / 0.5B and Qwen2.5-VL 32B heads,
