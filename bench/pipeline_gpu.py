@@ -598,7 +598,7 @@ def report(args) -> dict:
     prefill_rows = next((p["rows"] for p in parts if p.get("kind") == "prefill"), [])
     prompt_graphs = next((p["prompt_graphs"] for p in parts if p.get("kind") == "prefill" and "prompt_graphs" in p), [])
     compiled = next((p["compiled"] for p in parts if p.get("kind") == "prefill" and "compiled" in p), [])
-    meta = next(p for p in parts if p.get("kind") == "job")
+    meta = next((p for p in parts if p.get("kind") == "job"), None) or next(p for p in parts if p.get("kind") == "engine")
 
     def engine_tps(mode, batching):
         return stats([r["steady"]["tokens_per_s"] for r in engine_runs if (r["mode"], r["batching"]) == (mode, batching)])
@@ -609,7 +609,7 @@ def report(args) -> dict:
     res = {"machine": meta.get("machine"), "date": meta.get("date"), "commands": [p.get("command") for p in parts],
            "rows": meta["rows"], "frames": meta["frames"],
            "slots": next((p["slots"] for p in parts if p.get("slots")), None),
-           "decode_actors": meta["decode_actors"], "engine": {}, "job": {}}
+           "decode_actors": meta.get("decode_actors"), "engine": {}, "job": {}}
     for mode in ("lvspec", "ar"):
         for batching in BATCHINGS:
             key = f"{mode}/{batching}"
