@@ -231,8 +231,9 @@ class TextDecoder:
             cos, sin = torch.cat([cos, chunk.cos[:, None]]), torch.cat([sin, chunk.sin[:, None]])
             j = torch.arange(C, device=dev)
             at = chunk.start + j  # the chunk's positions in its slot
-            write = (chunk.slot.view(1, 1), torch.arange(kvh, device=dev)[:, None],
-                     torch.where(j < chunk.valid, at, cache.capacity - 1)[None])
+            # Rows of a layer's cache viewed as [slots x kv heads x capacity, hd] (index_copy_: capturable).
+            write = ((chunk.slot * kvh + torch.arange(kvh, device=dev)[:, None]) * cache.capacity
+                     + torch.where(j < chunk.valid, at, cache.capacity - 1)).view(-1)
             keys = torch.arange(cache.capacity, device=dev)
             # Causal over the row's prompt so far (earlier chunks, this one); the group folded into the
             # query length as on the "sdpa" path.
@@ -258,8 +259,8 @@ class TextDecoder:
             cache.k[i].scatter_(2, where, qk[:, :, nh:].transpose(1, 2))
             cache.v[i].scatter_(2, where, qkv[:, :, nh + kvh:].transpose(1, 2))
             if chunk is not None:
-                cache.k[i].index_put_(write, rotated[n:, nh:].transpose(0, 1))
-                cache.v[i].index_put_(write, every[n:, nh + kvh:].transpose(0, 1))
+                cache.k[i].view(-1, hd).index_copy_(0, write, rotated[n:, nh:].transpose(0, 1).reshape(-1, hd))
+                cache.v[i].view(-1, hd).index_copy_(0, write, every[n:, nh + kvh:].transpose(0, 1).reshape(-1, hd))
             probed = probe is not None and i in probe.layers
             if mode == "split":
                 out, mass = split_attention(qk[:, :, :nh], cache.k[i], cache.v[i], cache.pad, cache.length,
