@@ -421,3 +421,7 @@ def test_a_pinned_cost_table_is_part_of_the_caption_settings_and_speed_settings_
     for speed in ("caption.slots=auto", "generation.prefill_tokens=4096", "generation.prefill_chunk=512",
                   "generation.k_costs=null"):
         assert config_hash(load_config(ROOT / "jobs/configs/local.yaml", base + [speed])) == plain, speed
+    from pipeline.config import spec_config
+
+    sliced = load_config(ROOT / "jobs/configs/local.yaml", base + ["generation.prefill_chunk=512"])
+    assert spec_config(sliced.generation).prefill_chunk == 512  # what the replica's Engine gets
