@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lvspec.adapter import Prompt, shared_vocab, text_config
 from lvspec.config import SpecConfig
-from lvspec.decoder import TextDecoder, signed_sin
+from lvspec.decoder import Chunk, TextDecoder, signed_sin
 from lvspec.draft_length import choose, choose_batch
 from lvspec.families import adapter_for
 from lvspec.relevance import RelevanceProbe, relevance_heads, relevance_weights
@@ -67,11 +67,10 @@ class Cycle:
             ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.stop = torch.tensor(sorted(set(ids)), dtype=torch.long, device=target.device)
 
-    def new_state(self, slots: int, capacity: int, chunk: int = 0) -> DecodeState:
-        """A state of `slots` x `capacity`; `chunk`: prompt tokens a verify may carry (0: none)."""
+    def new_state(self, slots: int, capacity: int) -> DecodeState:
         probed = len(self.heads) * text_config(self.target_model).num_attention_heads if self.probing else 0
         return DecodeState(self.T, self.D, slots, capacity, self.k_max, self.cfg.max_new_tokens, probed,
-                           self.target_model.device, chunk)
+                           self.target_model.device)
 
     # ---- prefill (eager, HF modules) -------------------------------------------------------------
     def prompt_group(self, st: DecodeState, rows: list[dict], slots: torch.Tensor):
@@ -84,7 +83,7 @@ class Cycle:
 
     def prompt_chunks(self, st: DecodeState, rows: list[dict], slots: torch.Tensor):
         """A group's prompts as `prompt_group` makes them, but only the draft's prompt forward runs:
-        the target's runs in slices riding later verify forwards (`verify(..., chunk=True)`), for which
+        the target's runs in slices riding later verify forwards (`verify(..., chunk=...)`), for which
         this returns the prompt's rotary cos and signed sin [B, P, hd] (HF's own, from its positions):
         (target prompt, draft prompt, (cos, sin))."""
         prompt = self.adapter.prompt(self.target_model, rows)
@@ -197,16 +196,16 @@ class Cycle:
         if self.tp is not None:  # every rank verifies rank 0's drafts (the draft runs whole on each)
             self.tp.broadcast(st.drafted[:, :k])
 
-    def verify(self, st: DecodeState, k: int, chunk: bool = False) -> None:
+    def verify(self, st: DecodeState, k: int, chunk: Chunk | None = None) -> None:
         """The target's forward over [last, drafts] (keys written, not committed) and its verdict;
-        with `chunk`, the prompt slice in `st.chunk` rides along (its keys into its slot; after a
-        prompt's last slice, its first token in `st.chunk_first`)."""
+        a prompt's `chunk` rides along (eager: its keys into its slot, the target's token after it
+        in `st.chunk_first`)."""
         drafted = st.drafted[:, :k]
         st.limit.copy_(self.own_k(st, k))
         probe = RelevanceProbe(self.heads, st.video, self.tp, self.head_weights) if self.probing and k else None
         logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe, live=st.active,
-                                chunk=st.chunk if chunk else None)
-        if chunk:
+                                chunk=chunk)
+        if chunk is not None:
             logits, first = logits
             st.chunk_first.copy_(first.argmax(-1))
         relevance = probe.result() if probe is not None else None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from lvspec import parallel
 from lvspec.adapter import text_config
@@ -29,35 +30,15 @@ from lvspec.relevance import RelevanceProbe
 class Chunk:
     """A slice of one row's prompt riding a decoding forward (chunked prefill, `SpecConfig.prefill_chunk`):
     its embedded tokens (video spliced in), their rotary cos and signed sin (the prompt's own positions,
-    3-D for M-RoPE), the cache slot its keys go to, where in the slot the slice starts, and how many of
-    its tokens are the prompt's. The others are padding: their keys go to the slot's last position
-    (never read: a row's keys are read below its length) and their outputs are never used."""
+    3-D for M-RoPE), the cache slot its keys go to and where in the slot the slice starts. A forward
+    carrying one runs eagerly: its attention reads exactly the row's prompt so far, causal (lower
+    right), a shape that changes slice by slice."""
 
     embeds: torch.Tensor  # [C, H]
     cos: torch.Tensor  # [C, hd]
     sin: torch.Tensor  # [C, hd], signed as `_rotate` takes it
-    slot: torch.Tensor  # [1] long
-    start: torch.Tensor  # [1] long
-    valid: torch.Tensor  # [1] long, >= 1
-
-    @classmethod
-    def empty(cls, tokens: int, hidden: int, head_dim: int, dtype, device) -> Chunk:
-        long = dict(dtype=torch.long, device=device)
-        return cls(torch.zeros(tokens, hidden, dtype=dtype, device=device),
-                   torch.ones(tokens, head_dim, dtype=dtype, device=device),
-                   torch.zeros(tokens, head_dim, dtype=dtype, device=device),
-                   torch.zeros(1, **long), torch.zeros(1, **long), torch.ones(1, **long))
-
-    def load(self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor, start: int) -> None:
-        """Hold the slice `embeds` [n, H] (its cos and signed sin [n, hd]) of the prompt entering
-        `slot` ([1], on the device), starting at `start` (copies on the device: no host wait)."""
-        n = embeds.shape[0]
-        self.embeds[:n].copy_(embeds)
-        self.cos[:n].copy_(cos)
-        self.sin[:n].copy_(sin)
-        self.slot.copy_(slot)
-        self.start.fill_(start)
-        self.valid.fill_(n)
+    slot: int
+    start: int
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -226,20 +207,10 @@ class TextDecoder:
         sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt).view(n, 1, hd)
         x = F.embedding(tokens, self.embed).view(n, H)
         if chunk is not None:
-            C = chunk.embeds.shape[0]
+            C, end = chunk.embeds.shape[0], chunk.start + chunk.embeds.shape[0]
             x = torch.cat([x, chunk.embeds])
             cos, sin = torch.cat([cos, chunk.cos[:, None]]), torch.cat([sin, chunk.sin[:, None]])
-            j = torch.arange(C, device=dev)
-            at = chunk.start + j  # the chunk's positions in its slot
-            # Rows of a layer's cache viewed as [slots x kv heads x capacity, hd] (index_copy_: capturable).
-            write = ((chunk.slot * kvh + torch.arange(kvh, device=dev)[:, None]) * cache.capacity
-                     + torch.where(j < chunk.valid, at, cache.capacity - 1)).view(-1)
-            keys = torch.arange(cache.capacity, device=dev)
-            # Causal over the row's prompt so far (earlier chunks, this one); the group folded into the
-            # query length as on the "sdpa" path.
-            chunk_bias = torch.zeros(C, cache.capacity, dtype=dt, device=dev).masked_fill_(
-                keys[None] > at[:, None], -math.inf)
-            chunk_bias = chunk_bias[None, None].expand(1, group, C, cache.capacity).reshape(1, 1, group * C, -1)
+            causal = causal_lower_right(C, end)  # the slice's queries are the last C of its row's `end` keys
         mode = self.attention["step" if q <= 2 else "verify"] or ("matmul" if S * kvh < 32 else "sdpa")
         if mode != "split":  # the masked paths: every slot's band as a bias over the whole capacity
             keys = torch.arange(cache.capacity, device=dev)
@@ -259,8 +230,8 @@ class TextDecoder:
             cache.k[i].scatter_(2, where, qk[:, :, nh:].transpose(1, 2))
             cache.v[i].scatter_(2, where, qkv[:, :, nh + kvh:].transpose(1, 2))
             if chunk is not None:
-                cache.k[i].view(-1, hd).index_copy_(0, write, rotated[n:, nh:].transpose(0, 1).reshape(-1, hd))
-                cache.v[i].view(-1, hd).index_copy_(0, write, every[n:, nh + kvh:].transpose(0, 1).reshape(-1, hd))
+                cache.k[i][chunk.slot, :, chunk.start:end] = rotated[n:, nh:].transpose(0, 1)
+                cache.v[i][chunk.slot, :, chunk.start:end] = every[n:, nh + kvh:].transpose(0, 1)
             probed = probe is not None and i in probe.layers
             if mode == "split":
                 out, mass = split_attention(qk[:, :, :nh], cache.k[i], cache.v[i], cache.pad, cache.length,
@@ -284,12 +255,12 @@ class TextDecoder:
                     out = F.scaled_dot_product_attention(query, cache.k[i], cache.v[i], attn_mask=folded, scale=self.scale)
                 out = out.view(S, kvh, group, q, hd).permute(0, 3, 1, 2, 4).reshape(S * q, nh * hd)
             if chunk is not None:
-                query = rotated[n:, :nh].view(C, kvh, group, hd).permute(1, 2, 0, 3).reshape(1, kvh, group * C, hd)
-                held = chunk.slot  # the chunk's row: its slot's keys and values
-                own = F.scaled_dot_product_attention(query, cache.k[i].index_select(0, held),
-                                                     cache.v[i].index_select(0, held), attn_mask=chunk_bias,
-                                                     scale=self.scale)
-                out = torch.cat([out, own.view(kvh, group, C, hd).permute(2, 0, 1, 3).reshape(C, nh * hd)])
+                held = slice(chunk.slot, chunk.slot + 1)  # the slice's row: its prompt's keys so far, each
+                row_k, row_v = (c[i][held, :, None, :end].expand(1, kvh, group, end, hd).reshape(1, nh, end, hd)
+                                for c in (cache.k, cache.v))  # kv head repeated for its query heads
+                own = F.scaled_dot_product_attention(rotated[n:, :nh].transpose(0, 1)[None], row_k, row_v,
+                                                     attn_mask=causal, scale=self.scale)
+                out = torch.cat([out, own[0].transpose(0, 1).reshape(C, nh * hd)])
             x = self._residual(x, out, layer.o)
             gate, up = F.linear(F.rms_norm(x, (H,), layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
             x = self._residual(x, F.silu(gate) * up, layer.down)
@@ -301,5 +272,4 @@ class TextDecoder:
         out = F.linear(F.rms_norm(decoded, (H,), self.norm, self.eps), self.head)
         if chunk is None:
             return out
-        end = x[n:].index_select(0, chunk.valid - 1)  # the chunk's last prompt token
-        return out, F.linear(F.rms_norm(end, (H,), self.norm, self.eps), self.head)
+        return out, F.linear(F.rms_norm(x[-1:], (H,), self.norm, self.eps), self.head)  # the slice's last token

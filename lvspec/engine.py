@@ -218,7 +218,7 @@ class Engine:
             slots = plan.slots
             if self.tp is None or self.tp.leader:
                 print(f"lvspec: slots=auto: {plan.describe()}", flush=True)
-        st = self._state = self.cycle.new_state(slots, capacity, self.chunk)
+        st = self._state = self.cycle.new_state(slots, capacity)
         st.memory_bound = plan is not None and plan.memory_bound
         st.stages = Stages(self.graphs, _snapshot(st.small()))
         st.prompts = PromptGraphs(self.prompt_graphs)  # they write into this state's caches
@@ -273,8 +273,6 @@ class Engine:
             if k:
                 st.stages.capture(("draft", k), lambda: c.draft(st, k))
             st.stages.capture(("verify", k), lambda: c.verify(st, k))
-            if st.chunk is not None:
-                st.stages.capture(("verify", k, "chunk"), lambda: c.verify(st, k, chunk=True))
             st.stages.capture(("commit", k), lambda: c.commit(st, k))
         if self.D is not None:
             st.stages.capture(("ingest",), lambda: c.ingest(st))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lvspec.decoder import Chunk
 from lvspec.stats import COUNTERS
 
 C = {name: i for i, name in enumerate(COUNTERS)}  # a counter's row in `DecodeState.count`
@@ -55,7 +54,7 @@ class DecodeState:
     """Everything a batch's decoding reads and writes, allocated once per (slots, capacity)."""
 
     def __init__(self, T, D, slots: int, capacity: int, k_max: int, max_new_tokens: int, probed_heads: int,
-                 device, chunk: int = 0):
+                 device):
         self.slots, self.capacity, self.k_max = slots, capacity, k_max
         self.T = T.new_cache(slots, capacity)
         self.D = D.new_cache(slots, capacity) if D is not None else None
@@ -90,10 +89,7 @@ class DecodeState:
         self.relevance = torch.zeros(slots, k + 1, device=device)
         self.relevance_by_head = torch.zeros(slots, probed_heads, k + 1, device=device)
         self.status = torch.zeros(Status.HEAD + slots, **long)
-        # A prompt's slice riding the next verify (chunked prefill; None: off), and the target's first
-        # token after a prompt's last slice.
-        self.chunk = Chunk.empty(chunk, T.hidden, T.head_dim, T.dtype, device) if chunk else None
-        self.chunk_first = torch.zeros(1, **long)
+        self.chunk_first = torch.zeros(1, **long)  # chunked prefill: the target's token after a prompt slice
         # Set by the engine that builds the state: its captured stages, its captured prompt forwards
         # (they write into these caches), and whether memory chose its slot count (slots="auto").
         self.stages = self.prompts = None

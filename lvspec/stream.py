@@ -22,6 +22,7 @@ import torch
 
 from lvspec.adapter import Prompt, check_video_rows, rows_on
 from lvspec.cycle import catch_ups
+from lvspec.decoder import Chunk
 from lvspec.feed import RowFeed
 from lvspec.replay import Replay
 from lvspec.state import DecodeState, Status
@@ -178,7 +179,7 @@ class Stream:
         if self.pending is not None or ((self.draining or self.static) and held):
             return
         beside = e.overlap and in_flight
-        chunked = beside and e.chunk > 0 and self.st.chunk is not None  # one row at a time, its prompt in slices
+        chunked = beside and e.chunk > 0  # one row at a time, its target prompt in slices
         if chunked and len(self.sliced) >= SLICED_AHEAD:
             return
         self.draining = False
@@ -288,12 +289,11 @@ class Stream:
         if p.done is not None:
             torch.cuda.current_stream(self.engine.device).wait_event(p.done)
         start, n = p.chunks.pop(0)
-        st, cycle, part = self.st, self.engine.cycle, slice(start, start + n)
-        st.chunk.load(p.prompt.embeds[0, part], p.rotary[0][0, part], p.rotary[1][0, part], p.index, start)
-        k = k or 0
-        st.stages.run(("verify", k, "chunk"), lambda: cycle.verify(st, k, chunk=True))
+        part = slice(start, start + n)
+        chunk = Chunk(p.prompt.embeds[0, part], p.rotary[0][0, part], p.rotary[1][0, part], p.slots[0], start)
+        self.engine.cycle.verify(self.st, k or 0, chunk=chunk)  # eager: the slice's shapes change
         if not p.chunks:
-            p.first.copy_(st.chunk_first)
+            p.first.copy_(self.st.chunk_first)
         self.chunks += 1
         return True
 

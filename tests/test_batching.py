@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lvspec import Engine, Replay, RowFeed, SpecConfig, memory
 from lvspec.cycle import catch_ups
+from lvspec.decoder import Chunk
 from lvspec.draft_length import EVIDENCE, Costs
 from lvspec.state import CATCH_UP
 from test_lvspec import FAMILIES, assert_counters_add_up, hf_greedy, make_rows
@@ -267,8 +268,7 @@ def test_a_prompt_run_in_slices_writes_the_keys_and_first_token_of_its_whole_for
         prompt, _, (cos, sin) = cycle.prompt_chunks(st, rows, torch.tensor([1]))  # in slices, into slot 1
         for start in range(0, width, 16):
             part = slice(start, min(start + 16, width))
-            st.chunk.load(prompt.embeds[0, part], cos[0, part], sin[0, part], torch.tensor([1]), start)
-            cycle.verify(st, 0, chunk=True)
+            cycle.verify(st, 0, chunk=Chunk(prompt.embeds[0, part], cos[0, part], sin[0, part], 1, start))
     assert width % 16 and width > 48  # several slices, the last one short
     for whole, sliced in ((st.T.k[:, 0, :, :width], st.T.k[:, 1, :, :width]), (st.T.v[:, 0], st.T.v[:, 1])):
         torch.testing.assert_close(sliced[..., :width, :], whole[..., :width, :], rtol=1e-4, atol=1e-5)
