@@ -89,7 +89,6 @@ class DecodeState:
         self.relevance = torch.zeros(slots, k + 1, device=device)
         self.relevance_by_head = torch.zeros(slots, probed_heads, k + 1, device=device)
         self.status = torch.zeros(Status.HEAD + slots, **long)
-        self.chunk_first = torch.zeros(1, **long)  # chunked prefill: the target's token after a prompt slice
         # Set by the engine that builds the state: its captured stages, its captured prompt forwards
         # (they write into these caches), and whether memory chose its slot count (slots="auto").
         self.stages = self.prompts = None

@@ -231,7 +231,6 @@ class Stream:
         st = self.st
         if chunked:
             p.prompt, p.draft_prompt, p.rotary = e.cycle.prompt_chunks(st, rows, p.index)
-            p.first = torch.zeros(1, dtype=torch.long, device=e.device)
             width, C = p.prompt.embeds.shape[1], e.chunk
             p.chunks = [(start, min(C, width - start)) for start in range(0, width, C)]
         else:
@@ -291,9 +290,9 @@ class Stream:
         start, n = p.chunks.pop(0)
         part = slice(start, start + n)
         chunk = Chunk(p.prompt.embeds[0, part], p.rotary[0][0, part], p.rotary[1][0, part], p.slots[0], start)
-        self.engine.cycle.verify(self.st, k or 0, chunk=chunk)  # eager: the slice's shapes change
+        after = self.engine.cycle.verify(self.st, k or 0, chunk=chunk)  # eager: the slice's shapes change
         if not p.chunks:
-            p.first.copy_(self.st.chunk_first)
+            p.first = after  # the target's first generated token
         self.chunks += 1
         return True
 

@@ -268,11 +268,11 @@ def test_a_prompt_run_in_slices_writes_the_keys_and_first_token_of_its_whole_for
         prompt, _, (cos, sin) = cycle.prompt_chunks(st, rows, torch.tensor([1]))  # in slices, into slot 1
         for start in range(0, width, 16):
             part = slice(start, min(start + 16, width))
-            cycle.verify(st, 0, chunk=Chunk(prompt.embeds[0, part], cos[0, part], sin[0, part], 1, start))
+            after = cycle.verify(st, 0, chunk=Chunk(prompt.embeds[0, part], cos[0, part], sin[0, part], 1, start))
     assert width % 16 and width > 48  # several slices, the last one short
     for whole, sliced in ((st.T.k[:, 0, :, :width], st.T.k[:, 1, :, :width]), (st.T.v[:, 0], st.T.v[:, 1])):
         torch.testing.assert_close(sliced[..., :width, :], whole[..., :width, :], rtol=1e-4, atol=1e-5)
-    assert st.chunk_first.tolist() == first.tolist()
+    assert after.tolist() == first.tolist()
 
 
 def test_bad_batching_settings_fail_clearly():
