@@ -6,11 +6,6 @@
 #                                  # check; the engine alone: lvspec continuous and static x3
 #   bench/gpu_pipeline.sh compile  # carry .gpu-a: the prefill eager vs compiled (compile_prefill); PROFILE=1
 #   bench/gpu_pipeline.sh engine1  # carry .gpu-a: lvspec continuous and static x3, no prefill check first
-#   bench/gpu_pipeline.sh check    # carry .gpu-a: tests/test_gpu.py's chunked-prefill and split tests
-#   bench/gpu_pipeline.sh chunk    # carry .gpu-a: tests/test_gpu.py's chunked-prefill and split tests; then the
-#                                  # engine alone with generation.prefill_chunk=$CHUNK (1584: a 3159-token prompt in
-#                                  # two slices): lvspec continuous, whole (chunking off), static x$REPEATS (3)
-#   bench/gpu_pipeline.sh chunks   # lvspec continuous with each of CHUNKS="1056 3168" x$REPEATS (1)
 #   bench/gpu_pipeline.sh engine2  # lvspec eager (prompt graphs off), serial (no overlap), ar continuous x$REPEATS (3)
 #   bench/gpu_pipeline.sh jobs     # carry .gpu-b: av, decord ; renders the shards, `ray start --head`, the job
 #                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate
@@ -48,22 +43,6 @@ case "$1" in
       --json $OUT/engine.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;
   install)
     bench/gpu_install.sh .gpu-a | tail -3; exit ;;
-  check)  # carry .gpu-a: tests/test_gpu.py's chunked-prefill and split tests alone
-    bench/gpu_install.sh .gpu-a >/dev/null || exit 1
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "chunked or split" 2>&1 | tee $OUT/check.log | tail -4 ;;
-  chunk)
-    bench/gpu_install.sh .gpu-a >/dev/null || exit 1
-    [ "${CHECK:-1}" = 0 ] || python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "chunked or split" 2>&1 \
-      | tee $OUT/check.log | tail -4
-    python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/whole lvspec/static \
-      --repeats ${REPEATS:-3} --json $OUT/engine.json generation.prefill_chunk=${CHUNK:-1584} "${EXTRA[@]}" 2>&1 \
-      | quiet | grep "^\[\|Error" ;;
-  chunks)
-    bench/gpu_install.sh .gpu-a >/dev/null || exit 1
-    for c in ${CHUNKS:-1056 3168}; do
-      python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous --repeats ${REPEATS:-1} \
-        --json $OUT/engine-$c.json generation.prefill_chunk=$c "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error"
-    done ;;
   engine)  # first the prompt-graph check (a capture that fails or differs stops the call), then the runs
     bench/gpu_install.sh .gpu-a || exit 1
     python3 -m bench.pipeline_gpu prefill --groups 1 --json $OUT/prefill.json "${EXTRA[@]}" 2>&1 | quiet \
@@ -90,7 +69,7 @@ sys.exit(f'prompt graphs: {bad}' if bad else 0)" || exit 1
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/static ar/continuous \
       --repeats ${REPEATS:-3} \
       --json $OUT/jobs2.json "${EXTRA[@]}" 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror" ;;
-  *) echo "usage: $0 prefill|compile|install|check|chunk|chunks|engine|engine1|engine2|jobs|jobs2"; exit 2 ;;
+  *) echo "usage: $0 prefill|compile|install|engine|engine1|engine2|jobs|jobs2"; exit 2 ;;
 esac
 ray stop --force >/dev/null 2>&1
 exit 0

@@ -38,10 +38,8 @@ CONFIG = "jobs/configs/gpu-bench.yaml"
 DASHBOARD = "http://127.0.0.1:8265"  # the head `ray start --head` started on this machine
 # continuous: the product's (prefill beside decoding); serial (engine only): continuous, each
 # prefill waiting for decoding (overlap_prefill off); eager (engine only): continuous, prompt
-# forwards launched eagerly (prompt_graphs off); whole (engine only): continuous, each target prompt
-# forward whole beside decoding even where the config sets generation.prefill_chunk; static: new rows
-# only once all slots are free.
-BATCHINGS = ("continuous", "whole", "serial", "eager", "static")
+# forwards launched eagerly (prompt_graphs off); static: new rows only once all slots are free.
+BATCHINGS = ("continuous", "serial", "eager", "static")
 WINDOW = (0.1, 0.9)  # steady state: rows finishing between these quantiles of finish time
 EXCLUDES = [".site", ".gpu-a", ".gpu-b", ".whl", ".whl-job", ".venv", ".scratch", "data", "out", ".git"]
 
@@ -121,7 +119,7 @@ def engine(args, out: dict) -> dict:
                prompt_tokens=int(rows[0]["input_ids"].shape[1]), tensor_parallel=tp, target=cfg.model.target,
                draft=cfg.model.draft, runs=[])
     shipped = shipped_settings(cfg.model.target)
-    can_overlap, chunk = base.overlap, base.chunk
+    can_overlap = base.overlap
     for mode in dict.fromkeys(m for m, _ in args.runs):
         spec = spec_config(dataclasses.replace(gen, mode=mode), shipped)
         eng = base if peers else Engine(base.target, base.draft if mode != "ar" else None, spec, slots=base.slots)
@@ -132,8 +130,7 @@ def engine(args, out: dict) -> dict:
             for batching in [b for m, b in args.runs if m == mode]:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
                 # Overlap where the engine can (not under tensor parallelism: one NCCL group, two streams).
-                eng.overlap = batching in ("continuous", "whole", "eager") and can_overlap
-                eng.chunk = 0 if batching == "whole" else chunk  # the state keeps its slice buffer either way
+                eng.overlap = batching in ("continuous", "eager") and can_overlap
                 eng.prompt_graphs = "off" if batching == "eager" else graphs
                 start, finished, cycles = time.perf_counter(), [], 0
                 for _, result in eng.stream(rows, tokenizer=tokenizer, replay=replay, static=batching == "static"):
@@ -145,17 +142,13 @@ def engine(args, out: dict) -> dict:
                        "tokens_per_s_whole": tokens / wall, "steady": steady(finished),
                        "prefill_s": eng.timing["prefill_s"], "cycles": eng.timing["cycles"],
                        "overlapped_prefills": eng.timing["overlapped_prefills"], "prefills": eng.timing["prefills"],
-                       "prompt_chunks": eng.timing["prompt_chunks"], "lone_prompt_chunks": eng.timing["lone_prompt_chunks"],
-                       "prefill_chunk": eng.chunk, "slot_use": eng.timing["slot_use"],
                        "tau": tau(tokens, len(finished), cycles),
                        "k_median": statistics.median(eng.timing["k"]) if eng.timing["k"] else 0,
                        "prompt_graphs": eng.timing["prompt_graphs"]}
                 out["runs"].append(run)
                 print(f"[engine] {mode:6s} {batching:10s} run {repeat}: {run['steady']['tokens_per_s']:8.1f} tok/s "
                       f"steady, {run['tokens_per_s_whole']:8.1f} whole ({tokens} tokens, {wall:.1f} s, prefill "
-                      f"{run['prefill_s']:.1f} s, tau {run['tau']:.2f}, slots busy {run['slot_use']:.0%}, prompt slices "
-                      f"{run['prompt_chunks']} ({run['lone_prompt_chunks']} alone) of {run['prefill_chunk']} tokens; "
-                      f"prompt graphs {run['prompt_graphs']})", flush=True)
+                      f"{run['prefill_s']:.1f} s, tau {run['tau']:.2f}; prompt graphs {run['prompt_graphs']})", flush=True)
                 _write(args.json, out)
         if args.profile:  # where a stream's time goes (rank 0's view under tensor parallelism)
             part = rows[:2 * base.slots]
@@ -640,10 +633,6 @@ def report(args) -> dict:
         figures["overlap_gain"] = e["lvspec/continuous"]["median"] / e["lvspec/serial"]["median"]
         if "lvspec/static" in e:
             figures["serial_vs_static"] = e["lvspec/serial"]["median"] / e["lvspec/static"]["median"]
-    if "lvspec/whole" in e:
-        figures["chunked_prefill_gain"] = e["lvspec/continuous"]["median"] / e["lvspec/whole"]["median"]
-        if "lvspec/static" in e:
-            figures["whole_prompts_vs_static"] = e["lvspec/whole"]["median"] / e["lvspec/static"]["median"]
     if "lvspec/eager" in e:
         figures["prompt_graph_gain"] = e["lvspec/continuous"]["median"] / e["lvspec/eager"]["median"]
     if "lvspec/static" in j:
@@ -687,7 +676,7 @@ def markdown(res: dict) -> str:
              f"the 10th and 90th percentile of finish times; spread = (max - min) / median.", "",
              "| | engine alone tok/s (host time queuing prefills, share of its time) | job tok/s | job / engine | job GPU busy | decode headroom |",
              "|---|---|---|---|---|---|"]
-    for key in ("lvspec/continuous", "lvspec/whole", "lvspec/eager", "lvspec/serial", "lvspec/static", "ar/continuous"):
+    for key in ("lvspec/continuous", "lvspec/eager", "lvspec/serial", "lvspec/static", "ar/continuous"):
         e, j = res["engine"].get(key), res["job"].get(key)
         if not (e or j):
             continue

@@ -60,12 +60,6 @@ class SpecConfig:
     # prefill's activations stay bounded whatever the batch (a 7B's MLP at 128 rows x 3.2k tokens
     # alone would want 15 GB).
     prefill_tokens: int = 32768
-    # Chunked prefill: a row entering beside decoding has its target prompt forward cut into slices of
-    # this many tokens, each carried by a cycle's verify forward (one pass over the weights for both:
-    # decoding rides along the prefill's GEMMs, as Sarathi-Serve and vLLM schedule it); its vision and
-    # the draft's prompt still run on the prefill stream. 0: the whole prompt forward beside decoding.
-    # Needs overlap_prefill, not under tensor parallelism.
-    prefill_chunk: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -78,10 +72,6 @@ class SpecConfig:
             object.__setattr__(self, "k_costs", Costs.of(self.k_costs))
         if isinstance(self.prefill_tokens, bool) or not isinstance(self.prefill_tokens, int) or self.prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be an integer >= 1, got {self.prefill_tokens!r}")
-        if (isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int)
-                or not 0 <= self.prefill_chunk <= self.prefill_tokens):
-            raise ValueError(f"prefill_chunk must be an integer in [0, prefill_tokens={self.prefill_tokens}], "
-                             f"got {self.prefill_chunk!r}")
         if not isinstance(self.k_max, int) or self.k_max < 1:
             raise ValueError(f"k_max (longest automatic draft) must be an integer >= 1, got {self.k_max!r}")
         if not 0.0 <= self.theta <= 1.0:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lvspec.adapter import Prompt, shared_vocab, text_config
 from lvspec.config import SpecConfig
-from lvspec.decoder import Chunk, TextDecoder, signed_sin
+from lvspec.decoder import TextDecoder
 from lvspec.draft_length import choose, choose_batch
 from lvspec.families import adapter_for
 from lvspec.relevance import RelevanceProbe, relevance_heads, relevance_weights
@@ -77,27 +77,9 @@ class Cycle:
         """Both models' prompts of a group (rows on the device), their keys into the caches' `slots`
         and nothing else of the state (it may run beside a cycle on another stream, the slots
         `reserve`d): (target prompt, draft prompt, the target's first tokens)."""
-        prompt, draft_prompt = self._prompts(rows)
+        prompt = self.adapter.prompt(self.target_model, rows)
+        draft_prompt = self.adapter.prompt(self.draft_model, rows) if self.D is not None else None
         return prompt, draft_prompt, self.prompt_keys(st, prompt, draft_prompt, slots)
-
-    def _prompts(self, rows: list[dict]) -> tuple[Prompt, Prompt | None]:
-        """Both models' prompts of a group (video features spliced in)."""
-        draft = self.adapter.prompt(self.draft_model, rows) if self.D is not None else None
-        return self.adapter.prompt(self.target_model, rows), draft
-
-    def prompt_chunks(self, st: DecodeState, rows: list[dict], slots: torch.Tensor):
-        """A group's prompts as `prompt_group` makes them, but only the draft's prompt forward runs:
-        the target's runs in slices riding later verify forwards (`verify(..., chunk=...)`), for which
-        this returns the prompt's rotary cos and signed sin [B, P, hd] (HF's own, from its positions):
-        (target prompt, draft prompt, (cos, sin))."""
-        prompt, draft_prompt = self._prompts(rows)
-        if self.D is not None:
-            self._prompt_forward(self.draft_model, self.D, st.D, draft_prompt, slots)
-        cos, sin = self.target_model.model.language_model.rotary_emb(prompt.embeds, prompt.position_ids)
-        if cos.shape != (*prompt.embeds.shape[:2], self.T.head_dim):  # M-RoPE's sections not merged by HF
-            raise RuntimeError(f"prefill_chunk: this transformers gives rotary tables of shape {tuple(cos.shape)}, "
-                               f"not one per prompt token; set generation.prefill_chunk=0")
-        return prompt, draft_prompt, (cos, signed_sin(sin))
 
     def prompt_keys(self, st: DecodeState, prompt: Prompt, draft_prompt: Prompt | None, slots: torch.Tensor):
         if self.tp is not None:  # rank 0's video features on every rank: one prompt, one verdict
@@ -199,18 +181,12 @@ class Cycle:
         if self.tp is not None:  # every rank verifies rank 0's drafts (the draft runs whole on each)
             self.tp.broadcast(st.drafted[:, :k])
 
-    def verify(self, st: DecodeState, k: int, chunk: Chunk | None = None) -> torch.Tensor | None:
-        """The target's forward over [last, drafts] (keys written, not committed) and its verdict;
-        a prompt's `chunk` rides along (eager: its keys into its slot; returns the target's token
-        after it [1])."""
+    def verify(self, st: DecodeState, k: int) -> None:
+        """The target's forward over [last, drafts] (keys written, not committed) and its verdict."""
         drafted = st.drafted[:, :k]
         st.limit.copy_(self.own_k(st, k))
         probe = RelevanceProbe(self.heads, st.video, self.tp, self.head_weights) if self.probing and k else None
-        logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe, live=st.active,
-                                chunk=chunk)
-        after = None
-        if chunk is not None:
-            logits, after = logits
+        logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe, live=st.active)
         relevance = probe.result() if probe is not None else None
         v = verify(drafted, logits, relevance, self.cfg, st.exact_only, st.limit)
         self._keep(st, k, v)
@@ -218,7 +194,6 @@ class Cycle:
         if probe is not None:
             st.relevance[:, :k + 1].copy_(relevance)
             st.relevance_by_head[..., :k + 1].copy_(probe.all_heads())
-        return after.argmax(-1) if after is not None else None
 
     def replay(self, st: DecodeState, k: int, replay: Replay) -> None:
         """Keep the recorded number of drafts instead of the verdict's (speed measurement)."""

@@ -17,34 +17,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from lvspec import parallel
 from lvspec.adapter import text_config
 from lvspec.attention import available, split_attention
 from lvspec.cache import StaticCache
 from lvspec.relevance import RelevanceProbe
-
-
-@dataclass
-class Chunk:
-    """A slice of one row's prompt riding a decoding forward (chunked prefill, `SpecConfig.prefill_chunk`):
-    its embedded tokens (video spliced in), their rotary cos and signed sin (the prompt's own positions,
-    3-D for M-RoPE), the cache slot its keys go to and where in the slot the slice starts. A forward
-    carrying one runs eagerly: its attention reads exactly the row's prompt so far, causal (lower
-    right), a shape that changes slice by slice."""
-
-    embeds: torch.Tensor  # [C, H]
-    cos: torch.Tensor  # [C, hd]
-    sin: torch.Tensor  # [C, hd], signed as `_rotate` takes it
-    slot: int
-    start: int
-
-
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """HF's sin (both halves equal) as `_rotate` takes it: the first half negated."""
-    half = sin.shape[-1] // 2
-    return torch.cat([-sin[..., :half], sin[..., half:]], -1)
 
 
 @dataclass
@@ -180,37 +158,28 @@ class TextDecoder:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _residual(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x + h @ weight.T (x [N, H]): one fused GEMM, or under tensor parallelism the sum over ranks
-        of each rank's part (its heads / MLP columns) added once."""
+        """x + h @ weight.T: one fused GEMM, or under tensor parallelism the sum over ranks of each
+        rank's part (its heads / MLP columns) added once."""
+        S, q, H = x.shape
         if self.tp is None:
-            return torch.addmm(x, h, weight.t())
-        return x + self.tp.reduce(torch.mm(h, weight.t()))
+            return torch.addmm(x.view(S * q, H), h, weight.t()).view(S, q, H)
+        return x + self.tp.reduce(torch.mm(h, weight.t())).view(S, q, H)
 
     def forward(self, cache: StaticCache, tokens: torch.Tensor, last_only: bool = False,
                 probe: RelevanceProbe | None = None, logits: bool = True,
-                live: torch.Tensor | None = None, chunk: Chunk | None = None):
+                live: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run `tokens` [S, q] at each slot's `length` (writing their keys, not committing them);
         returns logits [S, q, V] (or [S, 1, V] with `last_only`; None without `logits`: keys only).
         `live` ([S] bool): the slots whose results are used; on the "split" path the others read no
-        keys (their results, and their keys past the first layer, are then meaningless).
-        `chunk`: a slice of a prompt computed in the same forward (one pass over the weights for
-        both), its keys written into its slot; then returns (logits, the logits [1, V] of the
-        chunk's last prompt token)."""
+        keys (their results, and their keys past the first layer, are then meaningless)."""
         S, q = tokens.shape
-        n = S * q  # decoding tokens; a chunk's follow them
         nh, kvh, hd, H = self.heads, self.kv_heads, self.head_dim, self.hidden
         group = nh // kvh
         dt, dev = self.dtype, tokens.device
         slot = cache.length[:, None] + torch.arange(q, device=dev)  # [S, q] cache slots of the new tokens
         angle = (slot + cache.offset[:, None]).float()[..., None] * self.inv_freq  # [S, q, hd/2]
-        cos = torch.cat([angle.cos(), angle.cos()], -1).to(dt).view(n, 1, hd)
-        sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt).view(n, 1, hd)
-        x = F.embedding(tokens, self.embed).view(n, H)
-        if chunk is not None:
-            C, end = chunk.embeds.shape[0], chunk.start + chunk.embeds.shape[0]
-            x = torch.cat([x, chunk.embeds])
-            cos, sin = torch.cat([cos, chunk.cos[:, None]]), torch.cat([sin, chunk.sin[:, None]])
-            causal = causal_lower_right(C, end)  # the slice's queries are the last C of its row's `end` keys
+        cos = torch.cat([angle.cos(), angle.cos()], -1).to(dt)[:, :, None]  # [S, q, 1, hd]
+        sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt)[:, :, None]
         mode = self.attention["step" if q <= 2 else "verify"] or ("matmul" if S * kvh < 32 else "sdpa")
         if mode != "split":  # the masked paths: every slot's band as a bias over the whole capacity
             keys = torch.arange(cache.capacity, device=dev)
@@ -222,16 +191,13 @@ class TextDecoder:
                 folded = bias.expand(S, group, q, cache.capacity).reshape(S, 1, group * q, cache.capacity)
         where = slot[:, None, :, None].expand(S, kvh, q, hd)
 
+        x = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (H,), layer.norm_in, self.eps)
-            every = F.linear(h, layer.qkv, layer.qkv_bias).view(-1, nh + 2 * kvh, hd)
-            rotated = _rotate(every[:, : nh + kvh], cos, sin)
-            qkv, qk = every[:n].view(S, q, nh + 2 * kvh, hd), rotated[:n].view(S, q, nh + kvh, hd)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(S, q, nh + 2 * kvh, hd)
+            qk = _rotate(qkv[:, :, : nh + kvh], cos, sin)
             cache.k[i].scatter_(2, where, qk[:, :, nh:].transpose(1, 2))
             cache.v[i].scatter_(2, where, qkv[:, :, nh + kvh:].transpose(1, 2))
-            if chunk is not None:
-                cache.k[i][chunk.slot, :, chunk.start:end] = rotated[n:, nh:].transpose(0, 1)
-                cache.v[i][chunk.slot, :, chunk.start:end] = every[n:, nh + kvh:].transpose(0, 1)
             probed = probe is not None and i in probe.layers
             if mode == "split":
                 out, mass = split_attention(qk[:, :, :nh], cache.k[i], cache.v[i], cache.pad, cache.length,
@@ -254,22 +220,11 @@ class TextDecoder:
                 else:
                     out = F.scaled_dot_product_attention(query, cache.k[i], cache.v[i], attn_mask=folded, scale=self.scale)
                 out = out.view(S, kvh, group, q, hd).permute(0, 3, 1, 2, 4).reshape(S * q, nh * hd)
-            if chunk is not None:
-                held = slice(chunk.slot, chunk.slot + 1)  # the slice's row: its prompt's keys so far, each
-                row_k, row_v = (c[i][held, :, None, :end].expand(1, kvh, group, end, hd).reshape(1, nh, end, hd)
-                                for c in (cache.k, cache.v))  # kv head repeated for its query heads
-                own = F.scaled_dot_product_attention(rotated[n:, :nh].transpose(0, 1)[None], row_k, row_v,
-                                                     attn_mask=causal, scale=self.scale)
-                out = torch.cat([out, own[0].transpose(0, 1).reshape(C, nh * hd)])
             x = self._residual(x, out, layer.o)
             gate, up = F.linear(F.rms_norm(x, (H,), layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
-            x = self._residual(x, F.silu(gate) * up, layer.down)
+            x = self._residual(x, (F.silu(gate) * up).view(S * q, -1), layer.down)
         if not logits:
             return None
-        decoded = x[:n].view(S, q, H)
         if last_only:
-            decoded = decoded[:, -1:]
-        out = F.linear(F.rms_norm(decoded, (H,), self.norm, self.eps), self.head)
-        if chunk is None:
-            return out
-        return out, F.linear(F.rms_norm(x[-1:], (H,), self.norm, self.eps), self.head)  # the slice's last token
+            x = x[:, -1:]
+        return F.linear(F.rms_norm(x, (H,), self.norm, self.eps), self.head)

@@ -75,7 +75,6 @@ class Engine:
         # on a low-priority one. CPU: the same steps, run in order. Not under tensor parallelism
         # (its collectives keep one order).
         self.overlap = cfg.overlap_prefill and self.tp is None
-        self.chunk = cfg.prefill_chunk if self.overlap else 0  # prompt tokens a verify carries (0: none)
         cuda = self.device.type == "cuda"
         self.decode_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         self.prefill_stream = torch.cuda.Stream(self.device, priority=0) if cuda else None

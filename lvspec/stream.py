@@ -4,11 +4,8 @@ the clock. `Stream.step` refills free slots, runs one cycle and returns the rows
 Rows enter free slots in groups of at most `SpecConfig.prefill_tokens` prompt tokens (so that a
 prefill's activations do not grow with the batch): into an empty batch group after group before
 the first cycle, beside decoding rows one group at a time, on a second CUDA stream, placed at a
-later step once done (continuous batching). With `SpecConfig.prefill_chunk`, a row entering
-beside decoding runs only its vision and the draft's prompt there; the target's prompt forward
-follows in slices, one riding each cycle's verify (chunked prefill), and the row is placed after
-its last. The cycle's K is the longest any decoding row takes (`Status.k`); each row keeps at most
-its own.
+later step once done (continuous batching). The cycle's K is the longest any decoding row takes
+(`Status.k`); each row keeps at most its own.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ import torch
 
 from lvspec.adapter import Prompt, check_video_rows, rows_on
 from lvspec.cycle import catch_ups
-from lvspec.decoder import Chunk
 from lvspec.feed import RowFeed
 from lvspec.replay import Replay
 from lvspec.state import DecodeState, Status
@@ -66,7 +62,7 @@ class Clock:
 
 @dataclass
 class _Pending:
-    """A group of rows being prefilled into `slots`: what `Stream._launch` queued, for `_place`."""
+    """A group of rows being prefilled into `slots`: what `Stream._launch` queued, for `_land`."""
 
     group: list[tuple[int, dict]]
     slots: list[int]
@@ -77,18 +73,7 @@ class _Pending:
     keys: list[int] = field(default_factory=list)
     budget: torch.Tensor | None = None
     exact: torch.Tensor | None = None
-    done: torch.cuda.Event | None = None  # recorded after the prompt forwards queued on the prefill stream (CUDA)
-    # Chunked prefill (one row): the target prompt's slices (start, prompt tokens) not run yet, its rotary.
-    chunks: list[tuple[int, int]] | None = None
-    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def launched(self) -> bool:
-        """What `_launch` queued on the prefill stream is done."""
-        return self.done is None or self.done.query()
-
-
-SLICED_AHEAD = 2  # chunked prefill: rows in flight, the oldest riding verifies, the next in its vision forward
+    done: torch.cuda.Event | None = None  # recorded after the prompt forwards (CUDA)
 
 
 class Stream:
@@ -113,9 +98,7 @@ class Stream:
         self.clock, self.marks, self.ks = Clock(self.cuda), [], []
         self.start, self.prefill_s, self.prefills, self.placed, self.peak = time.perf_counter(), 0.0, 0, 0, 0
         self.pending: _Pending | None = None  # a group being prefilled, not placed yet
-        self.sliced: list[_Pending] = []  # rows whose target prompt runs in slices (chunked prefill), oldest first
         self.overlapped = self.ingests = self.busy = 0  # prefills run beside decoding; draft catch-ups; rows x cycles
-        self.chunks = self.lone_chunks = 0  # prompt slices run (chunked prefill); of them, alone (no row decoded)
         # The steady part of a stream, until a free slot first finds no row (from then on slots only
         # empty): decoded tokens of the rows finished so far; (seconds, prefill s, decoded tokens, cycles,
         # rows x cycles) then.
@@ -124,8 +107,7 @@ class Stream:
     def _free(self) -> list[int]:
         if self.st is None:  # before the first state: as many rows as it may get slots
             return list(range(self.slots or self.cap))
-        taken = {slot for p in self.sliced for slot in p.slots}
-        return [s for s, row in enumerate(self.slot_row) if row is None and s not in taken]
+        return [s for s, row in enumerate(self.slot_row) if row is None]
 
     def _take(self, n: int, in_flight: bool) -> list[tuple[int, dict]]:
         group, self.waiting = self.waiting[:n], self.waiting[n:]
@@ -173,24 +155,19 @@ class Stream:
         """Place rows in free slots (see the module's docstring)."""
         e = self.engine
         self._land(wait=False)
-        self._land_sliced(wait=False)
         in_flight = any(row is not None for row in self.slot_row)
-        held = in_flight or bool(self.sliced)  # slots some row holds or is entering
-        if self.pending is not None or ((self.draining or self.static) and held):
-            return
-        beside = e.overlap and in_flight
-        chunked = beside and e.chunk > 0  # one row at a time, its target prompt in slices
-        if chunked and len(self.sliced) >= SLICED_AHEAD:
+        if self.pending is not None or ((self.draining or self.static) and in_flight):
             return
         self.draining = False
+        beside = e.overlap and in_flight
         t0 = time.perf_counter()
         while free := self._free():
-            group = self._take(1 if chunked else len(free), in_flight)
+            group = self._take(len(free), in_flight)
             if not group:
                 break
             width = max(row["input_ids"].shape[-1] for _, row in group)  # the group's prompts are left-padded to it
             if self.st is None or not e.fits(self.st, self.slots, self.cap, width):
-                if held:  # a longer prompt: finish the rows in flight, then grow the state
+                if in_flight:  # a longer prompt: finish the rows in flight, then grow the state
                     self.waiting, self.draining = group + self.waiting, True
                     break
                 self.st = None  # its memory is free for the new state
@@ -199,27 +176,22 @@ class Stream:
             placed = self._bounded(group[:len(free)])
             self.waiting = group[len(placed):] + self.waiting
             slots = free[:len(placed)]
-            p = _Pending(placed, slots, torch.tensor(slots, device=e.device))
+            self.pending = _Pending(placed, slots, torch.tensor(slots, device=e.device))
             if beside:
-                e.cycle.reserve(self.st, p.index)
+                e.cycle.reserve(self.st, self.pending.index)
                 if e.prefill_stream is not None:
                     e.prefill_stream.wait_stream(torch.cuda.current_stream(e.device))  # after the reservation
                 with e.on(e.prefill_stream):
-                    self._launch(p, chunked)
-                if chunked:
-                    self.sliced.append(p)
-                else:
-                    self.pending = p
+                    self._launch(self.pending)
                 self.overlapped += 1
                 break
-            self.pending = p
-            self._launch(p)
+            self._launch(self.pending)
             self._land(wait=True)
-            in_flight = held = True
+            in_flight = True
         self.prefill_s += time.perf_counter() - t0
 
-    def _launch(self, p: _Pending, chunked: bool = False) -> None:
-        """Queue a group's prompt forwards on the current stream (`chunked`: a row's, all but the target's)."""
+    def _launch(self, p: _Pending) -> None:
+        """Queue a group's prompt forwards on the current stream."""
         e = self.engine
         # Every copy from the host first (each waits for what its stream has queued), then the models.
         check_video_rows(e.target, [row for _, row in p.group])
@@ -229,41 +201,19 @@ class Stream:
         p.budget = budget.to(e.device) if budget is not None else None
         p.exact = torch.tensor([bool(row.get(EXACT, False)) for row in rows], device=e.device)
         st = self.st
-        if chunked:
-            p.prompt, p.draft_prompt, p.rotary = e.cycle.prompt_chunks(st, rows, p.index)
-            width, C = p.prompt.embeds.shape[1], e.chunk
-            p.chunks = [(start, min(C, width - start)) for start in range(0, width, C)]
-        else:
-            # e.prompt_graphs may be switched "off" between calls (benchmarks: the same state, eager prompts).
-            p.prompt, p.draft_prompt, p.first = st.prompts.run(lambda r, i: e.prompt_group(st, r, i), rows,
-                                                               p.index, enabled=e.prompt_graphs != "off")
+        # e.prompt_graphs may be switched "off" between calls (benchmarks: the same state, eager prompts).
+        p.prompt, p.draft_prompt, p.first = st.prompts.run(lambda r, i: e.prompt_group(st, r, i), rows, p.index,
+                                                           enabled=e.prompt_graphs != "off")
         if self.cuda:
             p.done = torch.cuda.Event()
             p.done.record()
 
     def _land(self, wait: bool) -> None:
-        """Place the pending group's rows if its prefill is done, or with `wait`, once it is."""
-        p = self.pending
-        if p is not None and (wait or p.launched):
-            self.pending = None
-            self._place(p)
-
-    def _land_sliced(self, wait: bool) -> None:
-        """Place the oldest sliced row once every slice of its prompt has run; with `wait`, run its
-        remaining slices alone first (no row decodes, or the caller must place it now)."""
-        if not self.sliced:
+        """Place the pending group's rows (their slots' state, on the decoding stream) if its
+        prefill is done, or with `wait`, once it is."""
+        p, e = self.pending, self.engine
+        if p is None or not (wait or p.done is None or p.done.query()):
             return
-        p = self.sliced[0]
-        while wait and p.chunks:
-            self._ride(None)
-            self.lone_chunks += 1
-        if not p.chunks:
-            self.sliced.pop(0)
-            self._place(p)
-
-    def _place(self, p: _Pending) -> None:
-        """A group's rows into their slots (their state, on the decoding stream), after its prefill."""
-        e = self.engine
         if p.done is not None:
             torch.cuda.current_stream(e.device).wait_event(p.done)
         e.cycle.place(self.st, p.first, p.prompt, p.draft_prompt, p.index, p.budget, p.exact)
@@ -274,27 +224,9 @@ class Stream:
             self.traces[i], self.kept[i] = [], []
         # The host read waits for this stream: past it, nothing reads the group's tensors any more.
         self.status = self.st.read()
+        self.pending = None
         self.prefills += 1
         self.placed += len(p.group)
-
-    def _ride(self, k: int | None) -> bool:
-        """The cycle's verify (drafting k) with the next prompt slice of the oldest sliced row that
-        has one, if its vision and draft forward are done (k=None: not riding; then it waits for
-        them and the slice runs alone): whether a slice ran. Its keys go into the row's slot; after
-        a prompt's last slice, the target's first token into the row's `first`."""
-        p = next((p for p in self.sliced if p.chunks), None)
-        if p is None or not (k is None or p.launched):
-            return False
-        if p.done is not None:
-            torch.cuda.current_stream(self.engine.device).wait_event(p.done)
-        start, n = p.chunks.pop(0)
-        part = slice(start, start + n)
-        chunk = Chunk(p.prompt.embeds[0, part], p.rotary[0][0, part], p.rotary[1][0, part], p.slots[0], start)
-        after = self.engine.cycle.verify(self.st, k or 0, chunk=chunk)  # eager: the slice's shapes change
-        if not p.chunks:
-            p.first = after  # the target's first generated token
-        self.chunks += 1
-        return True
 
     def _finished(self) -> list[tuple[int, RowOutput]]:
         """Rows whose slot went idle (at its prefill or in the last cycle); their slots free up."""
@@ -332,15 +264,14 @@ class Stream:
         self._refill()
         if self.st is None:  # no rows yet: none at all, or none so far from a feed
             return None if self.exhausted and not self.waiting else []
-        if self.dry is None and self.exhausted and not self.waiting and self.pending is None and not self.sliced:
+        if self.dry is None and self.exhausted and not self.waiting and self.pending is None:
             self._mark_dry()
         finished = self._finished()
         if finished:
             return finished
         if not self.status.decoding:  # nothing decoding: a prefill to land, more rows to place, or done
-            if self.pending is not None or self.sliced:
+            if self.pending is not None:
                 self._land(wait=True)
-                self._land_sliced(wait=True)
                 return []
             return None if self.exhausted and not self.waiting else []
         st, cycle, k, lag = self.st, self.engine.cycle, self.status.k, self.status.lag
@@ -353,8 +284,7 @@ class Stream:
         if k:
             st.stages.run(("draft", k), lambda: cycle.draft(st, k))
         b = self.clock.mark()
-        if not self._ride(k):  # a prompt slice rides this verify, if one is ready
-            st.stages.run(("verify", k), lambda: cycle.verify(st, k))
+        st.stages.run(("verify", k), lambda: cycle.verify(st, k))
         self.marks.append((a, b, self.clock.mark(), k))
         if self.replay is not None and k:
             cycle.replay(st, k, self.replay)
@@ -384,7 +314,6 @@ class Stream:
             "draft_s": sum(clock.seconds(a, b) for a, b, _, _ in marks), "draft_steps": sum(k for *_, k in marks),
             "verify_s": sum(clock.seconds(b, c) for _, b, c, _ in marks), "verifies": len(marks),
             "ingests": self.ingests, "prefills": self.prefills, "overlapped_prefills": self.overlapped,
-            "prompt_chunks": self.chunks, "lone_prompt_chunks": self.lone_chunks,
             "rows": self.placed, "peak_active": self.peak, "slots": self.st.slots if self.st is not None else None,
             "slot_use": self.busy / (len(self.ks) * self.st.slots) if self.ks else 0.0,  # decoding rows per cycle over slots
             "prompt_graphs": self.st.prompts.summary() if self.st is not None else None,

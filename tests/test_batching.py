@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvspec import Engine, Replay, RowFeed, SpecConfig, memory
+from lvspec import Engine, RowFeed, SpecConfig, memory
 from lvspec.cycle import catch_ups
-from lvspec.decoder import Chunk
 from lvspec.draft_length import EVIDENCE, Costs
 from lvspec.state import CATCH_UP
 from test_lvspec import FAMILIES, assert_counters_add_up, hf_greedy, make_rows
@@ -216,72 +215,10 @@ def test_slots_auto_takes_what_memory_holds_and_decodes_like_fixed_slots(pair):
     assert fits(0).slots == 1 and fits(reserve + 100 * per).slots == 64
 
 
-@pytest.mark.parametrize("mode", ["ar", "sd", "lvspec"])
-def test_chunked_prefill_decodes_what_whole_prompt_forwards_decode(pair, mode):
-    """generation.prefill_chunk: a row entering beside decoding runs the target's prompt forward in
-    slices, each riding a cycle's verify forward, or alone when no row decodes then. Ten rows through
-    two slots, slices of 16 tokens (several a prompt, the last one short) or one slice a prompt: the
-    same tokens and counters as whole prompt forwards (the exact modes: greedy generate's). Then
-    replayed lengths of 6 and 1 tokens: the decoding row finishes before the 54-150-token prompt
-    entering beside it has run all its slices, and the rest run alone."""
-    _, processor, target, draft = pair
-    rows = make_rows(processor, [8, 4, 6, 8, 5, 7, 8, 4, 6, 5], prompts=PROMPTS * 2)[:10]
-    widest = max(r["input_ids"].shape[-1] for r in rows)
-    recorded = Engine(target, draft, SpecConfig(mode="sd", k=4, max_new_tokens=8)).generate(rows[:2], trace=True)
-    short = Replay([r.accepted_per_cycle for r in recorded], lengths=[6, 1])
-    draft = draft if mode != "ar" else None
-    cfg = SpecConfig(mode=mode, k=4 if mode == "sd" else "auto", k_costs=PAYS, theta=0.45, max_new_tokens=48)
-    for replay, chunks in ((None, (16, widest)), (short, (16,))):
-        if replay is not None:
-            cfg = dataclasses.replace(cfg, stop_token_ids=())
-        whole = Engine(target, draft, cfg, slots=2).generate(rows, replay=replay)
-        if mode != "lvspec" and replay is None:
-            assert [r.tokens for r in whole] == hf_greedy(processor, target, rows)
-        for chunk in chunks:
-            engine = Engine(target, draft, dataclasses.replace(cfg, prefill_chunk=chunk), slots=2)
-            out = engine.generate(rows, replay=replay)
-            assert [r.tokens for r in out] == [r.tokens for r in whole], chunk
-            if replay is None or mode != "sd":  # (sd's K near a row's end follows its batch: test_lvspec)
-                assert [r.stats for r in out] == [r.stats for r in whole], chunk
-            t = engine.timing
-            assert t["overlapped_prefills"] >= 2 and t["prompt_chunks"] >= t["overlapped_prefills"]
-            if replay is not None:
-                assert t["lone_prompt_chunks"] > 0
-            elif chunk == widest:
-                assert t["prompt_chunks"] == t["overlapped_prefills"] and t["lone_prompt_chunks"] < t["prompt_chunks"]
-
-
-def test_a_prompt_run_in_slices_writes_the_keys_and_first_token_of_its_whole_forward(pair):
-    """A prompt's target forward in 16-token slices riding verify forwards (TextDecoder, its own
-    RoPE from HF's positions: 3-D for Qwen2.5-VL) writes the keys and values HF's whole prompt
-    forward writes, and gives the same first token (to HF's float32 RMSNorm: it upcasts float64 to
-    float32, the decoder's norm does not)."""
-    _, processor, target, draft = pair
-    rows = make_rows(processor, [8])
-    width = rows[0]["input_ids"].shape[-1]
-    engine = Engine(target, draft, SpecConfig(mode="sd", k=4, max_new_tokens=8, prefill_chunk=16), slots=2)
-    st, cycle = engine.state_for(2, None, width), engine.cycle
-    st.reset()
-    cycle.reserve(st, torch.tensor([0, 1]))  # idle slots: a verify writes their keys at the caches' tails
-    with torch.inference_mode():
-        _, _, first = cycle.prompt_group(st, rows, torch.tensor([0]))  # whole, into slot 0
-        prompt, _, (cos, sin) = cycle.prompt_chunks(st, rows, torch.tensor([1]))  # in slices, into slot 1
-        for start in range(0, width, 16):
-            part = slice(start, min(start + 16, width))
-            after = cycle.verify(st, 0, chunk=Chunk(prompt.embeds[0, part], cos[0, part], sin[0, part], 1, start))
-    assert width % 16 and width > 48  # several slices, the last one short
-    for whole, sliced in ((st.T.k[:, 0, :, :width], st.T.k[:, 1, :, :width]), (st.T.v[:, 0], st.T.v[:, 1])):
-        torch.testing.assert_close(sliced[..., :width, :], whole[..., :width, :], rtol=1e-4, atol=1e-5)
-    assert after.tolist() == first.tolist()
-
-
 def test_bad_batching_settings_fail_clearly():
     _, target, draft = load_pair("qwen2_5_vl")
     with pytest.raises(ValueError, match="prefill_tokens"):
         SpecConfig(prefill_tokens=0)
-    for chunk in (-1, 2.5, True, 40000):
-        with pytest.raises(ValueError, match="prefill_chunk"):
-            SpecConfig(prefill_chunk=chunk)
     with pytest.raises(ValueError, match="k_costs must map exactly"):
         SpecConfig(k_costs={"draft_step_ms": 1.0})
     with pytest.raises(ValueError, match="k_costs.verify_0_ms"):

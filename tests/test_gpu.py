@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import spawn_ranks
-from lvspec import Engine, Replay, SpecConfig, loading, parallel
+from lvspec import Engine, SpecConfig, loading, parallel
 from lvspec.draft_length import EVIDENCE, Costs
 from toyworld import families, grammar
 from toyworld.families import MODELS_DIR, load_pair
@@ -109,34 +109,6 @@ def test_graphs_on_split_attention_decode_what_eager_masked_attention_decodes(pa
         for x, y in zip(a.trace, b.trace):
             if x["relevance"] is not None:
                 assert abs(x["relevance"] - y["relevance"]) < 1e-4
-
-
-@pytest.mark.parametrize("cfg", [SpecConfig(mode="ar"), SpecConfig(mode="sd", k=6),
-                                 SpecConfig(mode="lvspec", k="auto", k_max=6, theta=0.45, k_costs=PAYS)],
-                         ids=["ar", "sd", "lvspec-auto-pinned"])
-def test_chunked_prefill_decodes_what_eager_whole_prompts_decode(pair, cfg):
-    """generation.prefill_chunk on a GPU: rows entering beside decoding (vision and the draft's
-    prompt on the prefill stream) have their target prompt run in 64-token slices riding verify
-    forwards between captured stages: the same tokens and counters as eager decoding with whole
-    prompt forwards. Replayed lengths (30, 6, 1 tokens) stagger the rows, so that rows enter beside
-    decoding in every mode, and decoding sometimes ends before a prompt's slices do."""
-    processor, target, draft = pair
-    rows = rendered_rows(processor, 9, seed=6)
-    traced = Engine(target, draft, SpecConfig(mode="sd", k=4, max_new_tokens=8, cuda_graphs=False)).generate(
-        rows[:3], trace=True)
-    replay = Replay([r.accepted_per_cycle for r in traced], lengths=[30, 6, 1])
-    cfg = dataclasses.replace(cfg, max_new_tokens=48, stop_token_ids=())
-    draft = draft if cfg.mode != "ar" else None
-    eager = Engine(target, draft, dataclasses.replace(cfg, cuda_graphs=False), slots=3).generate(rows, replay=replay)
-    engine = Engine(target, draft, dataclasses.replace(cfg, prefill_chunk=64), slots=3)
-    assert engine.graphs
-    for _ in range(2):
-        sliced = engine.generate(rows, replay=replay)
-        assert [r.tokens for r in sliced] == [r.tokens for r in eager]
-        if cfg.mode != "sd":  # (sd's K near a row's end follows its batch: tests/test_lvspec.py)
-            assert [r.stats for r in sliced] == [r.stats for r in eager]
-        t = engine.timing
-        assert t["overlapped_prefills"] >= 2 and t["prompt_chunks"] > t["lone_prompt_chunks"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

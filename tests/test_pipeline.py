@@ -288,8 +288,6 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("caption.slots=0", "caption.slots"),
     ("caption.slots=many", "caption.slots"),
     ("generation.prefill_tokens=0", "generation.prefill_tokens"),
-    ("generation.prefill_chunk=-1", "generation.prefill_chunk"),
-    ("generation.prefill_chunk=100000", "generation.prefill_chunk"),  # more than prefill_tokens
     ("generation.k_costs={draft_step_ms: 1.0}", "generation.k_costs"),  # the table needs all four costs
     ("model.prompt=' '", "model.prompt"),
     ("model.prompts={short: ''}", "model.prompts.short"),
@@ -418,10 +416,5 @@ def test_a_pinned_cost_table_is_part_of_the_caption_settings_and_speed_settings_
     plain = config_hash(load_config(ROOT / "jobs/configs/local.yaml", base))
     pinned = "generation.k_costs={draft_step_ms: 1, verify_0_ms: 10, verify_1_ms: 11, verify_max_ms: 13}"
     assert config_hash(load_config(ROOT / "jobs/configs/local.yaml", base + [pinned])) != plain
-    for speed in ("caption.slots=auto", "generation.prefill_tokens=4096", "generation.prefill_chunk=512",
-                  "generation.k_costs=null"):
+    for speed in ("caption.slots=auto", "generation.prefill_tokens=4096", "generation.k_costs=null"):
         assert config_hash(load_config(ROOT / "jobs/configs/local.yaml", base + [speed])) == plain, speed
-    from pipeline.config import spec_config
-
-    sliced = load_config(ROOT / "jobs/configs/local.yaml", base + ["generation.prefill_chunk=512"])
-    assert spec_config(sliced.generation).prefill_chunk == 512  # what the replica's Engine gets
