@@ -32,8 +32,9 @@ def main(argv=None) -> int:
     try:
         quality = load_function(args.quality, "--quality") if args.quality else None
         cfg = load_config(args.config, ["job_id=nightly", *args.overrides])
-        from pipeline.job import human_summary, preflight, run
+        from pipeline.job import human_summary, run
         from pipeline.nightly import Busy, Night, SettingsChanged
+        from pipeline.preflight import preflight
 
         night = Night.plan(cfg)
         cfg.job_id = night.job_id

@@ -30,6 +30,52 @@ SEEKABLE = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "flv", "asf"}
 DETECT_WIDTH = 256  # shots are detected on frames at most this wide (PySceneDetect's own downscale)
 
 
+# decode.clips (pipeline.config): what one row captions.
+WHOLE = {"kind": "whole"}
+CLIP_KEYS = {"window": {"window_s", "stride_s", "min_s", "allow_gaps"}, "scenes": {"scenes", "threshold", "min_s", "max_s"}}
+
+
+def clip_spec(value) -> dict:
+    """decode.clips as read_clips takes it: {kind: whole}, {kind: window, window_s, stride_s, min_s,
+    allow_gaps} or {kind: scenes, scenes, threshold, min_s, max_s}, every key set. A bad value raises
+    ValueError naming the key (pipeline.config reports it as a config error)."""
+    if value == "whole" or value == WHOLE:
+        return dict(WHOLE)
+    if not isinstance(value, dict) or ("window_s" in value) == ("scenes" in value):
+        raise ValueError(f"config key 'decode.clips' must be whole, {{window_s: S}} or {{scenes: "
+                         f"{'|'.join(DETECTORS)}}}, got {value!r}")
+    kind = "window" if "window_s" in value else "scenes"
+    extra = set(value) - CLIP_KEYS[kind] - {"kind"}
+    if extra:
+        raise ValueError(f"config key 'decode.clips.{sorted(extra)[0]}' is not a {kind} setting "
+                         f"(those are {', '.join(sorted(CLIP_KEYS[kind]))})")
+
+    def number(key: str, default, allow_zero: bool = False):
+        got = value.get(key, default)
+        if got is not None and (isinstance(got, bool) or not isinstance(got, (int, float))):
+            raise ValueError(f"config key 'decode.clips.{key}' must be a number of seconds, got {got!r}")
+        if got is not None and (got < 0 or (got == 0 and not allow_zero)):
+            raise ValueError(f"config key 'decode.clips.{key}' must be {'>= 0' if allow_zero else '> 0'}, got {got!r}")
+        return None if got is None else float(got)
+
+    min_s = number("min_s", 0.0 if kind == "window" else None, allow_zero=True)
+    if kind == "scenes":
+        if value["scenes"] not in DETECTORS:
+            raise ValueError(f"config key 'decode.clips.scenes' must be a detector of {tuple(DETECTORS)}, "
+                             f"got {value['scenes']!r}")
+        return {"kind": kind, "scenes": value["scenes"], "threshold": number("threshold", None), "min_s": min_s,
+                "max_s": number("max_s", None)}
+    window = number("window_s", None)
+    stride = number("stride_s", window)
+    gaps = value.get("allow_gaps", False)
+    if not isinstance(gaps, bool):
+        raise ValueError(f"config key 'decode.clips.allow_gaps' must be true or false, got {gaps!r}")
+    if stride > window and not gaps:
+        raise ValueError(f"config key 'decode.clips.stride_s' ({stride:g}) exceeds window_s ({window:g}): the "
+                         f"video between windows would not be captioned; set allow_gaps: true if that is meant")
+    return {"kind": kind, "window_s": window, "stride_s": stride, "min_s": min_s, "allow_gaps": gaps}
+
+
 @dataclass
 class Clip:
     index: int

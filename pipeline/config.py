@@ -2,7 +2,10 @@
 
     cfg = load_config("jobs/configs/local.yaml", ["generation.k=8", "source.limit=16"])
 
-Unknown keys, wrong types and bad values fail here with a message naming the key.
+Unknown keys, wrong types and bad values fail here with a message naming the key. What needs storage
+to check (the target's config.json, the source, the output) is pipeline.preflight's; what decode.clips
+may say is pipeline.clips'. At ~400 lines: one section's fields, their comments and their checks are
+read together here.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lvspec.config import MODES, RELEVANCE_KEYS, SpecConfig
 from lvspec.loading import LOAD_FORMATS
 from lvspec.replay import LENGTHS
+from pipeline.clips import WHOLE, clip_spec
 
 SOURCE_FORMATS = ("auto", "webdataset", "files", "manifest")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -219,7 +223,10 @@ def check(job: JobConfig) -> None:
     if not (job.model.prompt or "").strip():
         raise ConfigError(f"config key 'model.prompt' must be a non-empty instruction, got {job.model.prompt!r}")
     _check_prompts(job.model.prompts)
-    job.decode.clips = clip_spec(job.decode.clips)
+    try:
+        job.decode.clips = clip_spec(job.decode.clips)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for key in ("num_frames", "max_frames", "max_side", "max_bytes", "batch_size", "num_cpus"):
         _positive(getattr(job.decode, key), f"decode.{key}")
     job.decode.actors = pool_size(job.decode.actors, "decode.actors")
@@ -278,7 +285,7 @@ def check(job: JobConfig) -> None:
         if job.caption.num_gpus not in (0, tp):
             raise ConfigError(f"config key 'caption.num_gpus' must be 0 (CPU) or caption.tensor_parallel ({tp}): one "
                               f"GPU per rank, got {job.caption.num_gpus!r}")
-        # Whether N ranks split the target's heads needs its config.json: see check_tensor_parallel.
+        # Whether N ranks split the target's heads needs its config.json: pipeline.preflight.
 
 
 def prompts(model: ModelConfig) -> dict[str, str]:
@@ -299,113 +306,14 @@ def _check_prompts(found) -> None:
             raise ConfigError(f"config key 'model.prompts.{name}' must be a non-empty instruction, got {text!r}")
 
 
-WHOLE = {"kind": "whole"}
-CLIP_KEYS = {"window": {"window_s", "stride_s", "min_s", "allow_gaps"}, "scenes": {"scenes", "threshold", "min_s", "max_s"}}
-
-
-def clip_spec(value) -> dict:
-    """decode.clips as read_clips takes it: {kind: whole}, {kind: window, window_s, stride_s, min_s,
-    allow_gaps} or {kind: scenes, scenes, threshold, min_s}, every key set."""
-    from pipeline.clips import DETECTORS
-
-    if value == "whole" or value == WHOLE:
-        return dict(WHOLE)
-    if not isinstance(value, dict) or ("window_s" in value) == ("scenes" in value):
-        raise ConfigError(f"config key 'decode.clips' must be whole, {{window_s: S}} or {{scenes: "
-                          f"{'|'.join(DETECTORS)}}}, got {value!r}")
-    kind = "window" if "window_s" in value else "scenes"
-    extra = set(value) - CLIP_KEYS[kind] - {"kind"}
-    if extra:
-        raise ConfigError(f"config key 'decode.clips.{sorted(extra)[0]}' is not a {kind} setting "
-                          f"(those are {', '.join(sorted(CLIP_KEYS[kind]))})")
-
-    def number(key: str, default, allow_zero: bool = False):
-        got = value.get(key, default)
-        if got is not None and (isinstance(got, bool) or not isinstance(got, (int, float))):
-            raise ConfigError(f"config key 'decode.clips.{key}' must be a number of seconds, got {got!r}")
-        if got is not None:
-            _positive(got, f"decode.clips.{key}", allow_zero)
-        return None if got is None else float(got)
-
-    min_s = number("min_s", 0.0 if kind == "window" else None, allow_zero=True)
-    if kind == "scenes":
-        if value["scenes"] not in DETECTORS:
-            raise ConfigError(f"config key 'decode.clips.scenes' must be a detector of {tuple(DETECTORS)}, "
-                              f"got {value['scenes']!r}")
-        return {"kind": kind, "scenes": value["scenes"], "threshold": number("threshold", None), "min_s": min_s,
-                "max_s": number("max_s", None)}
-    window = number("window_s", None)
-    stride = number("stride_s", window)
-    gaps = value.get("allow_gaps", False)
-    if not isinstance(gaps, bool):
-        raise ConfigError(f"config key 'decode.clips.allow_gaps' must be true or false, got {gaps!r}")
-    if stride > window and not gaps:
-        raise ConfigError(f"config key 'decode.clips.stride_s' ({stride:g}) exceeds window_s ({window:g}): the "
-                          f"video between windows would not be captioned; set allow_gaps: true if that is meant")
-    return {"kind": kind, "window_s": window, "stride_s": stride, "min_s": min_s, "allow_gaps": gaps}
-
-
 def _check_replay(path: str) -> None:
-    """A replay patterns file that can be read (whose family's records: see check_replay_family)."""
+    """A replay patterns file that can be read (whose family's records: pipeline.preflight)."""
     from lvspec.replay import families_of
 
     try:
         families_of(path)
     except ValueError as e:
         raise ConfigError(f"config key 'generation.replay': {e}") from None
-
-
-def _target_config(job: JobConfig) -> dict | None:
-    """The target's config.json (local dir or fsspec URI); None for a hub id (checked when loaded)."""
-    model = job.model
-    uri = model.target[len("file://"):] if model.target.startswith("file://") else model.target
-    if "://" not in uri and not Path(uri).expanduser().is_dir():
-        return None
-    import fsspec
-
-    remote = "://" in uri
-    path = f"{uri.rstrip('/')}/config.json"
-    try:
-        with fsspec.open(path if remote else os.path.expanduser(path), "r",
-                         **(model.storage_options if remote else {})) as f:
-            return json.load(f)
-    except Exception as e:
-        raise ConfigError(f"config key 'model.target': cannot read {path}: {type(e).__name__}: {e}") from None
-
-
-def check_replay_family(job: JobConfig) -> None:
-    """generation.replay holds records of the target's family in this mode (reads the target's
-    config.json: run by the job's preflight)."""
-    from lvspec.replay import patterns
-
-    gen = job.generation
-    found = _target_config(job) if gen.replay is not None else None
-    if found is None:
-        return
-    try:
-        patterns(gen.replay, found.get("model_type"), gen.mode)
-    except ValueError as e:
-        raise ConfigError(f"config key 'generation.replay': {e}") from None
-
-
-def check_tensor_parallel(job: JobConfig) -> None:
-    """caption.tensor_parallel against the target's own config.json (local dir or fsspec URI; a
-    hub id is checked when the replica loads it). Reads storage: run by the job's preflight."""
-    from transformers import PretrainedConfig
-
-    from lvspec.parallel import check_shardable
-
-    tp = job.caption.tensor_parallel
-    found = _target_config(job) if tp > 1 else None
-    if found is None:
-        return
-    text = found.get("text_config", found)
-    try:
-        check_shardable(PretrainedConfig(**{k: text[k] for k in ("num_attention_heads", "num_key_value_heads",
-                                                                  "intermediate_size") if k in text}),
-                        tp, key="caption.tensor_parallel")
-    except (ValueError, AttributeError) as e:
-        raise ConfigError(f"config key 'caption.tensor_parallel': {e}") from None
 
 
 def load_function(spec: str, key: str):

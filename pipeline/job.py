@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,39 +24,9 @@ from pipeline import sources
 from pipeline.audit import estimate, interval
 from pipeline.caption import CaptionStage
 from pipeline.clips import figures
-from pipeline.config import (ConfigError, JobConfig, check_replay_family, check_tensor_parallel, config_hash,
-                             prompts, replica_dtype)
+from pipeline.config import JobConfig, config_hash, prompts, replica_dtype
 from pipeline.decode import DecodeStage
-
-
-def output_dir(cfg: JobConfig):
-    fs, root = sources.filesystem(cfg.output.uri, cfg.output.storage_options)
-    return fs, f"{root.rstrip('/')}/{cfg.job_id}"
-
-
-def preflight(cfg: JobConfig, out: str | None = None) -> None:
-    """Checks that need storage but no cluster: the target splits over caption.tensor_parallel
-    ranks, a replay file holds its family, the source exists, the output takes writes."""
-    check_tensor_parallel(cfg)
-    check_replay_family(cfg)
-    fs, root = sources.filesystem(cfg.source.uri, cfg.source.storage_options)
-    try:
-        exists = fs.exists(root)
-    except Exception as e:
-        raise ConfigError(f"config key 'source.uri': cannot read {cfg.source.uri!r}: {e}") from None
-    if not exists:
-        raise ConfigError(f"config key 'source.uri': {cfg.source.uri!r} does not exist")
-    fs, default = output_dir(cfg)
-    out = out or default
-    probe = f"{out}/_write_probe_{uuid.uuid4().hex}"
-    try:
-        fs.makedirs(out, exist_ok=True)
-        with fs.open(probe, "wb") as f:
-            f.write(b"ok")
-        fs.rm(probe)
-    except Exception as e:
-        raise ConfigError(f"config key 'output.uri': cannot write under {cfg.output.uri!r}: "
-                          f"{type(e).__name__}: {e}") from None
+from pipeline.preflight import output_dir, preflight
 
 
 def _parquet_files(fs, out: str) -> list[str]:
