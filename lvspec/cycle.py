@@ -32,18 +32,6 @@ from lvspec.stats import KINDS
 from lvspec.verify import BONUS, Verdict, verify
 
 
-def catch_ups(k: int, lag: int, lazy: bool = False) -> int:
-    """How many catch-up forwards (`Cycle.ingest`, up to CATCH_UP tokens a row each) a cycle
-    drafting k tokens runs first, from the status's largest lag: enough to catch up where it
-    drafts now; else one where the draft would fall further behind than one forward reads, unless
-    `lazy` (exact sd, whose batch may stop drafting for good: it catches up only when it drafts)."""
-    if lag <= 2:
-        return 0
-    if k > 0:
-        return -(-(lag - 2) // CATCH_UP)
-    return int(not lazy and lag >= CATCH_UP + 2)
-
-
 class Cycle:
     """The stages of one engine's decoding: its target and draft, their decoders, and the rules."""
 

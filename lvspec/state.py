@@ -25,6 +25,18 @@ def margin(k_max: int) -> int:
     return max(k_max, CATCH_UP) + 2
 
 
+def catch_ups(k: int, lag: int, lazy: bool = False) -> int:
+    """How many catch-up forwards (`Cycle.ingest`, up to CATCH_UP tokens a row each) a cycle
+    drafting k tokens runs first, from the status's largest lag: enough to catch up where it
+    drafts now; else one where the draft would fall further behind than one forward reads, unless
+    `lazy` (exact sd, whose batch may stop drafting for good: it catches up only when it drafts)."""
+    if lag <= 2:
+        return 0
+    if k > 0:
+        return -(-(lag - 2) // CATCH_UP)
+    return int(not lazy and lag >= CATCH_UP + 2)
+
+
 @dataclass(frozen=True)
 class Status:
     """What the host reads once a cycle: whether any row decodes, the next cycle's K (the longest

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lvspec.adapter import Prompt, check_video_rows, rows_on
-from lvspec.cycle import catch_ups
 from lvspec.feed import RowFeed
 from lvspec.replay import Replay
-from lvspec.state import DecodeState, Status
+from lvspec.state import DecodeState, Status, catch_ups
 from lvspec.stats import RowStats
 
 EXACT = "lvspec_exact"  # a row carrying EXACT=True is verified strictly in any mode: exact greedy output (audits)

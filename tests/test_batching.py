@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lvspec import Engine, RowFeed, SpecConfig, memory
-from lvspec.cycle import catch_ups
+from lvspec.state import catch_ups
 from lvspec.draft_length import EVIDENCE, Costs
 from lvspec.state import CATCH_UP
 from test_lvspec import FAMILIES, assert_counters_add_up, hf_greedy, make_rows
