@@ -98,11 +98,16 @@ def test_the_ray_role_may_delete_only_under_the_captions_prefix():
 
 
 def test_expressions_are_found_only_outside_string_literals():
-    assert validate.code_parts('"arn:aws:s3:::my.bucket/${var.prefix}/*"') == ["var.prefix"]
-    assert validate.code_parts('${aws_s3_bucket.data["videos"].arn}') == ['aws_s3_bucket.data[""].arn']
-    assert validate.code_parts('${templatefile("${path.module}/x.yaml", local.vars)}') == [
-        "path.module", 'templatefile("", local.vars)']
-    assert validate.code_parts('"literal $${not.a_ref} text"') == []
+    hcl2 = validate._import("hcl2")
+
+    def refs(value: str) -> list[str]:  # value as hcl2.loads gives it: "text ${expr}" or ${expr}
+        tree = hcl2.parses("x = " + (value if value.startswith('"') else f'"{value}"') + "\n")
+        return [".".join(filter(None, names)) for names, _ in validate.traversals(tree)]  # None: an index
+
+    assert refs('"arn:aws:s3:::my.bucket/${var.prefix}/*"') == ["var.prefix"]
+    assert refs('${aws_s3_bucket.data["videos"].arn}') == ["aws_s3_bucket.data.arn"]
+    assert refs('${templatefile("${path.module}/x.yaml", local.vars)}') == ["path.module", "local.vars"]
+    assert refs('"literal $${not.a_ref} text"') == []
 
 
 # --- (b) the checker catches what it claims to catch ----------------------------------------------
