@@ -17,12 +17,12 @@ import argparse
 import datetime
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from bench.report import machine
+from bench.timing import measure
 from pipeline.audit import estimate, selected
 from pipeline.config import load_config
 from toyworld.score import parse_caption
@@ -55,11 +55,11 @@ def main(argv=None) -> dict:
               *([f"generation.theta={args.theta}"] if args.theta is not None else [])]
     runs = {}
     for name, fraction in (("all", 1.0), ("sample", args.fraction)):
-        t0 = time.perf_counter()
         print(f"== job {name}: audit.fraction={fraction} ==", flush=True)
-        runs[name] = run(load_config(ROOT / "jobs/configs/local.yaml", [*common, f"job_id={name}",
-                                                                        f"audit.fraction={fraction}"]))
-        runs[name]["bench_wall_s"] = time.perf_counter() - t0
+        job = measure(lambda: run(load_config(ROOT / "jobs/configs/local.yaml", [*common, f"job_id={name}",
+                                                                                 f"audit.fraction={fraction}"])))
+        runs[name] = job.result
+        runs[name]["bench_wall_s"] = job.seconds
     every, sample = _rows(tmp / "out" / "all"), _rows(tmp / "out" / "sample")
     truth = estimate([r["audit_agreement"] for r in every.values() if r["audit_agreement"] is not None])
     est = runs["sample"]["audit"]

@@ -41,6 +41,7 @@ import torch
 from bench.realsize import _pairs, build, hbm_bytes_per_s, kv_bytes, regroup, release, video_rows
 from bench.report import run_info, write_markdown_section
 from bench.shapes import real_processor, relevance_layers
+from bench.timing import median_spread
 from lvspec import Engine, Replay, SpecConfig
 from lvspec.adapter import text_config
 from lvspec.decoder import TextDecoder
@@ -157,9 +158,9 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
     verify_tokens = bs * (len(ks) + sum(ks))  # every slot runs each verify: K + 1 tokens a cycle
     per_token = 2 * T.weight_bytes() / T.dtype.itemsize + 4 * len(T.layers) * T.heads * T.head_dim * ctx
     read = len(ks) * (T.weight_bytes() + kv_bytes(T, ctx, bs)) + t["draft_steps"] * (D.weight_bytes() + kv_bytes(D, ctx, bs) if D else 0)
-    median, spread = _median_spread(tps)
+    median, spread = median_spread(tps)
     steady = [r["steady"] for r in runs]
-    steady_median, steady_spread = _median_spread(steady) if None not in steady else (None, None)
+    steady_median, steady_spread = median_spread(steady) if None not in steady else (None, None)
     return {"batch_size": bs, "rows": len(rows), "decode_tokens_per_s": median, "spread": spread,
             "runs_tokens_per_s": tps, "steady_tokens_per_s": steady_median, "steady_spread": steady_spread,
             "tau": mid["tokens"] / max(mid["cycles"], 1), "cycles": len(ks),
@@ -177,12 +178,6 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
             "attention_ms": {f"{name}/{size}": {m: round(sec * 1e3, 3) for m, sec in timed.items()}
                              for (name, size), timed in engine.attention_timings.items()},
             "attention_errors": {"/".join(key): why for key, why in engine.attention_errors.items()}}
-
-
-def _median_spread(values: list[float]) -> tuple[float, float]:
-    """The median of a point's runs and their spread, (max - min) / median."""
-    median = statistics.median(values)
-    return median, (max(values) - min(values)) / median
 
 
 def _free(device) -> None:

@@ -14,10 +14,10 @@ import datetime
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.report import machine, write_markdown_section
+from bench.timing import measure
 from lvspec import Engine
 from lvspec.config import shipped_settings
 from pipeline.config import load_config, spec_config
@@ -32,16 +32,15 @@ def engine_alone(family: str, mp4s: list[bytes], cfg) -> dict:
     """Decode + process in-process, then generate in batches like one caption replica would."""
     processor, target, draft = load_pair(family)
     text = chat_prompt(processor, cfg.model.prompt)
-    t0 = time.perf_counter()
-    frames = [read_frames(b, cfg.decode.num_frames, max_side=cfg.decode.max_side)[0] for b in mp4s]
-    decode_s = time.perf_counter() - t0
-    rows = [processor(text=[text], videos=[f], return_tensors="pt") for f in frames]
-    processed_s = time.perf_counter() - t0
+    decoded = measure(lambda: [read_frames(b, cfg.decode.num_frames, max_side=cfg.decode.max_side)[0] for b in mp4s])
+    frames, decode_s = decoded.result, decoded.seconds
+    processed = measure(lambda: [processor(text=[text], videos=[f], return_tensors="pt") for f in frames])
+    rows, processed_s = processed.result, decode_s + processed.seconds  # decoded, then processed
     spec = spec_config(cfg.generation, shipped_settings(families.model_dir(family, "target")))
     engine = Engine(target, draft, spec, slots=cfg.caption.slots or cfg.caption.batch_size)  # as a replica holds it
-    tokens, t0 = 0, time.perf_counter()
-    tokens += sum(len(r.tokens) for r in engine.generate(rows))  # all rows streamed through the slots
-    generate_s = time.perf_counter() - t0
+    # All rows streamed through the slots.
+    generated = measure(lambda: sum(len(r.tokens) for r in engine.generate(rows)))
+    tokens, generate_s = generated.result, generated.seconds
     n_frames = sum(len(f) for f in frames)
     return {"tokens": tokens, "generate_s": round(generate_s, 3), "tokens_per_s": tokens / generate_s,
             "decode_frames_per_s": n_frames / decode_s, "decode_and_process_frames_per_s": n_frames / processed_s}

@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench.timing import measure, median_spread, timed
+
 CONFIG = "jobs/configs/gpu-bench.yaml"
 DASHBOARD = "http://127.0.0.1:8265"  # the head `ray start --head` started on this machine
 # continuous: the product's (prefill beside decoding); serial (engine only): continuous, each
@@ -55,10 +57,19 @@ def steady(finished: list[tuple[float, int]], window=WINDOW) -> dict:
             "tokens_per_s": sum(n for _, n in inside) / span, "rows_per_s": len(inside) / span}
 
 
+def _finish_times(outputs) -> tuple[list[tuple[float, int]], int]:
+    """Drain an engine's stream: each row's finish time (perf_counter) and tokens, and the cycles."""
+    finished, cycles = [], 0
+    for _, result in outputs:
+        finished.append((time.perf_counter(), result.stats.num_tokens))
+        cycles += result.stats.num_cycles
+    return finished, cycles
+
+
 def stats(values: list[float]) -> dict:
     """Median and spread ((max - min) / median) of repeated measurements."""
-    mid = statistics.median(values)
-    return {"median": mid, "spread": (max(values) - min(values)) / mid if mid else 0.0, "runs": values}
+    mid, spread = median_spread(values)
+    return {"median": mid, "spread": spread, "runs": values}
 
 
 def _config(overrides: list[str]):
@@ -128,15 +139,13 @@ def engine(args, out: dict) -> dict:
         list(eng.stream(rows[:2 * base.slots], tokenizer=tokenizer, replay=replay))  # warm-up: state, graphs, costs
         for repeat in range(args.repeats):
             for batching in [b for m, b in args.runs if m == mode]:
-                torch.cuda.synchronize() if torch.cuda.is_available() else None
                 # Overlap where the engine can (not under tensor parallelism: one NCCL group, two streams).
                 eng.overlap = batching in ("continuous", "eager") and can_overlap
                 eng.prompt_graphs = "off" if batching == "eager" else graphs
-                start, finished, cycles = time.perf_counter(), [], 0
-                for _, result in eng.stream(rows, tokenizer=tokenizer, replay=replay, static=batching == "static"):
-                    finished.append((time.perf_counter(), result.stats.num_tokens))
-                    cycles += result.stats.num_cycles
-                wall = time.perf_counter() - start
+                # A generator: it starts decoding once drained, inside the clock (wall, the GPU synchronised around).
+                outputs = eng.stream(rows, tokenizer=tokenizer, replay=replay, static=batching == "static")
+                clocked = measure(lambda: _finish_times(outputs), device=_device())
+                (finished, cycles), wall = clocked.result, clocked.seconds
                 tokens = sum(n for _, n in finished)
                 run = {"mode": mode, "batching": batching, "repeat": repeat, "tokens": tokens, "wall_s": wall,
                        "tokens_per_s_whole": tokens / wall, "steady": steady(finished),
@@ -363,22 +372,10 @@ def prefill(args, out: dict) -> dict:
     frames = np.random.default_rng(0).integers(0, 256, (cfg.decode.num_frames, HEIGHT, WIDTH, 3), dtype=np.uint8)
     row = dict(processor(text=[chat_prompt(processor, cfg.model.prompt)], videos=[frames], return_tensors="pt"))
 
-    def ms(fn) -> float:
-        fn()
-        runs = []
-        for _ in range(3):
-            if eng.device.type != "cuda":  # a CPU smoke run
-                t0 = time.perf_counter()
-                fn()
-                runs.append((time.perf_counter() - t0) * 1e3)
-                continue
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            runs.append(a.elapsed_time(b))
-        return statistics.median(runs)
+    clock = "cuda" if eng.device.type == "cuda" else "wall"  # GPU ms by CUDA events; host ms on a CPU smoke run
+
+    def ms(fn) -> float:  # median of 3 after a warm-up
+        return statistics.median(t.ms for t in timed(fn, 3, warmup=1, clock=clock))
 
     out["rows"] = []
     with torch.inference_mode():
@@ -466,16 +463,6 @@ def _keys_diff(got: list, expect: list) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(got, expect))
 
 
-def _timed(call) -> tuple[float, float, object]:
-    """(host ms to queue `call`, wall ms to its end on the GPU, its result)."""
-    _sync()
-    t0 = time.perf_counter()
-    result = call()
-    host = time.perf_counter() - t0
-    _sync()
-    return host * 1e3, (time.perf_counter() - t0) * 1e3, result
-
-
 def _compiled_prefill(eng, row: dict, groups: list[int], ms, profile: str | None) -> list[dict]:
     """A group's prefill as the engine runs it (`Engine.prompt_group`: both models' vision and
     prompt forwards, keys into the caches) eagerly and compiled (`Engine.compile_prefill`): GPU ms
@@ -486,8 +473,8 @@ def _compiled_prefill(eng, row: dict, groups: list[int], ms, profile: str | None
 
     def run(group: int) -> dict:
         st, ready, index, keys = _group(eng, row, group)
-        _, wall, out = _timed(lambda: eng.prompt_group(st, ready, index))
-        return {"first_call_s": wall / 1e3, "first": out[2].clone(), "keys": keys(),
+        first = measure(lambda: eng.prompt_group(st, ready, index), device=_device())  # wall, GPU synchronised
+        return {"first_call_s": first.seconds, "first": first.result[2].clone(), "keys": keys(),
                 "prefill_ms": ms(lambda: eng.prompt_group(st, ready, index)),
                 **{f"{name}_vision_ms": ms(lambda: eng.adapter.prompt(model, ready))
                    for name, model in (("target", eng.target), ("draft", eng.draft))}}
@@ -525,20 +512,20 @@ def _prompt_graph_check(eng, row: dict, group: int) -> dict:
     def fn(r, i):
         return eng.prompt_group(st, r, i)
 
-    fn(rows, index)  # warm-up
-    eager = [_timed(lambda: fn(rows, index)) for _ in range(3)]
-    first, expect = eager[-1][2][2].clone(), keys()
+    # Host time to queue a call (host_seconds) and wall time to its end on the GPU (synchronised before and after).
+    eager = timed(lambda: fn(rows, index), 3, warmup=1, device=_device())
+    first, expect = eager[-1].result[2].clone(), keys()
     graphs.run(fn, rows, index)  # capture
     for c in (st.T, st.D):
         if c is not None:
             c.k[:, :group].zero_()
-    replayed = [_timed(lambda: graphs.run(fn, rows, index)) for _ in range(3)]
+    replayed = timed(lambda: graphs.run(fn, rows, index), 3, warmup=0, device=_device())
     result = {"rows": group, "graphs": graphs.summary(),
-              "eager_host_ms": statistics.median(h for h, _, _ in eager),
-              "eager_wall_ms": statistics.median(w for _, w, _ in eager),
-              "replay_host_ms": statistics.median(h for h, _, _ in replayed),
-              "replay_wall_ms": statistics.median(w for _, w, _ in replayed),
-              "first_tokens_equal": bool(torch.equal(first, replayed[-1][2][2])),
+              "eager_host_ms": statistics.median(t.host_seconds * 1e3 for t in eager),
+              "eager_wall_ms": statistics.median(t.ms for t in eager),
+              "replay_host_ms": statistics.median(t.host_seconds * 1e3 for t in replayed),
+              "replay_wall_ms": statistics.median(t.ms for t in replayed),
+              "first_tokens_equal": bool(torch.equal(first, replayed[-1].result[2])),
               "keys_max_abs_diff": _keys_diff(keys(), expect)}
     print(f"[prompt graphs] {result}", flush=True)
     return result
@@ -572,6 +559,13 @@ def _sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _device() -> str:
+    """The device a wall-clock timing synchronises: CUDA wherever there is one (as `_sync`)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _write(path: str, result: dict) -> None:

@@ -37,6 +37,7 @@ import torch
 
 from bench.report import run_info, write_markdown_section
 from bench.shapes import TEXT, real_config, real_processor
+from bench.timing import back_to_back, measure, median_spread, timed
 from lvspec import Engine, Replay, SpecConfig, dummy, generate
 from lvspec.adapter import left_pad_rows, text_config
 from lvspec.decoder import ATTENTION, TextDecoder
@@ -136,20 +137,8 @@ def graph_ms(fn, reps: int = 20) -> float:
 
 
 def eager_ms(fn, reps: int = 5) -> float:
-    for _ in range(2):
-        fn()
-    return _events_ms(fn, reps)
-
-
-def _events_ms(fn, reps: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    """GPU milliseconds per eager call of `fn`: `reps` calls back to back after two warm-ups."""
+    return back_to_back(fn, reps, warmup=2) * 1e3
 
 
 @torch.inference_mode()
@@ -197,12 +186,6 @@ def steps(args) -> dict:
     return out
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    """Median and spread ((max - min) / median) of repeated measurements."""
-    mid = statistics.median(values)
-    return mid, (max(values) - min(values)) / mid if mid else 0.0
-
-
 def _hf_rows(processor, rows_all: list[dict], bs: int, device) -> dict:
     """The first `bs` videos as one left-padded HF batch."""
     pad = processor.tokenizer.pad_token_id or 0
@@ -222,21 +205,17 @@ def hf_generate(target, processor, rows_all, bs: int, new_tokens: int, repeats: 
     """`transformers` generate, greedy, its defaults: what a user gets today. Decode tokens/s from
     a run of `new_tokens` minus a run of 1 (the prefill), each repeated."""
     inputs = _hf_rows(processor, rows_all, bs, target.device)
-    sync = torch.cuda.synchronize if target.device.type == "cuda" else (lambda: None)
 
-    def seconds(n: int) -> float:
-        sync()
-        t0 = time.perf_counter()
-        target.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        sync()
-        return time.perf_counter() - t0
+    def seconds(n: int) -> float:  # wall time, the device synchronised before and after
+        return measure(lambda: target.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False),
+                       device=target.device).seconds
 
     seconds(new_tokens)  # warm-up at full length: cuDNN attention plans every key length once
     runs = []
     for _ in range(repeats):
         runs.append(bs * (new_tokens - 1) / (seconds(new_tokens) - seconds(1)))
         log(f"    hf generate bs {bs}: {runs[-1]:.1f} tok/s")
-    tps, spread = _stats(runs)
+    tps, spread = median_spread(runs)
     return {"batch_size": bs, "mode": "hf_generate", "decode_tokens_per_s": tps, "spread": spread,
             "runs_tokens_per_s": runs}
 
@@ -285,7 +264,7 @@ def run_pair(args, family: str, target_size: str, draft_size: str, patterns: dic
                              "ms_draft_step": 1e3 * t["draft_s"] / t["draft_steps"] if t["draft_steps"] else None,
                              "ms_verify": 1e3 * t["verify_s"] / t["verifies"], "k": statistics.median(t["k"]),
                              "cycles": t["cycles"], "draft_steps": t["draft_steps"], "decode_s": t["decode_s"]})
-            tps, spread = _stats([r["tps"] for r in runs])
+            tps, spread = median_spread([r["tps"] for r in runs])
             mid = sorted(runs, key=lambda r: r["tps"])[len(runs) // 2]
             ar_tps = tps if mode == "ar" else ar_tps
             # Weights and KV that the batch's forwards must read, over the decode time (gpt-fast's figure).
@@ -342,7 +321,6 @@ def continuous(args, patterns: dict, log=print) -> dict:
     cfg = SpecConfig(mode=args.mode, k=args.k, theta=0.5, max_new_tokens=max(lengths), stop_token_ids=(),
                      relevance_layers=(0,) if args.mode == "lvspec" else None)
     engine = Engine(target, draft, cfg, slots=args.slots)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def static() -> int:
         tokens = 0
@@ -357,15 +335,10 @@ def continuous(args, patterns: dict, log=print) -> dict:
     result = {"pair": f"{family}-{t_size}/{d_size}", "mode": args.mode, "slots": args.slots, "rows": len(rows),
               "mean_length": sum(lengths) / len(lengths), "min_length": min(lengths), "max_length": max(lengths)}
     for name, fn in (("static", static), ("continuous", streamed)):
-        fn()  # warm-up: builds the state, captures the stages
-        runs = []
-        for _ in range(args.repeats):
-            sync()
-            t0 = time.perf_counter()
-            tokens = fn()
-            sync()
-            runs.append(tokens / (time.perf_counter() - t0))
-        result[name] = {"tokens_per_s": statistics.median(runs), "spread": _stats(runs)[1], "runs": runs}
+        # One warm-up (builds the state, captures the stages), then wall time with the device synchronised.
+        runs = [t.result / t.seconds for t in timed(fn, args.repeats, warmup=1, device=args.device)]
+        tps, spread = median_spread(runs)
+        result[name] = {"tokens_per_s": tps, "spread": spread, "runs": runs}
         log(f"{name:10s}: {result[name]['tokens_per_s']:.1f} tokens/s (spread {result[name]['spread']:.1%})")
     result["continuous_vs_static"] = result["continuous"]["tokens_per_s"] / result["static"]["tokens_per_s"]
     log(f"continuous / static = {result['continuous_vs_static']:.2f} ({len(rows)} rows, {args.slots} slots, "

@@ -40,9 +40,10 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from bench.realsize import _pairs, _stats, regroup, release, video_rows
+from bench.realsize import _pairs, regroup, release, video_rows
 from bench.shapes import TEXT, real_config, real_processor
 from bench.report import run_info
+from bench.timing import median_spread
 from lvspec import Engine, Replay, SpecConfig, dummy, parallel
 from lvspec.adapter import text_config
 
@@ -121,7 +122,7 @@ def _pairs_rank(rank: int, world: int, port: int, args, patterns: dict, out) -> 
                     replay = Replay(regroup(patterns[family][mode], bs)) if mode != "ar" else None
                     runs = _timed(engine, rows_all[:bs], replay, args.repeats, sync)
                     engine.close()
-                    tps, spread = _stats([r["tps"] for r in runs])
+                    tps, spread = median_spread([r["tps"] for r in runs])
                     mid = sorted(runs, key=lambda r: r["tps"])[len(runs) // 2]
                     ar = tps if mode == "ar" else ar
                     run = {"batch_size": bs, "mode": mode, "decode_tokens_per_s": tps, "spread": spread,
@@ -181,7 +182,7 @@ def _step_rank(rank: int, world: int, port: int, args, out) -> None:
                     runs = _timed(engine, rows[:bs], None, args.repeats, sync)
                     engine.close()
                     ms = [1e3 / (r["tps"] / bs) for r in runs]  # ms per decoding step of the whole batch
-                    row["ms_per_step"], row["spread"] = _stats(ms)
+                    row["ms_per_step"], row["spread"] = median_spread(ms)
                     row["runs_ms"] = ms
                     print(f"[{_label(row)}] bs {bs}: {row['ms_per_step']:.2f} ms per ar step (spread "
                           f"{row['spread']:.1%})", flush=True)

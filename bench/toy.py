@@ -17,12 +17,12 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from bench.report import merge_previous, run_info, write_markdown_section
+from bench.timing import measure
 from lvspec import SpecConfig, generate
 from lvspec.config import shipped_settings
 from lvspec.stats import totals
@@ -48,13 +48,13 @@ def mode_configs(family: str, k: int, max_new_tokens: int, edition: int = 1) -> 
 
 
 def run_mode(target, draft, rows, cfg: SpecConfig, processor, batch_size: int):
-    """Generate for all rows in batches; returns (outputs, seconds)."""
+    """Generate for all rows in batches; returns (outputs, seconds: host time, no device sync)."""
     outputs, seconds = [], 0.0
     for lo in range(0, len(rows), batch_size):
-        t0 = time.perf_counter()
-        outputs += generate(target, draft, rows[lo:lo + batch_size], cfg, tokenizer=processor.tokenizer,
-                            trace=cfg.mode == "lvspec")
-        seconds += time.perf_counter() - t0
+        batch = measure(lambda: generate(target, draft, rows[lo:lo + batch_size], cfg, tokenizer=processor.tokenizer,
+                                         trace=cfg.mode == "lvspec"))
+        outputs += batch.result
+        seconds += batch.seconds
     return outputs, seconds
 
 
@@ -104,16 +104,19 @@ def peer_batch1(processor, target, draft, rows, k: int, max_new_tokens: int) -> 
     try:
         for row in rows:
             calls["n"] = 0
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = target.generate(**row, assistant_model=draft, max_new_tokens=max_new_tokens, do_sample=False,
-                                      eos_token_id=eos, pad_token_id=tok.pad_token_id, **extra)
-            hf_s += time.perf_counter() - t0
+
+            def hf():
+                with torch.inference_mode():
+                    return target.generate(**row, assistant_model=draft, max_new_tokens=max_new_tokens,
+                                           do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id, **extra)
+
+            hf_run = measure(hf)  # host time, no device sync (as ours below)
+            out, hf_s = hf_run.result, hf_s + hf_run.seconds
             hf_forwards += calls["n"]
             hf_tokens = out[0, row["input_ids"].shape[1]:].tolist()
-            t0 = time.perf_counter()
-            ours = generate(target, draft, [row], SpecConfig(mode="sd", k=k, max_new_tokens=max_new_tokens))[0]
-            ours_s += time.perf_counter() - t0
+            ours_run = measure(lambda: generate(target, draft, [row], SpecConfig(mode="sd", k=k,
+                                                                                max_new_tokens=max_new_tokens))[0])
+            ours, ours_s = ours_run.result, ours_s + ours_run.seconds
             ours_forwards += ours.stats.target_forwards  # our decoding forwards bypass the HF module's hook
             same += ours.tokens == hf_tokens
             tokens += len(ours.tokens)
