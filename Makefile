@@ -34,7 +34,7 @@ run: $(STAMP)
 	$(PY) -m jobs.caption --config jobs/configs/local.yaml --quality toyworld.score:job_quality \
 	  job_id=toy-local-$$(date +%Y%m%d-%H%M%S)
 
-$(CHECKOV): $(STAMP)
+$(CHECKOV): | $(STAMP)  # order-only: a changed pyproject.toml rebuilds .venv, not checkov's own venv
 	@echo "== installing checkov into $(CHECKOV_ENV) (first run only) =="
 	$(VENV)/bin/uv venv -q --python $(PYTHON) $(CHECKOV_ENV)
 	$(VENV)/bin/uv pip install -q --python $(CHECKOV_ENV)/bin/python checkov==3.3.30
