@@ -6,6 +6,7 @@
 #                                  # check; the engine alone: lvspec continuous and static x3
 #   bench/gpu_pipeline.sh compile  # carry .gpu-a: the prefill eager vs compiled (compile_prefill); PROFILE=1
 #   bench/gpu_pipeline.sh engine1  # carry .gpu-a: lvspec continuous and static x3, no prefill check first
+#   bench/gpu_pipeline.sh check    # carry .gpu-a: tests/test_gpu.py whole, then bench.timing's clocks on a matmul
 #   bench/gpu_pipeline.sh engine2  # lvspec eager (prompt graphs off), serial (no overlap), ar continuous x$REPEATS (3)
 #   bench/gpu_pipeline.sh jobs     # carry .gpu-b: av, decord ; renders the shards, `ray start --head`, the job
 #                                  # through `ray job submit`: lvspec continuous x3; one core's decode rate
@@ -41,6 +42,10 @@ case "$1" in
     bench/gpu_install.sh .gpu-a >/dev/null || exit 1
     python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/static \
       --json $OUT/engine.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;
+  check)  # after a refactor: the GPU tests, and the benchmarks' clocks against CUDA events placed by hand
+    bench/gpu_install.sh .gpu-a >/dev/null || exit 1
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee $OUT/test_gpu.log | tail -4
+    python3 -m bench.timing 2>&1 | tee $OUT/timing.log ;;
   install)
     bench/gpu_install.sh .gpu-a | tail -3; exit ;;
   engine)  # first the prompt-graph check (a capture that fails or differs stops the call), then the runs
@@ -69,7 +74,7 @@ sys.exit(f'prompt graphs: {bad}' if bad else 0)" || exit 1
     python3 -m bench.pipeline_gpu job --shards $SHARDS --rows $ROWS --runs lvspec/static ar/continuous \
       --repeats ${REPEATS:-3} \
       --json $OUT/jobs2.json "${EXTRA[@]}" 2>&1 | quiet | grep -A40 "^\[\|Traceback\|rror" ;;
-  *) echo "usage: $0 prefill|compile|install|engine|engine1|engine2|jobs|jobs2"; exit 2 ;;
+  *) echo "usage: $0 prefill|compile|install|check|engine|engine1|engine2|jobs|jobs2"; exit 2 ;;
 esac
 ray stop --force >/dev/null 2>&1
 exit 0

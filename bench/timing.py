@@ -15,6 +15,8 @@ where it is called):
 between calls, so the host's launches overlap the GPU's work) and gives the mean GPU time a call.
 
 Spread, as BENCHMARKS.md states it: (max - min) / median of a measurement's runs.
+
+    python -m bench.timing    # self-check on a GPU: each clock against CUDA events placed by hand
 """
 
 from __future__ import annotations
@@ -109,3 +111,36 @@ def median_spread(runs: list[float]) -> tuple[float, float]:
     median is 0)."""
     mid = statistics.median(runs)
     return mid, (max(runs) - min(runs)) / mid if mid else 0.0
+
+
+def self_check(size: int = 4096, repeats: int = 20) -> dict:
+    """Each clock of this module on one bf16 matmul against CUDA events placed by hand around the
+    same calls (on a CPU: the wall clock only). Milliseconds a call; the clocks should agree within
+    a few per cent."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    a = torch.randn(size, size, device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32)
+
+    def fn():
+        return a @ a
+
+    out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "size": size}
+    out["wall_ms"] = median_spread([t.ms for t in timed(fn, 5, warmup=2, device=a.device)])[0]
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        out["events_by_hand_ms"] = start.elapsed_time(end) / repeats
+        out["back_to_back_ms"] = back_to_back(fn, repeats, warmup=2) * 1e3
+        out["cuda_clock_ms"] = median_spread([t.ms for t in timed(fn, 5, warmup=1, clock="cuda")])[0]
+        out["tflops_back_to_back"] = 2 * size**3 / out["back_to_back_ms"] / 1e9
+    return out
+
+
+if __name__ == "__main__":
+    print(self_check())

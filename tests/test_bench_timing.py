@@ -39,3 +39,10 @@ def test_median_and_spread_are_max_minus_min_over_median():
 def test_an_unknown_clock_is_refused():
     with pytest.raises(ValueError):
         measure(lambda: None, clock="gpu")
+
+
+def test_the_self_check_runs_on_a_cpu_with_the_wall_clock_alone():
+    from bench.timing import self_check
+
+    got = self_check(size=64, repeats=2)
+    assert got["device"] == "cpu" and got["wall_ms"] > 0 and "back_to_back_ms" not in got
