@@ -42,7 +42,7 @@ case "$1" in
     bench/gpu_install.sh .gpu-a >/dev/null || exit 1
     python3 -m bench.pipeline_gpu engine --rows $ROWS --runs lvspec/continuous lvspec/static \
       --json $OUT/engine.json "${EXTRA[@]}" 2>&1 | quiet | grep "^\[\|Error" ;;
-  check)  # after a refactor: the GPU tests, and the benchmarks' clocks against CUDA events placed by hand
+  check)  # after a refactor: the GPU tests, and the benchmarks' clocks against each other
     bench/gpu_install.sh .gpu-a >/dev/null || exit 1
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee $OUT/test_gpu.log | tail -4
     python3 -m bench.timing 2>&1 | tee $OUT/timing.log ;;
