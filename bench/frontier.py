@@ -131,12 +131,13 @@ def _cat(rows: list):
 
 def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: Replay | None, repeats: int,
           T: TextDecoder, D: TextDecoder | None, ctx: int) -> dict:
-    """One (mode, batch): a warm-up of one batch (state, graphs, cost table), then timed runs of all
-    `rows` through the engine's `bs` slots (as many rows, or more: streamed through them)."""
+    """One (mode, batch): a warm-up run (state, cost table, the graphs of every shape the stream
+    visits: packed verifies are captured at their first (K, width)), then timed runs of all `rows`
+    through the engine's `bs` slots (as many rows, or more: streamed through them)."""
     cuda = engine.device.type == "cuda"
     once.attach(engine)
     prefills = once.prefills
-    engine.generate(rows[:bs], replay=replay)
+    engine.generate(rows, replay=replay)
     runs, first = [], None
     for _ in range(repeats):
         if cuda:
@@ -155,7 +156,7 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
     mid = sorted(runs, key=lambda r: r["tps"])[len(runs) // 2]
     t = mid["t"]
     ks = t["k"]
-    verify_tokens = bs * (len(ks) + sum(ks))  # every slot runs each verify: K + 1 tokens a cycle
+    verify_tokens = t["verify_tokens"]  # packed: each decoding row's own K + 1 (rounded up); else every slot's
     per_token = 2 * T.weight_bytes() / T.dtype.itemsize + 4 * len(T.layers) * T.heads * T.head_dim * ctx
     read = len(ks) * (T.weight_bytes() + kv_bytes(T, ctx, bs)) + t["draft_steps"] * (D.weight_bytes() + kv_bytes(D, ctx, bs) if D else 0)
     median, spread = median_spread(tps)
@@ -168,6 +169,7 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
             "slot_use": t["slot_use"], "steady_slot_use": t.get("steady_slot_use"), "ingests": t["ingests"],
             "costs": t["costs"],
             "ms_per_verify": 1e3 * t["verify_s"] / max(t["verifies"], 1),
+            "tokens_per_verify": verify_tokens / max(t["verifies"], 1),
             "ms_per_draft_step": 1e3 * t["draft_s"] / t["draft_steps"] if t["draft_steps"] else None,
             "cycle_ms": 1e3 * t["decode_s"] / max(len(ks), 1),
             "verify_tflops": verify_tokens * per_token / max(t["verify_s"], 1e-12) / 1e12,
@@ -201,14 +203,14 @@ def climb(args, family: str, target, draft, processor, patterns: dict, label: tu
     ctx = prompt_tokens + args.new_tokens // 2  # mean tokens in the cache while decoding
     probe = tuple(relevance_layers(len(T.layers)))
     out = {"target": label[0], "draft": label[1], "family": family, "frames": args.frames, "setting": args.setting,
-           "stream": args.stream,
+           "stream": args.stream, "pack_verify": not args.padded,
            "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "k": args.k,
            "memory_cap_gib": args.memory_gib, "relevance_layers": list(probe), "runs": [], "out_of_memory": {}}
     for mode in args.modes:
         for bs in args.batch_sizes:
             rows = [base[i % len(base)] for i in range(bs * max(args.stream, 1))]
             cfg = SpecConfig(mode=mode, k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
-                             relevance_layers=probe if mode == "lvspec" else None)
+                             relevance_layers=probe if mode == "lvspec" else None, pack_verify=not args.padded)
             replay = Replay(regroup(patterns[mode], bs)) if mode != "ar" else None
             t0 = time.perf_counter()
             try:
@@ -247,7 +249,7 @@ def auto_point(args, target, draft, base, once, patterns, probe, T, D, ctx, log)
     """lvspec with slots="auto": the slots it chooses for a stream of many rows, and twice that many
     rows streamed through them (as a bulk job's replica would)."""
     cfg = SpecConfig(mode="lvspec", k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
-                     relevance_layers=probe)
+                     relevance_layers=probe, pack_verify=not args.padded)
     engine = Engine(target, draft, cfg, slots="auto", max_slots=max(args.batch_sizes))
     try:
         with torch.inference_mode():
@@ -343,22 +345,23 @@ def markdown(report: dict) -> str:
         cap = f", memory capped at {p['memory_cap_gib']} GiB" if p.get("memory_cap_gib") else ""
         flow = (f"{p['stream']} x batch rows streamed through the slots" if p.get("stream")
                 else "one call of batch rows")
+        flow += {True: "; verifies packed", False: "; verifies padded to the cycle's K"}.get(p.get("pack_verify"), "")
         lines += [f"#### {p['target']} / {p['draft']}, {p['frames']} frames ({p['prompt_tokens']}-token prompts), "
                   f"{p['new_tokens']} new tokens, {p.get('setting', 'default')} setting{cap}; {flow}", "",
                   "| batch | mode | decode tok/s | spread | x ar | steady tok/s | tau | K (mean) | slots busy | "
-                  "ms per verify | verify TFLOP/s (share) | GB/s (share) | peak GiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "ms per verify | tokens a verify | verify TFLOP/s (share) | GB/s (share) | peak GiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         over = p.get("over_ar_by_batch", {})
         for r in sorted(p["runs"], key=lambda r: (r["batch_size"], MODES.index(r["mode"]))):
             if r.get("out_of_memory"):
-                lines.append(f"| {r['batch_size']} | {r['mode']} | OOM | | | | | | | | | | |")
+                lines.append(f"| {r['batch_size']} | {r['mode']} | OOM | | | | | | | | | | | |")
                 continue
             x = over.get(r["batch_size"], over.get(str(r["batch_size"]), {})).get(r["mode"])  # JSON keys are strings
             cells = [r["batch_size"], r["mode"], f"{r['decode_tokens_per_s']:.1f}", f"{r['spread']:.1%}", _ratio(x),
                      _ratio(r.get("steady_tokens_per_s"), "{:.1f}"), f"{r['tau']:.2f}",
                      f"{r['k_mean']:.1f}", f"{r['slot_use']:.0%}" + (f" / {r['steady_slot_use']:.0%}" if
                                                                     r.get("steady_slot_use") else ""),
-                     f"{r['ms_per_verify']:.2f}",
+                     f"{r['ms_per_verify']:.2f}", _ratio(r.get("tokens_per_verify"), "{:.0f}"),
                      f"{r['verify_tflops']:.0f} ({r['verify_bf16_share']:.0%})",
                      f"{r['achieved_gb_per_s']:.0f} ({r['achieved_gb_per_s'] * 1e9 / hbm:.0%})",
                      _ratio(r.get("peak_gib"), "{:.1f}")]
@@ -452,6 +455,8 @@ def main(argv=None):
     run.add_argument("--videos", type=int, default=8, help="distinct videos the rows repeat")
     run.add_argument("--memory-gib", type=float, default=None, help="cap the GPU memory this process may use")
     run.add_argument("--auto", action="store_true", help="also an lvspec engine with slots=auto")
+    run.add_argument("--padded", action="store_true",
+                     help="verify every slot at the cycle's K (pack_verify off), to compare with packed verifies")
     run.add_argument("--device", default="cuda")
     run.add_argument("--toy", action="store_true", help="the toy pairs instead of real shapes (smoke runs)")
     run.add_argument("--json", required=True)

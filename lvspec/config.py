@@ -60,6 +60,11 @@ class SpecConfig:
     # prefill's activations stay bounded whatever the batch (a 7B's MLP at 128 rows x 3.2k tokens
     # alone would want 15 GB).
     prefill_tokens: int = 32768
+    # A verify's weights run over each decoding row's own [last, drafts] only, packed (rounded up to
+    # a few sizes, one CUDA graph each), not over every slot's K + 1 tokens: idle slots and a
+    # loosened row's drafts past its own K cost no FLOPs where the verify is compute-bound (large
+    # batch). Off: every slot at the cycle's K (the same tokens up to float rounding).
+    pack_verify: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -5,7 +5,9 @@
     ingest   the draft reads the tokens it missed in cycles where no row drafted (K = 0)
     draft    K greedy draft tokens per slot, from the row's two newest tokens [prev, last]
     verify   the target's forward over [last, drafts] and its verdict; a loosened row keeps at
-             most its own K drafts, so its caption never depends on the batch's K
+             most its own K drafts, so its caption never depends on the batch's K; the forward's
+             weights run over the rows' own [last, drafts] only, packed (idle slots and a
+             loosened row's drafts past its own K cost no FLOPs)
     commit   emit what each row kept plus one target token, roll both caches back to it, count,
              choose each row's next K (`draft_length`), write the status the host reads
 
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from lvspec.adapter import Prompt, shared_vocab, text_config
 from lvspec.config import SpecConfig
-from lvspec.decoder import TextDecoder
+from lvspec.decoder import TextDecoder, packed_tokens
 from lvspec.draft_length import choose, choose_batch
 from lvspec.families import adapter_for
 from lvspec.relevance import RelevanceProbe, relevance_heads, relevance_weights
@@ -126,7 +128,7 @@ class Cycle:
             st.lag[slots] = 2
             st.count[C["draft_forwards"], slots] = 1
         self.next_k(st)
-        st.publish()
+        st.publish(self.own_k)
 
     # ---- the decoding stages (fixed shapes, no host sync) ----------------------------------------
     def ingest(self, st: DecodeState) -> None:
@@ -144,7 +146,7 @@ class Cycle:
         for name in ("draft_forwards", "catch_ups"):
             st.count[C[name]] += (pending > 0).long()
 
-    def own_k(self, st: DecodeState, k: int) -> torch.Tensor:
+    def own_k(self, st: DecodeState, k: int | torch.Tensor) -> torch.Tensor:
         """The drafts each row may keep in a cycle drafting k: a loosened row its own K (so its
         caption never depends on the batch's K), an exact row all k (the same tokens either way)."""
         loosened = ~st.exact_only if self.cfg.loosened else torch.zeros_like(st.exact_only)
@@ -169,12 +171,17 @@ class Cycle:
         if self.tp is not None:  # every rank verifies rank 0's drafts (the draft runs whole on each)
             self.tp.broadcast(st.drafted[:, :k])
 
-    def verify(self, st: DecodeState, k: int) -> None:
-        """The target's forward over [last, drafts] (keys written, not committed) and its verdict."""
+    def verify(self, st: DecodeState, k: int, width: int | None = None) -> None:
+        """The target's forward over [last, drafts] (keys written, not committed) and its verdict.
+        `width` (`Status.tokens` rounded up, `packed_width`): the forward's weights run over only
+        each decoding row's [last, own drafts], packed into that many tokens, not every slot's k + 1."""
         drafted = st.drafted[:, :k]
         st.limit.copy_(self.own_k(st, k))
         probe = RelevanceProbe(self.heads, st.video, self.tp, self.head_weights) if self.probing and k else None
-        logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe, live=st.active)
+        want = st.active[:, None] & (torch.arange(k + 1, device=st.limit.device) <= st.limit[:, None])
+        pack = packed_tokens(want, width) if width is not None else None
+        logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe, live=st.active,
+                                pack=pack)
         relevance = probe.result() if probe is not None else None
         v = verify(drafted, logits, relevance, self.cfg, st.exact_only, st.limit)
         self._keep(st, k, v)
@@ -242,7 +249,7 @@ class Cycle:
         st.last.copy_(st.next_token)
         st.active &= ~finished
         self.next_k(st)
-        st.publish()
+        st.publish(self.own_k)
 
     def next_k(self, st: DecodeState) -> None:
         """Each decoding row's K for the next cycle, within the tokens it may still emit (less the

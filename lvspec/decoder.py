@@ -158,28 +158,38 @@ class TextDecoder:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _residual(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x + h @ weight.T: one fused GEMM, or under tensor parallelism the sum over ranks of each
-        rank's part (its heads / MLP columns) added once."""
-        S, q, H = x.shape
+        """x + h @ weight.T over x's [N, H] tokens: one fused GEMM, or under tensor parallelism the sum
+        over ranks of each rank's part (its heads / MLP columns) added once."""
         if self.tp is None:
-            return torch.addmm(x.view(S * q, H), h, weight.t()).view(S, q, H)
-        return x + self.tp.reduce(torch.mm(h, weight.t())).view(S, q, H)
+            return torch.addmm(x, h, weight.t())
+        return x + self.tp.reduce(torch.mm(h, weight.t()))
 
     def forward(self, cache: StaticCache, tokens: torch.Tensor, last_only: bool = False,
                 probe: RelevanceProbe | None = None, logits: bool = True,
-                live: torch.Tensor | None = None) -> torch.Tensor | None:
+                live: torch.Tensor | None = None, pack: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run `tokens` [S, q] at each slot's `length` (writing their keys, not committing them);
         returns logits [S, q, V] (or [S, 1, V] with `last_only`; None without `logits`: keys only).
         `live` ([S] bool): the slots whose results are used; on the "split" path the others read no
-        keys (their results, and their keys past the first layer, are then meaningless)."""
+        keys (their results, and their keys past the first layer, are then meaningless).
+        `pack` ([N] long, `packed_tokens`): run the weights over only these of the S * q tokens (flat
+        index s * q + j; S * q: a filler, whose keys go to the caches' last slot, which no row reads);
+        attention still sees the [S, q] layout. Logits are zero where no token ran."""
         S, q = tokens.shape
         nh, kvh, hd, H = self.heads, self.kv_heads, self.head_dim, self.hidden
         group = nh // kvh
         dt, dev = self.dtype, tokens.device
         slot = cache.length[:, None] + torch.arange(q, device=dev)  # [S, q] cache slots of the new tokens
-        angle = (slot + cache.offset[:, None]).float()[..., None] * self.inv_freq  # [S, q, hd/2]
-        cos = torch.cat([angle.cos(), angle.cos()], -1).to(dt)[:, :, None]  # [S, q, 1, hd]
-        sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt)[:, :, None]
+        position = (slot + cache.offset[:, None]).flatten()  # [S * q]
+        row, at = torch.arange(S * q, device=dev) // q, slot.flatten()  # where each token's keys go
+        if pack is not None:
+            filler = pack >= S * q
+            index = pack.clamp(max=S * q - 1)
+            row = torch.where(filler, 0, row[index])
+            at = torch.where(filler, cache.capacity - 1, at[index])
+            position = position[index]
+        angle = position.float()[:, None] * self.inv_freq  # [N, hd/2]
+        cos = torch.cat([angle.cos(), angle.cos()], -1).to(dt)[:, None]  # [N, 1, hd]
+        sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dt)[:, None]
         mode = self.attention["step" if q <= 2 else "verify"] or ("matmul" if S * kvh < 32 else "sdpa")
         if mode != "split":  # the masked paths: every slot's band as a bias over the whole capacity
             keys = torch.arange(cache.capacity, device=dev)
@@ -189,28 +199,29 @@ class TextDecoder:
                 # The query group folded into the query length: each kv head's keys are read once for
                 # all of its query heads. Folded row g * q + j is query j of group head g.
                 folded = bias.expand(S, group, q, cache.capacity).reshape(S, 1, group * q, cache.capacity)
-        where = slot[:, None, :, None].expand(S, kvh, q, hd)
 
-        x = F.embedding(tokens, self.embed)
+        x = F.embedding(tokens.flatten() if pack is None else tokens.flatten()[index], self.embed)  # [N, H]
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (H,), layer.norm_in, self.eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(S, q, nh + 2 * kvh, hd)
-            qk = _rotate(qkv[:, :, : nh + kvh], cos, sin)
-            cache.k[i].scatter_(2, where, qk[:, :, nh:].transpose(1, 2))
-            cache.v[i].scatter_(2, where, qkv[:, :, nh + kvh:].transpose(1, 2))
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(-1, nh + 2 * kvh, hd)
+            qk = _rotate(qkv[:, : nh + kvh], cos, sin)
+            cache.k[i][row, :, at] = qk[:, nh:]
+            cache.v[i][row, :, at] = qkv[:, nh + kvh:]
+            query = qk[:, :nh] if pack is None else _unpacked(qk[:, :nh], pack, S * q)
+            query = query.view(S, q, nh, hd)
             probed = probe is not None and i in probe.layers
             if mode == "split":
-                out, mass = split_attention(qk[:, :, :nh], cache.k[i], cache.v[i], cache.pad, cache.length,
+                out, mass = split_attention(query, cache.k[i], cache.v[i], cache.pad, cache.length,
                                             self.scale, probe.video_keys if probed else None, live=live)
                 if probed:
                     probe.add_mass(i, mass)
                 out = out.view(S * q, nh * hd)
             elif mode == "sdpa_gqa" and not probed:
-                out = F.scaled_dot_product_attention(qk[:, :, :nh].transpose(1, 2), cache.k[i], cache.v[i],
+                out = F.scaled_dot_product_attention(query.transpose(1, 2), cache.k[i], cache.v[i],
                                                      attn_mask=bias, scale=self.scale, enable_gqa=True)
                 out = out.transpose(1, 2).reshape(S * q, nh * hd)
             else:
-                query = qk[:, :, :nh].reshape(S, q, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(S, kvh, group * q, hd)
+                query = query.reshape(S, q, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(S, kvh, group * q, hd)
                 if probed or mode == "matmul":
                     scores = torch.matmul(query, cache.k[i].transpose(-1, -2)).mul_(self.scale).add_(folded)
                     probs = scores.softmax(-1, dtype=torch.promote_types(dt, torch.float32))
@@ -220,11 +231,43 @@ class TextDecoder:
                 else:
                     out = F.scaled_dot_product_attention(query, cache.k[i], cache.v[i], attn_mask=folded, scale=self.scale)
                 out = out.view(S, kvh, group, q, hd).permute(0, 3, 1, 2, 4).reshape(S * q, nh * hd)
+            if pack is not None:
+                out = F.pad(out, (0, 0, 0, 1))[pack]  # the filler reads the zero row
             x = self._residual(x, out, layer.o)
             gate, up = F.linear(F.rms_norm(x, (H,), layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
-            x = self._residual(x, (F.silu(gate) * up).view(S * q, -1), layer.down)
+            x = self._residual(x, F.silu(gate) * up, layer.down)
         if not logits:
             return None
+        if pack is not None:
+            x = _unpacked(x, pack, S * q)
+        x = x.view(S, q, H)
         if last_only:
             x = x[:, -1:]
         return F.linear(F.rms_norm(x, (H,), self.norm, self.eps), self.head)
+
+
+def _unpacked(x: torch.Tensor, pack: torch.Tensor, n: int) -> torch.Tensor:
+    """Packed rows of `x` back at their flat indices among `n` (zeros elsewhere; fillers dropped)."""
+    out = x.new_zeros(n + 1, *x.shape[1:]).index_copy_(0, pack, x)
+    return out[:n]
+
+
+def packed_tokens(want: torch.Tensor, width: int) -> torch.Tensor:
+    """The flat indices ([width] long) of the True entries of `want` [S, q], in order, then fillers
+    (S * q) up to `width`; on the device, no host sync (the host knows how many are True and picks
+    `width` >= that: `packed_width`)."""
+    flat = want.flatten()
+    n = flat.numel()
+    order = flat.long().cumsum(0) - 1
+    dest = torch.where(flat & (order < width), order, width)  # the rest goes to a dropped last entry
+    pack = torch.full((width + 1,), n, dtype=torch.long, device=want.device)
+    return pack.scatter_(0, dest, torch.arange(n, device=want.device))[:width]
+
+
+def packed_width(tokens: int, full: int) -> int | None:
+    """How many tokens a packed forward runs for `tokens` wanted of `full`: rounded up to a
+    granule of about an eighth of its power of two (at least 8), so that a few CUDA graphs serve a
+    batch's cycles; None where packing would not run fewer than `full`."""
+    granule = max(8, 1 << max(tokens.bit_length() - 4, 0))
+    width = -(-max(tokens, 1) // granule) * granule
+    return width if width < full else None

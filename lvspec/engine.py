@@ -266,12 +266,13 @@ class Engine:
 
     def _capture_all(self, st: DecodeState) -> None:
         """Capture every stage a cycle may run (each K up to k_max, 0 included: rows choose any), so
-        that no batch stalls mid-decode on a capture."""
+        that no batch stalls mid-decode on a capture; a packed verify (`SpecConfig.pack_verify`) is
+        captured the first time a cycle needs its (K, width): a few widths a K, once per state."""
         c = self.cycle
         for k in range(self.k_max + 1):
             if k:
                 st.stages.capture(("draft", k), lambda: c.draft(st, k))
-            st.stages.capture(("verify", k), lambda: c.verify(st, k))
+            st.stages.capture(("verify", k, None), lambda: c.verify(st, k))
             st.stages.capture(("commit", k), lambda: c.commit(st, k))
         if self.D is not None:
             st.stages.capture(("ingest",), lambda: c.ingest(st))
@@ -284,7 +285,7 @@ class Engine:
         parallelism (every rank chooses the same K)."""
         cuda, c, km = self.device.type == "cuda", self.cycle, self.k_max
         stages = {("draft", k): (lambda k=k: c.draft(st, k)) for k in sorted({1, km})}
-        stages |= {("verify", k): (lambda k=k: c.verify(st, k)) for k in sorted({0, 1, km})}
+        stages |= {("verify", k, None): (lambda k=k: c.verify(st, k)) for k in sorted({0, 1, km})}
         for key, stage in stages.items():
             st.stages.run(key, stage)  # capture (or warm up)
         ms = {key: [] for key in stages}
@@ -299,10 +300,10 @@ class Engine:
                 ms[key].append(clock.seconds(a, b) * 1e3)
         m = {key: statistics.median(runs) for key, runs in ms.items()}
         d1, dm = m[("draft", 1)], m[("draft", km)]
-        v0 = max(m[("verify", 0)], 1e-6)
-        v1 = max(m[("verify", 1)], v0)
+        v0 = max(m[("verify", 0, None)], 1e-6)
+        v1 = max(m[("verify", 1, None)], v0)
         costs = Costs(draft_step_ms=max((dm - d1) / (km - 1) if km > 1 else d1, 1e-6), verify_0_ms=v0,
-                      verify_1_ms=v1, verify_max_ms=max(m[("verify", km)], v1)).rounded()
+                      verify_1_ms=v1, verify_max_ms=max(m[("verify", km, None)], v1)).rounded()
         return self.tp.share(costs) if self.tp is not None else costs
 
 

@@ -21,7 +21,8 @@ CATCH_UP = 6  # tokens the draft reads in one catch-up forward (`Cycle.ingest`) 
 
 def margin(k_max: int) -> int:
     """Cache slots past a row's length that one cycle may write (a verify's k_max + 1 keys, a draft
-    loop's k_max + 1, a catch-up's CATCH_UP), plus one."""
+    loop's k_max + 1, a catch-up's CATCH_UP), plus one: the last, which no row writes or reads, takes
+    the keys of a packed forward's fillers (`decoder.packed_tokens`)."""
     return max(k_max, CATCH_UP) + 2
 
 
@@ -40,10 +41,11 @@ def catch_ups(k: int, lag: int, lazy: bool = False) -> int:
 @dataclass(frozen=True)
 class Status:
     """What the host reads once a cycle: whether any row decodes, the next cycle's K (the longest
-    draft any decoding row takes), the draft's largest lag, and each slot's decoding flag."""
+    draft any decoding row takes), the draft's largest lag, the tokens its verify must run (each
+    decoding row's own K + 1), and each slot's decoding flag."""
 
     values: tuple[int, ...]
-    HEAD = 3  # values before the slots' flags
+    HEAD = 4  # values before the slots' flags
 
     @property
     def decoding(self) -> bool:
@@ -56,6 +58,10 @@ class Status:
     @property
     def lag(self) -> int:
         return self.values[2]
+
+    @property
+    def tokens(self) -> int:
+        return self.values[3]
 
     @property
     def slots(self) -> tuple[int, ...]:
@@ -119,12 +125,15 @@ class DecodeState:
         for t in self.small():
             t.zero_()
 
-    def publish(self) -> None:
-        """Write the `Status` the host reads (on the device)."""
+    def publish(self, own_k) -> None:
+        """Write the `Status` the host reads (on the device); `own_k(k)`: the drafts each row keeps in
+        a cycle drafting k (`Cycle.own_k`)."""
         decoding = self.active.long()
+        k = (self.k_row * decoding).max()
         self.status[0] = self.active.any()
-        self.status[1] = (self.k_row * decoding).max()
+        self.status[1] = k
         self.status[2] = (self.lag * decoding).max()
+        self.status[3] = ((own_k(self, k) + 1) * decoding).sum()
         self.status[Status.HEAD:].copy_(self.active)
 
     def read(self) -> Status:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lvspec.adapter import Prompt, check_video_rows, rows_on
+from lvspec.decoder import packed_width
 from lvspec.feed import RowFeed
 from lvspec.replay import Replay
 from lvspec.state import DecodeState, Status, catch_ups
@@ -98,6 +99,7 @@ class Stream:
         self.start, self.prefill_s, self.prefills, self.placed, self.peak = time.perf_counter(), 0.0, 0, 0, 0
         self.pending: _Pending | None = None  # a group being prefilled, not placed yet
         self.overlapped = self.ingests = self.busy = 0  # prefills run beside decoding; draft catch-ups; rows x cycles
+        self.verified = 0  # tokens the verify forwards ran (packed: the decoding rows' own K + 1, rounded up)
         # The steady part of a stream, until a free slot first finds no row (from then on slots only
         # empty): decoded tokens of the rows finished so far; (seconds, prefill s, decoded tokens, cycles,
         # rows x cycles) then.
@@ -283,7 +285,9 @@ class Stream:
         if k:
             st.stages.run(("draft", k), lambda: cycle.draft(st, k))
         b = self.clock.mark()
-        st.stages.run(("verify", k), lambda: cycle.verify(st, k))
+        width = packed_width(self.status.tokens, st.slots * (k + 1)) if self.engine.cfg.pack_verify else None
+        self.verified += width or st.slots * (k + 1)
+        st.stages.run(("verify", k, width), lambda: cycle.verify(st, k, width))
         self.marks.append((a, b, self.clock.mark(), k))
         if self.replay is not None and k:
             cycle.replay(st, k, self.replay)
@@ -312,6 +316,7 @@ class Stream:
             "prefill_s": self.prefill_s, "decode_s": total - self.prefill_s, "cycles": len(self.ks), "k": self.ks,
             "draft_s": sum(clock.seconds(a, b) for a, b, _, _ in marks), "draft_steps": sum(k for *_, k in marks),
             "verify_s": sum(clock.seconds(b, c) for _, b, c, _ in marks), "verifies": len(marks),
+            "verify_tokens": self.verified,
             "ingests": self.ingests, "prefills": self.prefills, "overlapped_prefills": self.overlapped,
             "rows": self.placed, "peak_active": self.peak, "slots": self.st.slots if self.st is not None else None,
             "slot_use": self.busy / (len(self.ks) * self.st.slots) if self.ks else 0.0,  # decoding rows per cycle over slots

@@ -57,9 +57,12 @@ def verify(draft: torch.Tensor, logits: torch.Tensor, relevance: torch.Tensor | 
         if cfg.top_k:
             loose |= (scores > s_draft[..., None]).sum(-1) < cfg.top_k
         shift = torch.zeros_like(exact)
+        # The target's choices past a row's own K + 1 slots answer drafts the row does not keep (and
+        # a packed verify does not compute them): no draft matches them.
+        seen = t if limit is None else t.masked_fill(torch.arange(k + 1, device=t.device) > limit[:, None], -1)
         for o in range(1, min(cfg.shift_window, k) + 1):
-            shift[:, : k - o + 1] |= draft[:, : k - o + 1] == t[:, o:]  # target says it o slots later
-            shift[:, o:] |= draft[:, o:] == t[:, : k - o]  # target said it o slots earlier
+            shift[:, : k - o + 1] |= draft[:, : k - o + 1] == seen[:, o:]  # target says it o slots later
+            shift[:, o:] |= draft[:, o:] == seen[:, : k - o]  # target said it o slots earlier
         lenient = ~gated if exact_only is None else ~gated & ~exact_only[:, None]
         ok = exact | (lenient & (loose | shift))
         kind = torch.where(exact, EXACT, torch.where(loose, LOOSE, SHIFT))

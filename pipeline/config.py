@@ -110,6 +110,9 @@ class GenerationConfig:
     # Rows enter a replica's free slots in prefill groups of at most this many prompt tokens, so
     # that activation memory does not grow with the batch (what lets slots reach the KV limit).
     prefill_tokens: int = 32768
+    # A verify runs the weights over each decoding row's own drafts only, packed; off: every slot at
+    # the cycle's longest K (the same captions up to float rounding; operational).
+    pack_verify: bool = True
     # Benchmarks only: keep the recorded number of drafts per cycle (lvspec.Replay) from this patterns
     # file (bench/replay_patterns.json), so that a dummy pair does a trained pair's work. Rows and the
     # summary say so. Rows end at replayed lengths (stop tokens off), drawn per video_id as
@@ -372,7 +375,7 @@ def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfi
                       top_k=gen.top_k, shift_window=gen.shift_window, max_new_tokens=gen.max_new_tokens,
                       cuda_graphs=gen.cuda_graphs, overlap_prefill=gen.overlap_prefill,
                       prompt_graphs=gen.prompt_graphs, compile_prefill=gen.compile_prefill,
-                      prefill_tokens=gen.prefill_tokens,
+                      prefill_tokens=gen.prefill_tokens, pack_verify=gen.pack_verify,
                       stop_token_ids=() if gen.replay is not None else None,  # replayed rows end at replayed lengths
                       **relevance)
 
@@ -388,7 +391,8 @@ def local_path(uri: str) -> str:
 
 # Keys that decide how fast or where a job runs, never what a caption says.
 OPERATIONAL = {"decode": ("actors", "num_cpus", "batch_size"), "model": ("storage_options", "cache_dir"),
-               "generation": ("cuda_graphs", "overlap_prefill", "prompt_graphs", "compile_prefill", "prefill_tokens")}
+               "generation": ("cuda_graphs", "overlap_prefill", "prompt_graphs", "compile_prefill", "prefill_tokens",
+                              "pack_verify")}
 
 
 # Keys added after nightly series began, hashed only when set: at their default they change nothing,

@@ -259,10 +259,10 @@ def test_k_autos_cost_table_is_timed_on_busy_rows_at_a_typical_length(pair):
     for name in ("draft", "verify"):
         stage = getattr(engine.cycle, name)
 
-        def wrapped(st, k, stage=stage):
+        def wrapped(st, k, *width, stage=stage):
             if timing[0]:
                 seen.append((bool(st.active.all()), int(st.k_row.min()), st.T.length.tolist()))
-            return stage(st, k)
+            return stage(st, k, *width)
         setattr(engine.cycle, name, wrapped)
     state_for = engine.state_for
 
@@ -278,3 +278,62 @@ def test_k_autos_cost_table_is_timed_on_busy_rows_at_a_typical_length(pair):
     assert seen and all(active and k_row == 4 for active, k_row, _ in seen)
     assert all(lengths == [width + 12] * 2 for *_, lengths in seen)
     assert engine.costs is not None and all(len(r.tokens) > 1 for r in out)  # the stream began on a reset state
+
+
+@pytest.mark.parametrize("cfg", [
+    SpecConfig(mode="lvspec", k="auto", k_max=6, k_costs=PAYS, theta=0.45),
+    SpecConfig(mode="lvspec", k="auto", k_max=6, k_costs=PAYS, theta=0.45, shift_window=2),
+    SpecConfig(mode="sd", k=4),
+    SpecConfig(mode="ar"),
+], ids=["lvspec-auto", "lvspec-auto-window2", "sd", "ar"])
+def test_a_packed_verify_decodes_what_a_padded_verify_decodes(pair, cfg):
+    """pack_verify: the verify's weights run over each decoding row's own [last, drafts] only (idle
+    slots and a loosened row's drafts past its own K are left out): the same tokens and counters as
+    every slot at the cycle's K, in a batch with idle slots and streamed through fewer slots, while
+    the packed forwards ran fewer tokens wherever there were any to leave out."""
+    _, processor, target, draft = pair
+    rows = make_rows(processor, [8, 4, 6, 8, 5, 7], prompts=PROMPTS)
+    cfg = dataclasses.replace(cfg, max_new_tokens=40)
+    draft = draft if cfg.mode != "ar" else None
+    for slots in (4, 16):
+        padded = Engine(target, draft, dataclasses.replace(cfg, pack_verify=False), slots=slots)
+        expected = padded.generate(rows)
+        packed = Engine(target, draft, cfg, slots=slots)
+        out = packed.generate(rows)
+        assert [r.tokens for r in out] == [r.tokens for r in expected]
+        assert [r.stats for r in out] == [r.stats for r in expected]
+        t = packed.timing
+        assert padded.timing["verify_tokens"] == slots * (t["cycles"] + sum(t["k"]))  # every slot, K + 1 each
+        # Sixteen slots for six rows: ten always idle, left out of every verify (eight-token granules).
+        assert t["verify_tokens"] < padded.timing["verify_tokens"] or (slots == 4 and cfg.mode == "ar")
+    if cfg.mode == "lvspec":
+        assert sum(r.stats.accepted_loose + r.stats.accepted_shift for r in out) > 0
+
+
+def test_packed_tokens_take_the_wanted_tokens_in_order_then_fillers():
+    from lvspec.decoder import packed_tokens, packed_width
+
+    want = torch.tensor([[True, True, False], [False, False, False], [True, False, False], [True, True, True]])
+    assert packed_tokens(want, 8).tolist() == [0, 1, 6, 9, 10, 11, 12, 12]  # 12 = S * q: fillers
+    assert packed_tokens(want, 6).tolist() == [0, 1, 6, 9, 10, 11]
+    assert packed_width(9, 12) is None and packed_width(3, 12) == 8  # at least a granule of 8
+    assert packed_width(600, 1408) == 640 and packed_width(1400, 1408) is None  # granules of 64 from 512
+    assert all(w >= n and w - n < max(8, n / 8) for n in range(1, 2000) if (w := packed_width(n, 10**6)))
+
+
+def test_a_shift_never_matches_the_targets_choice_past_the_rows_own_k():
+    """Position-shift tolerance over two slots: a row drafting its own K = 1 in a cycle of K = 3
+    must not keep its draft because the target would say it two slots later, after drafts the row
+    never keeps (the batch's K would decide its caption; a packed verify does not compute them). The
+    same row alone (limit = K = 3) may."""
+    from lvspec.verify import SHIFT, verify
+
+    cfg = SpecConfig(mode="lvspec", theta=0.5, shift_window=2, alpha=1.0)
+    draft = torch.tensor([[7, 1, 2]])
+    t = torch.tensor([5, 6, 7, 8])  # the target's choices: the draft's 7 two slots later
+    logits = F.one_hot(t, 10).double()[None] * 10
+    relevance = torch.zeros(1, 4)  # every slot a filler: shifts allowed
+    assert verify(draft, logits, relevance, cfg).kind[0, 0] == SHIFT
+    assert verify(draft, logits, relevance, cfg).accepted.item() >= 1
+    cut = verify(draft, logits, relevance, cfg, limit=torch.tensor([1]))
+    assert cut.accepted.item() == 0 and cut.next_token.item() == 5

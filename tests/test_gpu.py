@@ -71,6 +71,28 @@ def test_graph_replay_decodes_exactly_like_eager(pair, cfg):
         assert sum(r.stats.accepted_loose + r.stats.accepted_shift for r in graphed) > 0
 
 
+@pytest.mark.parametrize("cfg", [SpecConfig(mode="ar"), SpecConfig(mode="sd", k=6),
+                                 SpecConfig(mode="lvspec", k="auto", k_max=6, theta=0.45, k_costs=PAYS)],
+                         ids=["ar", "sd", "lvspec-auto-pinned"])
+def test_packed_verify_graphs_decode_what_padded_eager_verifies_decode(pair, cfg):
+    """pack_verify's forwards (index gathers and scatters, fillers into the caches' last slot),
+    captured per (K, packed width) and replayed: the same tokens and counters as eager verifies of
+    every slot at the cycle's K; twelve slots for six rows, so that packing leaves slots out."""
+    processor, target, draft = pair
+    rows = rendered_rows(processor, 6, seed=6)
+    cfg = dataclasses.replace(cfg, max_new_tokens=48)
+    draft = draft if cfg.mode != "ar" else None
+    padded = Engine(target, draft, dataclasses.replace(cfg, cuda_graphs=False, pack_verify=False), slots=12)
+    expected = padded.generate(rows)
+    engine = Engine(target, draft, cfg, slots=12)
+    for _ in range(2):
+        packed = engine.generate(rows)
+        assert [r.tokens for r in packed] == [r.tokens for r in expected]
+        assert [r.stats for r in packed] == [r.stats for r in expected]
+    assert engine.timing["verify_tokens"] < padded.timing["verify_tokens"]
+    assert any(key[0] == "verify" and key[2] is not None for key in engine._state.stages.graphs)
+
+
 def test_slots_auto_plans_from_the_gpus_free_memory(pair):
     """slots="auto" on a GPU: the plan reads the device's free memory; six slots fit a toy pair with
     room to spare, and the rows decode as with six fixed slots."""
