@@ -406,12 +406,12 @@ def chart(p: dict) -> list[str]:
 
 
 def merged(pairs: list[dict]) -> list[dict]:
-    """One entry a (pair, shape): runs of the same pair made in several calls (modes split over calls
-    to fit a call's time) joined, and its peaks taken over all of them."""
+    """One entry a (pair, shape, verify packing): runs of the same pair made in several calls (modes
+    split over calls to fit a call's time) joined, and its peaks taken over all of them."""
     out: dict[tuple, dict] = {}
     for p in pairs:
         key = (p["target"], p["draft"], p["frames"], p["new_tokens"], p.get("setting"), p.get("memory_cap_gib"),
-               p.get("stream"))
+               p.get("stream"), p.get("pack_verify"))
         if key not in out:
             out[key] = {**p, "runs": [], "out_of_memory": {}}
         into = out[key]

@@ -184,7 +184,7 @@ class Cycle:
                                 pack=pack)
         relevance = probe.result() if probe is not None else None
         v = verify(drafted, logits, relevance, self.cfg, st.exact_only, st.limit)
-        self._keep(st, k, v)
+        st.keep(k, v)
         st.target_tokens[:, :k + 1].copy_(v.target_tokens)
         if probe is not None:
             st.relevance[:, :k + 1].copy_(relevance)
@@ -193,14 +193,7 @@ class Cycle:
     def replay(self, st: DecodeState, k: int, replay: Replay) -> None:
         """Keep the recorded number of drafts instead of the verdict's (speed measurement)."""
         v = Verdict(st.accepted, st.kind[:, :k], st.next_token, None, st.anchor_rejected, st.target_tokens[:, :k + 1])
-        self._keep(st, k, replay.apply(v, st.active, st.drafted[:, :k], st.limit))
-
-    @staticmethod
-    def _keep(st: DecodeState, k: int, v: Verdict) -> None:
-        st.accepted.copy_(v.accepted)
-        st.kind[:, :k].copy_(v.kind)
-        st.next_token.copy_(v.next_token)
-        st.anchor_rejected.copy_(v.anchor_rejected)
+        st.keep(k, replay.apply(v, st.active, st.drafted[:, :k], st.limit))
 
     def commit(self, st: DecodeState, k: int) -> None:
         """Emit each active slot's kept drafts and target token (cut at a stop token or the budget),

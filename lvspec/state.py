@@ -125,6 +125,13 @@ class DecodeState:
         for t in self.small():
             t.zero_()
 
+    def keep(self, k: int, v) -> None:
+        """The verdict (`verify.Verdict`) of a cycle drafting k, into the state."""
+        self.accepted.copy_(v.accepted)
+        self.kind[:, :k].copy_(v.kind)
+        self.next_token.copy_(v.next_token)
+        self.anchor_rejected.copy_(v.anchor_rejected)
+
     def publish(self, own_k) -> None:
         """Write the `Status` the host reads (on the device); `own_k(k)`: the drafts each row keeps in
         a cycle drafting k (`Cycle.own_k`)."""
