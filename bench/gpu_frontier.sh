@@ -9,6 +9,7 @@
 #   bench/gpu_frontier.sh packed   # LLaVA-OV 7B/0.5B as llava, batch 64..256 (where the peaks are): lvspec and ar
 #                                  # with packed verifies, lvspec at 128 padded (pack_verify off), sd at 128, 192
 #   bench/gpu_frontier.sh stream4  # the same pair, lvspec and ar at 128..256, 4 x batch rows streamed
+#   bench/gpu_frontier.sh top      # the same pair at batch 256 alone: lvspec, then ar
 #   bench/gpu_frontier.sh qwen     # Qwen2.5-VL 32B/7B (H200: it does not fit 80 GB), 16 frames: ar, lvspec, sd
 #   bench/gpu_frontier.sh qwen1    #   the same in two calls: ar and sd
 #   bench/gpu_frontier.sh qwen2    #   ... lvspec, + slots=auto
@@ -43,6 +44,8 @@ case "$1" in
   # Four batches of rows a point: whole streams nearer a bulk job's (the drain a quarter of the rows, not half).
   stream4) climb stream4 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --stream 4 --modes lvspec ar \
              --batch-sizes 128 192 256 ;;
+  # Batch 256 alone, lvspec then ar (whether lvspec fits there), 4 x batch rows.
+  top) climb top --pair llava_onevision:7b:0.5b --memory-gib 79.6 --stream 4 --modes lvspec ar --batch-sizes 256 ;;
   # 32B + 7B weights take 78 of 139 GB, a row's caches (1.2k-token prompts) about 0.45 GB: the climb ends near
   # 100 rows; four videos kept aside instead of eight.
   qwen) climb qwen --pair qwen2_5_vl:32b:7b --stream 2 --modes ar lvspec sd --videos 4 --batch-sizes 1 8 32 64 96 128 ;;
@@ -51,5 +54,5 @@ case "$1" in
   paper1) climb paper1 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --frames 64 --new-tokens 256 \
       --batch-sizes 1 8 32 64 --setting paper ;;
   paper2) climb paper2 --pair qwen2_5_vl:32b:7b --frames 64 --new-tokens 256 --batch-sizes 1 8 32 64 --setting paper ;;
-  *) echo "usage: $0 check|llava|packed|stream4|qwen|qwen1|qwen2|paper1|paper2"; exit 2 ;;
+  *) echo "usage: $0 check|llava|packed|stream4|top|qwen|qwen1|qwen2|paper1|paper2"; exit 2 ;;
 esac

@@ -50,10 +50,10 @@ def verify(draft: torch.Tensor, logits: torch.Tensor, relevance: torch.Tensor | 
     if cfg.loosened and k:
         if cfg.gate:
             gated = relevance[:, :k] >= cfg.theta
-        scores = logits[:, :k].float()
+        scores = logits[:, :k]  # in the logits' own dtype: a float32 copy would be [S, K, V] more memory
         s_draft = scores.gather(-1, draft[..., None])[..., 0]
         # p(d) >= alpha * max p  <=>  logit(d) - max logit >= log(alpha): no softmax over the vocabulary.
-        loose = s_draft - scores.amax(-1) >= math.log(cfg.alpha)
+        loose = s_draft.float() - scores.amax(-1).float() >= math.log(cfg.alpha)
         if cfg.top_k:
             loose |= (scores > s_draft[..., None]).sum(-1) < cfg.top_k
         shift = torch.zeros_like(exact)
