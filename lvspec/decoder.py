@@ -232,14 +232,15 @@ class TextDecoder:
                     out = F.scaled_dot_product_attention(query, cache.k[i], cache.v[i], attn_mask=folded, scale=self.scale)
                 out = out.view(S, kvh, group, q, hd).permute(0, 3, 1, 2, 4).reshape(S * q, nh * hd)
             if pack is not None:
-                out = F.pad(out, (0, 0, 0, 1))[pack]  # the filler reads the zero row
+                out = out[index]  # a filler reads some row: its result is dropped
             x = self._residual(x, out, layer.o)
             gate, up = F.linear(F.rms_norm(x, (H,), layer.norm_post, self.eps), layer.gate_up).chunk(2, -1)
             x = self._residual(x, F.silu(gate) * up, layer.down)
         if not logits:
             return None
-        if pack is not None:
-            x = _unpacked(x, pack, S * q)
+        if pack is not None:  # the head over the packed tokens too, then the logits in the [S, q] layout
+            packed = F.linear(F.rms_norm(x, (H,), self.norm, self.eps), self.head)
+            return _unpacked(packed, pack, S * q).view(S, q, -1)
         x = x.view(S, q, H)
         if last_only:
             x = x[:, -1:]
