@@ -70,12 +70,13 @@ class PromptsOnce:
 
     def attach(self, engine: Engine) -> PromptsOnce:
         real = engine.prompt_group
-        engine.prompt_group = lambda st, rows, slots: self(real, st, rows, slots)
+        stride = engine.cfg.draft_frame_stride  # the draft's prompt (keys) depends on it
+        engine.prompt_group = lambda st, rows, slots: self(real, st, rows, slots, stride)
         return self
 
-    def __call__(self, real, st, rows: list[dict], slots: torch.Tensor):
+    def __call__(self, real, st, rows: list[dict], slots: torch.Tensor, stride: int = 1):
         drafted = st.D is not None
-        keys = [(row[SOURCE], drafted) for row in rows]
+        keys = [(row[SOURCE], drafted, stride if drafted else 1) for row in rows]
         index = slots.tolist()
         if any(key not in self.kept for key in keys):
             prompt, draft_prompt, first = real(st, rows, slots)
@@ -203,14 +204,15 @@ def climb(args, family: str, target, draft, processor, patterns: dict, label: tu
     ctx = prompt_tokens + args.new_tokens // 2  # mean tokens in the cache while decoding
     probe = tuple(relevance_layers(len(T.layers)))
     out = {"target": label[0], "draft": label[1], "family": family, "frames": args.frames, "setting": args.setting,
-           "stream": args.stream, "pack_verify": not args.padded,
+           "stream": args.stream, "pack_verify": not args.padded, "draft_frame_stride": args.draft_frame_stride,
            "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "k": args.k,
            "memory_cap_gib": args.memory_gib, "relevance_layers": list(probe), "runs": [], "out_of_memory": {}}
     for mode in args.modes:
         for bs in args.batch_sizes:
             rows = [base[i % len(base)] for i in range(bs * max(args.stream, 1))]
             cfg = SpecConfig(mode=mode, k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
-                             relevance_layers=probe if mode == "lvspec" else None, pack_verify=not args.padded)
+                             relevance_layers=probe if mode == "lvspec" else None, pack_verify=not args.padded,
+                             draft_frame_stride=args.draft_frame_stride if mode != "ar" else 1)
             replay = Replay(regroup(patterns[mode], bs)) if mode != "ar" else None
             t0 = time.perf_counter()
             try:
@@ -249,7 +251,7 @@ def auto_point(args, target, draft, base, once, patterns, probe, T, D, ctx, log)
     """lvspec with slots="auto": the slots it chooses for a stream of many rows, and twice that many
     rows streamed through them (as a bulk job's replica would)."""
     cfg = SpecConfig(mode="lvspec", k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
-                     relevance_layers=probe, pack_verify=not args.padded)
+                     relevance_layers=probe, pack_verify=not args.padded, draft_frame_stride=args.draft_frame_stride)
     engine = Engine(target, draft, cfg, slots="auto", max_slots=max(args.batch_sizes))
     try:
         with torch.inference_mode():
@@ -302,6 +304,10 @@ def run_cmd(args, argv) -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
     args.k = int(args.k) if str(args.k).isdigit() else args.k
     recorded = json.loads(Path(args.patterns).read_text())
+    if recorded.get("draft_frame_stride", 1) != args.draft_frame_stride:
+        raise SystemExit(f"{args.patterns} was recorded with draft_frame_stride {recorded.get('draft_frame_stride', 1)}, "
+                         f"not {args.draft_frame_stride}: record matching patterns "
+                         f"(python -m bench.realsize record --draft-frame-stride {args.draft_frame_stride})")
     report = {**run_info("bench.frontier", argv), "repeats": args.repeats, "pairs": []}
     log = lambda line: print(line, flush=True)  # noqa: E731
     for spec in args.pair:
@@ -346,6 +352,8 @@ def markdown(report: dict) -> str:
         flow = (f"{p['stream']} x batch rows streamed through the slots" if p.get("stream")
                 else "one call of batch rows")
         flow += {True: "; verifies packed", False: "; verifies padded to the cycle's K"}.get(p.get("pack_verify"), "")
+        if p.get("draft_frame_stride", 1) > 1:
+            flow += f"; draft_frame_stride {p['draft_frame_stride']} (the draft's prompts: frames / stride)"
         lines += [f"#### {p['target']} / {p['draft']}, {p['frames']} frames ({p['prompt_tokens']}-token prompts), "
                   f"{p['new_tokens']} new tokens, {p.get('setting', 'default')} setting{cap}; {flow}", "",
                   "| batch | mode | decode tok/s | spread | x ar | steady tok/s | tau | K (mean) | slots busy | "
@@ -411,7 +419,7 @@ def merged(pairs: list[dict]) -> list[dict]:
     out: dict[tuple, dict] = {}
     for p in pairs:
         key = (p["target"], p["draft"], p["frames"], p["new_tokens"], p.get("setting"), p.get("memory_cap_gib"),
-               p.get("stream"), p.get("pack_verify"))
+               p.get("stream"), p.get("pack_verify"), p.get("draft_frame_stride", 1))
         if key not in out:
             out[key] = {**p, "runs": [], "out_of_memory": {}}
         into = out[key]
@@ -457,6 +465,8 @@ def main(argv=None):
     run.add_argument("--auto", action="store_true", help="also an lvspec engine with slots=auto")
     run.add_argument("--padded", action="store_true",
                      help="verify every slot at the cycle's K (pack_verify off), to compare with packed verifies")
+    run.add_argument("--draft-frame-stride", type=int, default=1,
+                     help="sd and lvspec drafts watch every n-th frame (replay patterns recorded so: --patterns)")
     run.add_argument("--device", default="cuda")
     run.add_argument("--toy", action="store_true", help="the toy pairs instead of real shapes (smoke runs)")
     run.add_argument("--json", required=True)

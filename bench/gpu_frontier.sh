@@ -10,6 +10,10 @@
 #                                  # with packed verifies, lvspec at 128 padded (pack_verify off), sd at 128, 192
 #   bench/gpu_frontier.sh stream4  # the same pair, lvspec and ar at 128..256, 4 x batch rows streamed
 #   bench/gpu_frontier.sh top      # the same pair at batch 256 alone: lvspec, then ar
+#   bench/gpu_frontier.sh frames   # the same pair, 4 x batch rows: tests/test_gpu.py's packed and split tests, then
+#                                  # lvspec with the draft watching every 2nd frame (its own replay patterns) at
+#                                  # 192 and 256, ar and lvspec at 192 and 256 with every frame (bench/replay_patterns.json, re-recorded
+#                                  # today: the same), sd with every 2nd frame at 256
 #   bench/gpu_frontier.sh qwen     # Qwen2.5-VL 32B/7B (H200: it does not fit 80 GB), 16 frames: ar, lvspec, sd
 #   bench/gpu_frontier.sh qwen1    #   the same in two calls: ar and sd
 #   bench/gpu_frontier.sh qwen2    #   ... lvspec, + slots=auto
@@ -48,11 +52,19 @@ case "$1" in
   top) climb top --pair llava_onevision:7b:0.5b --memory-gib 79.6 --stream 4 --modes lvspec ar --batch-sizes 256 ;;
   # 32B + 7B weights take 78 of 139 GB, a row's caches (1.2k-token prompts) about 0.45 GB: the climb ends near
   # 100 rows; four videos kept aside instead of eight.
+  # The draft watching fewer frames: draft steps read half the keys, its cache takes half the memory.
+  frames) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "packed or split" 2>&1 | tee $OUT/test_gpu.log | tail -3
+          L="--pair llava_onevision:7b:0.5b --memory-gib 79.6 --stream 4"
+          climb frames2 $L --modes lvspec --batch-sizes 192 256 --draft-frame-stride 2 \
+            --patterns bench/replay_patterns_draft_frames2.json
+          climb frames1 $L --modes ar lvspec --batch-sizes 192 256
+          climb frames2_sd $L --modes sd --batch-sizes 256 --draft-frame-stride 2 \
+            --patterns bench/replay_patterns_draft_frames2.json ;;
   qwen) climb qwen --pair qwen2_5_vl:32b:7b --stream 2 --modes ar lvspec sd --videos 4 --batch-sizes 1 8 32 64 96 128 ;;
   qwen1) climb qwen1 --pair qwen2_5_vl:32b:7b --stream 2 --modes ar sd --videos 4 --batch-sizes 1 8 32 64 96 128 ;;
   qwen2) climb qwen2 --pair qwen2_5_vl:32b:7b --stream 2 --modes lvspec --auto --videos 4 --batch-sizes 1 8 32 64 96 128 ;;
   paper1) climb paper1 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --frames 64 --new-tokens 256 \
       --batch-sizes 1 8 32 64 --setting paper ;;
   paper2) climb paper2 --pair qwen2_5_vl:32b:7b --frames 64 --new-tokens 256 --batch-sizes 1 8 32 64 --setting paper ;;
-  *) echo "usage: $0 check|llava|packed|stream4|top|qwen|qwen1|qwen2|paper1|paper2"; exit 2 ;;
+  *) echo "usage: $0 check|llava|packed|stream4|top|frames|qwen|qwen1|qwen2|paper1|paper2"; exit 2 ;;
 esac

@@ -95,14 +95,16 @@ def record(args) -> None:
     from toyworld.families import engine_rows, load_pair, render_videos
 
     out = {"videos": args.videos, "seed": args.seed, "k": args.k, "date": datetime.date.today().isoformat(),
-           "families": {}}
+           "draft_frame_stride": args.draft_frame_stride, "families": {}}
     for family in families.FAMILIES:
         processor, target, draft = load_pair(family)
         _, _, frames = render_videos(args.videos, args.seed)
         rows = engine_rows(processor, frames, grammar.PROMPT)
-        lv = SpecConfig(mode="lvspec", k=args.k, max_new_tokens=48, **shipped_settings(families.model_dir(family, "target")))
+        lv = SpecConfig(mode="lvspec", k=args.k, max_new_tokens=48, draft_frame_stride=args.draft_frame_stride,
+                        **shipped_settings(families.model_dir(family, "target")))
+        sd = SpecConfig(mode="sd", k=args.k, max_new_tokens=48, draft_frame_stride=args.draft_frame_stride)
         modes = {}
-        for mode, cfg in {"sd": SpecConfig(mode="sd", k=args.k, max_new_tokens=48), "lvspec": lv}.items():
+        for mode, cfg in {"sd": sd, "lvspec": lv}.items():
             res = [r for lo in range(0, len(rows), 25) for r in generate(target, draft, rows[lo:lo + 25], cfg, trace=True)]
             modes[mode] = [r.accepted_per_cycle for r in res]
             print(f"[{family}] {mode}: mean accepted drafts per cycle {Replay(modes[mode]).mean_accepted():.2f}")
@@ -419,6 +421,7 @@ def main(argv=None):
     rec.add_argument("--seed", type=int, default=1234)
     rec.add_argument("--k", type=int, default=10)
     rec.add_argument("--out", default="bench/replay_patterns.json")
+    rec.add_argument("--draft-frame-stride", type=int, default=1, help="the draft watches every n-th frame")
     st = sub.add_parser("steps", help="per-forward cost of the decoder, eager and captured (GPU)")
     st.add_argument("--size", action="append", required=True, help="family:size, e.g. qwen2_5_vl:7b")
     st.add_argument("--batch-sizes", type=int, nargs="+", default=[1])

@@ -30,13 +30,21 @@ from toyworld import families, grammar, score
 from toyworld.families import engine_rows, load_pair, render_videos
 
 
-def mode_configs(family: str, k: int, max_new_tokens: int, edition: int = 1) -> dict[str, SpecConfig]:
+def mode_configs(family: str, k: int, max_new_tokens: int, edition: int = 1,
+                 draft_frame_stride: int = 1) -> dict[str, SpecConfig]:
+    """ar, sd, lvspec and its ablations; with a `draft_frame_stride` > 1, sd and lvspec whose draft
+    watches every n-th frame (SpecConfig.draft_frame_stride) beside them."""
     lv = SpecConfig(mode="lvspec", k=k, max_new_tokens=max_new_tokens,
                     **shipped_settings(families.model_dir(family, "target", edition)))
+    sd = SpecConfig(mode="sd", k=k, max_new_tokens=max_new_tokens)
+    thinned = {} if draft_frame_stride == 1 else {
+        f"{name}_draft_frames/{draft_frame_stride}": dataclasses.replace(cfg, draft_frame_stride=draft_frame_stride)
+        for name, cfg in (("sd", sd), ("lvspec", lv))}
     return {
         "ar": SpecConfig(mode="ar", max_new_tokens=max_new_tokens),
-        "sd": SpecConfig(mode="sd", k=k, max_new_tokens=max_new_tokens),
+        "sd": sd,
         "lvspec": lv,
+        **thinned,
         "lvspec_no_shift": dataclasses.replace(lv, shift_window=0),
         "loose_no_gate": dataclasses.replace(lv, gate=False),
         "loose_no_gate_no_shift": dataclasses.replace(lv, gate=False, shift_window=0),
@@ -130,12 +138,13 @@ def peer_batch1(processor, target, draft, rows, k: int, max_new_tokens: int) -> 
 
 
 def bench_family(family: str, videos: int, seed: int, k: int, batch_size: int, max_new_tokens: int,
-                 peer_videos: int, log=print, edition: int = 1) -> dict:
+                 peer_videos: int, log=print, edition: int = 1, draft_frame_stride: int = 1,
+                 sweep: bool = True) -> dict:
     processor, target, draft = load_pair(family, families.models_dir(edition))
     anchors = grammar.anchor_token_ids(processor.tokenizer)
     scenes, _, frames = render_videos(videos, seed, edition=edition)
     truths = [s.attributes() for s in scenes]
-    configs = mode_configs(family, k, max_new_tokens, edition)
+    configs = mode_configs(family, k, max_new_tokens, edition, draft_frame_stride)
     result = {"family": family, "edition": edition, "videos": videos, "seed": seed, "k": k, "batch_size": batch_size,
               "lvspec_config": configs["lvspec"].as_dict(), "modes": {}, "filler_entropy_sweep": []}
 
@@ -150,7 +159,7 @@ def bench_family(family: str, videos: int, seed: int, k: int, batch_size: int, m
             f"{m['tokens_per_s']:7.1f} tok/s  attr_acc {m['attr_acc']:.4f}  retention {m['retention']:.4f}"
             + (f"  order {m['per_attribute']['order']:.4f}" if "order" in m["per_attribute"] else "")
             + (f"  anchor P/R {m['anchor_precision']:.3f}/{m['anchor_recall']:.3f}" if "anchor_precision" in m else ""))
-    for h in grammar.FILLER_LEVELS:
+    for h in grammar.FILLER_LEVELS if sweep else ():
         rows_h = engine_rows(processor, frames, grammar.prompt_for(h))
         entry = {"filler_entropy": h}
         for name in ("ar", "sd", "lvspec"):
@@ -200,10 +209,11 @@ def markdown(report: dict) -> str:
                          f"{m['attr_acc']:.4f} | {order} | {m['retention']:.4f} | {sh['accepted_exact']:.2f}/"
                          f"{sh['accepted_loose']:.2f}/{sh['accepted_shift']:.2f} | {pr} |")
         lines += ["", f"tau(lvspec)/tau(sd) = **{r['tau_ratio_lvspec_vs_sd']:.2f}**; tokens/s speedup over ar: "
-                  f"sd {r['speedup_sd_vs_ar']:.2f}x, lvspec {r['speedup_lvspec_vs_ar']:.2f}x (CPU, toy models).", "",
-                  "| filler entropy | tau sd | tau lvspec | ratio | retention lvspec | filler share loose+shift |",
-                  "|---|---|---|---|---|---|"]
-        for e in r["filler_entropy_sweep"]:
+                  f"sd {r['speedup_sd_vs_ar']:.2f}x, lvspec {r['speedup_lvspec_vs_ar']:.2f}x (CPU, toy models).", ""]
+        sweep = r["filler_entropy_sweep"]
+        lines += ["| filler entropy | tau sd | tau lvspec | ratio | retention lvspec | filler share loose+shift |",
+                  "|---|---|---|---|---|---|"] if sweep else []
+        for e in sweep:
             sh = e["lvspec"]["shares"]
             lines.append(f"| {e['filler_entropy']:.2f} | {e['sd']['tau']:.2f} | {e['lvspec']['tau']:.2f} | "
                          f"{e['tau_ratio']:.2f} | {e['lvspec']['retention']:.4f} | "
@@ -231,6 +241,11 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--peer-videos", type=int, default=20)
     ap.add_argument("--edition", type=int, choices=(1, 2), default=1, help="toy world edition (videos, models)")
+    ap.add_argument("--draft-frame-stride", type=int, default=1,
+                    help="also run sd and lvspec with the draft watching every n-th frame")
+    ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                    help="the filler-entropy sweep (ar, sd, lvspec at each level)")
+    ap.add_argument("--tag", help="markdown section tag (default: the edition's)")
     ap.add_argument("--json", required=True)
     ap.add_argument("--markdown", help="update the benchmark section of this file (BENCHMARKS.md)")
     args = ap.parse_args(argv)
@@ -240,14 +255,18 @@ def main(argv=None):
     for family in fams:
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         results.append({**bench_family(family, args.videos, args.seed, args.k, args.batch_size,
-                                       args.max_new_tokens, args.peer_videos, log, args.edition), **run})
+                                       args.max_new_tokens, args.peer_videos, log, args.edition,
+                                       args.draft_frame_stride, args.sweep), **run})
     report = {"families": {r["family"]: r for r in merge_previous(Path(args.json), results)}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
     if args.markdown:
         v2 = args.edition == 2
-        write_markdown_section(Path(args.markdown), markdown(report), tag="toyworld-bench" + "-v2" * v2,
-                               title="Toy world: ar / sd / lvspec" + " (edition 2)" * v2)
+        title = "Toy world: ar / sd / lvspec" + " (edition 2)" * v2
+        if args.draft_frame_stride > 1:
+            title += f", the draft watching every {args.draft_frame_stride}th frame beside"
+        write_markdown_section(Path(args.markdown), markdown(report), tag=args.tag or "toyworld-bench" + "-v2" * v2,
+                               title=title)
     print(markdown(report))
 
 

@@ -34,10 +34,45 @@ class Adapter(Protocol):
 
     def vision(self, model) -> torch.nn.Module: ...  # the vision encoder (Engine.compile_prefill)
 
+    # The fields of a one-video row (processor output, on the host) that change when its video keeps
+    # every `stride`-th frame: what the draft reads with SpecConfig.draft_frame_stride.
+    def fewer_frames(self, model, row: dict, stride: int) -> dict: ...
+
 
 def _left_pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     width = max(t.shape[-1] for t in tensors)
     return torch.stack([torch.nn.functional.pad(t, (width - t.shape[-1], 0), value=value) for t in tensors])
+
+
+DRAFT_FIELD = "draft:"  # a row's fields that the draft reads instead of the plain ones (`draft_row`)
+
+
+def draft_row(row: dict) -> dict:
+    """The row as the draft sees it: its "draft:" fields (a thinned video) in place of the plain ones."""
+    own = {k[len(DRAFT_FIELD):]: v for k, v in row.items() if k.startswith(DRAFT_FIELD)}
+    if not own:
+        return row
+    return {**{k: v for k, v in row.items() if not k.startswith(DRAFT_FIELD)}, **own}
+
+
+def with_draft_video(adapter: Adapter, draft, row: dict, stride: int) -> dict:
+    """The row plus the draft's own video ("draft:" fields): every `stride`-th frame (1: the row)."""
+    if stride == 1:
+        return row
+    return {**row, **{DRAFT_FIELD + k: v for k, v in adapter.fewer_frames(draft, row, stride).items()}}
+
+
+def without_video_tokens(row: dict, video_token_id: int, drop: int, fields: tuple[str, ...]) -> dict:
+    """The row's per-token `fields` ([1, L]) without the last `drop` of its video tokens (a video's
+    tokens are one run of one id; which of them go does not matter, only how many)."""
+    ids = row["input_ids"].reshape(-1)
+    video = ids == video_token_id
+    keep = ~video | (video.cumsum(0) <= int(video.sum()) - drop)
+    return {f: row[f].reshape(1, -1)[:, keep] for f in fields if f in row}
+
+
+def video_tokens(row: dict, video_token_id: int) -> int:
+    return int((row["input_ids"] == video_token_id).sum())
 
 
 def rows_on(rows: list[dict], device, dtype) -> list[dict]:
@@ -47,7 +82,7 @@ def rows_on(rows: list[dict], device, dtype) -> list[dict]:
     def on(key, v):
         if not isinstance(v, torch.Tensor):
             return v
-        return v.to(device, dtype) if key.startswith("pixel_values") else v.to(device)
+        return v.to(device, dtype) if key.removeprefix(DRAFT_FIELD).startswith("pixel_values") else v.to(device)
     return [{k: on(k, v) for k, v in row.items()} for row in rows]
 
 

@@ -41,6 +41,10 @@ class SpecConfig:
     relevance_heads: tuple[tuple[int, int], ...] | None = None  # or exactly these (layer, head) pairs
     relevance_weights: tuple[float, ...] | None = None  # per relevance_heads pair; None: equal weights
     max_new_tokens: int = 64
+    # The draft watches every n-th frame of each video (the first kept; Qwen2.5-VL: every n-th frame
+    # pair): its prompt, and so every draft step's read of its cache, is about n times shorter. The
+    # target sees every frame and verifies as before (exact modes stay exact); acceptance may drop.
+    draft_frame_stride: int = 1
     stop_token_ids: tuple[int, ...] | None = None  # None: the target's generation_config eos ids
     cuda_graphs: bool = True  # on CUDA, capture each decoding stage once and replay it (off: run eagerly)
     # Continuous batching: prefill rows entering freed slots on a second CUDA stream while the
@@ -77,6 +81,9 @@ class SpecConfig:
             object.__setattr__(self, "k_costs", Costs.of(self.k_costs))
         if isinstance(self.prefill_tokens, bool) or not isinstance(self.prefill_tokens, int) or self.prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be an integer >= 1, got {self.prefill_tokens!r}")
+        if isinstance(self.draft_frame_stride, bool) or not isinstance(self.draft_frame_stride, int) \
+                or self.draft_frame_stride < 1:
+            raise ValueError(f"draft_frame_stride must be an integer >= 1, got {self.draft_frame_stride!r}")
         if not isinstance(self.k_max, int) or self.k_max < 1:
             raise ValueError(f"k_max (longest automatic draft) must be an integer >= 1, got {self.k_max!r}")
         if not 0.0 <= self.theta <= 1.0:

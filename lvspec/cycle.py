@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lvspec.adapter import Prompt, shared_vocab, text_config
+from lvspec.adapter import Prompt, draft_row, shared_vocab, text_config
 from lvspec.config import SpecConfig
 from lvspec.decoder import TextDecoder, packed_tokens
 from lvspec.draft_length import choose, choose_batch
@@ -57,10 +57,10 @@ class Cycle:
             ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.stop = torch.tensor(sorted(set(ids)), dtype=torch.long, device=target.device)
 
-    def new_state(self, slots: int, capacity: int) -> DecodeState:
+    def new_state(self, slots: int, capacity: int, draft_capacity: int | None = None) -> DecodeState:
         probed = len(self.heads) * text_config(self.target_model).num_attention_heads if self.probing else 0
         return DecodeState(self.T, self.D, slots, capacity, self.k_max, self.cfg.max_new_tokens, probed,
-                           self.target_model.device)
+                           self.target_model.device, draft_capacity)
 
     # ---- prefill (eager, HF modules) -------------------------------------------------------------
     def prompt_group(self, st: DecodeState, rows: list[dict], slots: torch.Tensor):
@@ -68,7 +68,7 @@ class Cycle:
         and nothing else of the state (it may run beside a cycle on another stream, the slots
         `reserve`d): (target prompt, draft prompt, the target's first tokens)."""
         prompt = self.adapter.prompt(self.target_model, rows)
-        draft_prompt = self.adapter.prompt(self.draft_model, rows) if self.D is not None else None
+        draft_prompt = None if self.D is None else self.adapter.prompt(self.draft_model, [draft_row(r) for r in rows])
         return prompt, draft_prompt, self.prompt_keys(st, prompt, draft_prompt, slots)
 
     def prompt_keys(self, st: DecodeState, prompt: Prompt, draft_prompt: Prompt | None, slots: torch.Tensor):
@@ -94,7 +94,7 @@ class Cycle:
         length, so park these at the caches' tails, past any prompt (the capacity holds a margin)."""
         for cache in (st.T, st.D):
             if cache is not None:
-                cache.length[slots] = st.capacity - margin(self.k_max)
+                cache.length[slots] = cache.capacity - margin(self.k_max)
 
     def place(self, st: DecodeState, first: torch.Tensor, prompt: Prompt, draft_prompt: Prompt | None,
               slots: torch.Tensor, budget: torch.Tensor | None = None, exact_only: torch.Tensor | None = None) -> None:

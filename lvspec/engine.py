@@ -194,30 +194,34 @@ class Engine:
             self.timing = run.timing()
 
     # ---- state ----------------------------------------------------------------------------------
-    def fits(self, st: DecodeState | None, slots: int | None, cap: int | None, width: int) -> bool:
-        """Whether `st` takes prompts `width` tokens long for a stream of `slots` slots (None:
-        slots="auto", at most `cap`)."""
-        if st is None or st.capacity < width + self.cfg.max_new_tokens + margin(self.k_max):
+    def fits(self, st: DecodeState | None, slots: int | None, cap: int | None, width: int,
+             draft_width: int | None = None) -> bool:
+        """Whether `st` takes prompts `width` tokens long (the draft's `draft_width`, default the
+        same) for a stream of `slots` slots (None: slots="auto", at most `cap`)."""
+        room = self.cfg.max_new_tokens + margin(self.k_max)
+        if st is None or st.capacity < width + room or (st.D is not None and st.D.capacity < (draft_width or width) + room):
             return False
         return st.slots == slots if slots is not None else st.slots >= cap or st.memory_bound
 
-    def state_for(self, slots: int | None, cap: int | None, width: int) -> DecodeState:
+    def state_for(self, slots: int | None, cap: int | None, width: int, draft_width: int | None = None) -> DecodeState:
         """The held state if it `fits`, else a new one (the old one freed first): `slots` slots, or
         with None as many as memory holds, at most `cap`."""
         st = self._state
-        if self.fits(st, slots, cap, width):
+        if self.fits(st, slots, cap, width, draft_width):
             return st
         self._state = st = None  # free the old caches before allocating new ones
-        need = width + self.cfg.max_new_tokens + margin(self.k_max)
-        capacity = -(-need // 128) * 128  # similar prompt lengths share a state (and its graphs)
+        draft_width = draft_width or width
+        # Similar prompt lengths share a state (and its graphs).
+        capacity, draft_capacity = (-(-(w + self.cfg.max_new_tokens + margin(self.k_max)) // 128) * 128
+                                    for w in (width, draft_width))
         plan = None
         if slots is None:
             plan = self.plan = memory.plan(self.T, self.D, capacity, self.k_max, self.cfg.prefill_tokens, cap,
-                                           self.device, self.tp)
+                                           self.device, self.tp, draft_capacity=draft_capacity)
             slots = plan.slots
             if self.tp is None or self.tp.leader:
                 print(f"lvspec: slots=auto: {plan.describe()}", flush=True)
-        st = self._state = self.cycle.new_state(slots, capacity)
+        st = self._state = self.cycle.new_state(slots, capacity, draft_capacity)
         st.memory_bound = plan is not None and plan.memory_bound
         st.stages = Stages(self.graphs, _snapshot(st.small()))
         st.prompts = PromptGraphs(self.prompt_graphs)  # they write into this state's caches
@@ -225,9 +229,9 @@ class Engine:
         # a typical length, half-way through a caption: the attention paths and the cost table are
         # timed on the work decoding does ("split" reads only the band of keys of each row that
         # uses its result: a fresh state's idle rows would read nothing).
-        for cache in (st.T, st.D):
+        for cache, w in ((st.T, width), (st.D, draft_width)):
             if cache is not None:
-                cache.length.fill_(width + self.cfg.max_new_tokens // 2)
+                cache.length.fill_(w + self.cfg.max_new_tokens // 2)
         st.active.fill_(True)
         st.k_row.fill_(self.k_max)
         if self.graphs:

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lvspec.adapter import Prompt, padded, video_prompt_ids
+from lvspec.adapter import Prompt, padded, video_prompt_ids, video_tokens, without_video_tokens
 
 
 class LlavaOnevisionAdapter:
@@ -21,6 +21,19 @@ class LlavaOnevisionAdapter:
     @staticmethod
     def vision(model) -> torch.nn.Module:
         return model.model.vision_tower
+
+    @staticmethod
+    def fewer_frames(model, row: dict, stride: int) -> dict:
+        """Every `stride`-th frame (the first kept): a video's tokens are frames x pooled patches
+        + one newline, so the frames dropped take their patches' tokens with them."""
+        pixels = row["pixel_values_videos"]  # [1, frames, C, H, W]
+        frames, kept = pixels.shape[1], pixels[:, ::stride]
+        tokens = video_tokens(row, model.config.video_token_id)
+        if pixels.shape[0] != 1 or (tokens - 1) % frames:
+            raise ValueError(f"a row with one video expected ({tokens} video tokens, pixels {tuple(pixels.shape)})")
+        drop = (frames - kept.shape[1]) * ((tokens - 1) // frames)
+        return {"pixel_values_videos": kept.contiguous(),
+                **without_video_tokens(row, model.config.video_token_id, drop, ("input_ids", "attention_mask"))}
 
     def prompt(self, model, rows: list[dict]) -> Prompt:
         cfg = model.config

@@ -87,12 +87,15 @@ def forward_bytes(decoder, capacity: int, q: int) -> int:
             + q * (6 * hidden + 3 * intermediate) * item)
 
 
-def slot_bytes(T, D, capacity: int, k_max: int) -> int:
-    """What one slot of a state takes: both caches, and the widest forward's transients."""
+def slot_bytes(T, D, capacity: int, k_max: int, draft_capacity: int | None = None) -> int:
+    """What one slot of a state takes: both caches (the draft's at `draft_capacity`, default the
+    target's), and the widest forward's transients."""
     widest = forward_bytes(T, capacity, k_max + 1)
-    if D is not None:
-        widest = max(widest, forward_bytes(D, capacity, max(2, CATCH_UP)))
-    return cache_bytes(T, capacity) + (cache_bytes(D, capacity) if D is not None else 0) + widest
+    if D is None:
+        return cache_bytes(T, capacity) + widest
+    draft_capacity = draft_capacity or capacity
+    widest = max(widest, forward_bytes(D, draft_capacity, max(2, CATCH_UP)))
+    return cache_bytes(T, capacity) + cache_bytes(D, draft_capacity) + widest
 
 
 def prefill_bytes(T, D, tokens: int) -> int:
@@ -104,13 +107,13 @@ def prefill_bytes(T, D, tokens: int) -> int:
 
 
 def plan(T, D, capacity: int, k_max: int, prefill_tokens: int, cap: int, device, tp=None,
-         free: tuple[int, int] | None = None) -> Plan:
+         free: tuple[int, int] | None = None, draft_capacity: int | None = None) -> Plan:
     """The slots a state of `capacity` gets: as many as fit, at most `cap`, at least one (a state
     that cannot hold one row fails loudly when it is allocated). `free`: (free, total) bytes, else
     measured."""
     free_bytes, total = free if free is not None else device_memory(device)
     reserve = int(RESERVE_FRACTION * total) + prefill_bytes(T, D, prefill_tokens)
-    per = slot_bytes(T, D, capacity, k_max)
+    per = slot_bytes(T, D, capacity, k_max, draft_capacity)
     slots = max(1, min(cap, (free_bytes - reserve) // per))
     if tp is not None:
         slots = tp.smallest(slots)

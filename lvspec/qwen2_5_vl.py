@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lvspec.adapter import Prompt, left_pad_rows, padded, video_prompt_ids
+from lvspec.adapter import Prompt, left_pad_rows, padded, video_prompt_ids, video_tokens, without_video_tokens
 
 
 class Qwen25VLAdapter:
@@ -14,6 +14,26 @@ class Qwen25VLAdapter:
     @staticmethod
     def vision(model) -> torch.nn.Module:
         return model.model.visual
+
+    @staticmethod
+    def fewer_frames(model, row: dict, stride: int) -> dict:
+        """Every `stride`-th temporal patch (frame pair; the first kept): the patches are stored time
+        first, each time step's tokens one block, and the kept steps lie `stride` times further
+        apart in time (M-RoPE's temporal positions follow seconds)."""
+        grid = row["video_grid_thw"]
+        if grid.shape[0] != 1:
+            raise ValueError(f"a row with one video expected, got {grid.shape[0]} video grids")
+        t, h, w = (int(x) for x in grid[0])
+        pixels = row["pixel_values_videos"]
+        kept = pixels.view(t, h * w, -1)[::stride]
+        tokens = video_tokens(row, model.config.video_token_id)
+        drop = (t - kept.shape[0]) * (tokens // t)
+        seconds = torch.as_tensor(row["second_per_grid_ts"]).reshape(-1) * stride
+        return {"pixel_values_videos": kept.reshape(-1, pixels.shape[-1]).contiguous(),
+                "video_grid_thw": torch.tensor([[kept.shape[0], h, w]], dtype=grid.dtype),
+                "second_per_grid_ts": seconds,
+                **without_video_tokens(row, model.config.video_token_id, drop,
+                                       ("input_ids", "attention_mask", "mm_token_type_ids"))}
 
     def prompt(self, model, rows: list[dict]) -> Prompt:
         cfg = model.config

@@ -72,10 +72,11 @@ class DecodeState:
     """Everything a batch's decoding reads and writes, allocated once per (slots, capacity)."""
 
     def __init__(self, T, D, slots: int, capacity: int, k_max: int, max_new_tokens: int, probed_heads: int,
-                 device):
+                 device, draft_capacity: int | None = None):
         self.slots, self.capacity, self.k_max = slots, capacity, k_max
         self.T = T.new_cache(slots, capacity)
-        self.D = D.new_cache(slots, capacity) if D is not None else None
+        # The draft's prompts may be shorter (SpecConfig.draft_frame_stride): its cache then is too.
+        self.D = D.new_cache(slots, draft_capacity or capacity) if D is not None else None
         k = max(k_max, 1)
         long = dict(dtype=torch.long, device=device)
         flag = dict(dtype=torch.bool, device=device)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lvspec.adapter import Prompt, check_video_rows, rows_on
+from lvspec.adapter import Prompt, check_video_rows, draft_row, rows_on, with_draft_video
 from lvspec.decoder import packed_width
 from lvspec.feed import RowFeed
 from lvspec.replay import Replay
@@ -114,7 +114,10 @@ class Stream:
         group, self.waiting = self.waiting[:n], self.waiting[n:]
         if len(group) < n and not self.exhausted:
             more, self.exhausted = self._read(n - len(group), wait=not in_flight and not group)
-            group += more
+            e = self.engine
+            check_video_rows(e.target, [row for _, row in more])
+            stride = e.cfg.draft_frame_stride if e.draft is not None else 1  # the draft's own video, once a row
+            group += [(i, with_draft_video(e.adapter, e.draft, row, stride)) for i, row in more]
         return group
 
     def _read(self, n: int, wait: bool) -> tuple[list[tuple[int, dict]], bool]:
@@ -167,12 +170,13 @@ class Stream:
             if not group:
                 break
             width = max(row["input_ids"].shape[-1] for _, row in group)  # the group's prompts are left-padded to it
-            if self.st is None or not e.fits(self.st, self.slots, self.cap, width):
+            draft_width = max(draft_row(row)["input_ids"].shape[-1] for _, row in group)
+            if self.st is None or not e.fits(self.st, self.slots, self.cap, width, draft_width):
                 if in_flight:  # a longer prompt: finish the rows in flight, then grow the state
                     self.waiting, self.draining = group + self.waiting, True
                     break
                 self.st = None  # its memory is free for the new state
-                self._begin(e.state_for(self.slots, self.cap, width))
+                self._begin(e.state_for(self.slots, self.cap, width, draft_width))
                 free = self._free()
             placed = self._bounded(group[:len(free)])
             self.waiting = group[len(placed):] + self.waiting
@@ -195,7 +199,6 @@ class Stream:
         """Queue a group's prompt forwards on the current stream."""
         e = self.engine
         # Every copy from the host first (each waits for what its stream has queued), then the models.
-        check_video_rows(e.target, [row for _, row in p.group])
         rows = rows_on([row for _, row in p.group], e.device, e.target.dtype)
         p.keys = [row.get(REPLAY_KEY, i) for i, row in p.group]  # what each row replays
         budget = self.replay.lengths_of(p.keys) if self.replay is not None else None

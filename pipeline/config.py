@@ -96,6 +96,10 @@ class GenerationConfig:
     relevance_heads: list[list[int]] | None = None  # [[layer, head], ...] instead of whole layers
     relevance_weights: list[float] | None = None  # one per relevance_heads pair (None: equal weights)
     max_new_tokens: int = 64
+    # The draft watches every n-th frame (Qwen2.5-VL: frame pair) of each video: shorter draft
+    # prompts, so cheaper draft steps at large batch and a cheaper draft prefill; the target sees
+    # every frame (sd stays exact; lvspec's loose acceptance may keep other fillers).
+    draft_frame_stride: int = 1
     cuda_graphs: bool = True  # on GPUs, capture the decoding stages as CUDA graphs (off: eager, for debugging)
     # Continuous batching: prefill new rows beside the other slots' decoding (a second CUDA stream).
     overlap_prefill: bool = True
@@ -376,6 +380,7 @@ def spec_config(gen: GenerationConfig, shipped: dict | None = None) -> SpecConfi
                       cuda_graphs=gen.cuda_graphs, overlap_prefill=gen.overlap_prefill,
                       prompt_graphs=gen.prompt_graphs, compile_prefill=gen.compile_prefill,
                       prefill_tokens=gen.prefill_tokens, pack_verify=gen.pack_verify,
+                      draft_frame_stride=gen.draft_frame_stride,
                       stop_token_ids=() if gen.replay is not None else None,  # replayed rows end at replayed lengths
                       **relevance)
 
@@ -397,7 +402,7 @@ OPERATIONAL = {"decode": ("actors", "num_cpus", "batch_size"), "model": ("storag
 
 # Keys added after nightly series began, hashed only when set: at their default they change nothing,
 # so a series started before them keeps its hash.
-LATER = {"generation": {"k_costs": None}, "decode": {"clips": WHOLE}, "model": {"prompts": None}}
+LATER = {"generation": {"k_costs": None, "draft_frame_stride": 1}, "decode": {"clips": WHOLE}, "model": {"prompts": None}}
 
 
 def config_hash(job: JobConfig) -> str:

@@ -288,6 +288,8 @@ def test_partly_written_output_files_are_dropped_and_redone(tmp_path):
     ("caption.slots=0", "caption.slots"),
     ("caption.slots=many", "caption.slots"),
     ("generation.prefill_tokens=0", "generation.prefill_tokens"),
+    ("generation.draft_frame_stride=0", "generation.draft_frame_stride"),
+    ("generation.draft_frame_stride=half", "generation.draft_frame_stride"),
     ("generation.k_costs={draft_step_ms: 1.0}", "generation.k_costs"),  # the table needs all four costs
     ("model.prompt=' '", "model.prompt"),
     ("model.prompts={short: ''}", "model.prompts.short"),
