@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import statistics
 import time
 import weakref
@@ -205,6 +206,7 @@ def climb(args, family: str, target, draft, processor, patterns: dict, label: tu
     probe = tuple(relevance_layers(len(T.layers)))
     out = {"target": label[0], "draft": label[1], "family": family, "frames": args.frames, "setting": args.setting,
            "stream": args.stream, "pack_verify": not args.padded, "draft_frame_stride": args.draft_frame_stride,
+           "prefill_tokens": args.prefill_tokens, "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
            "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "k": args.k,
            "memory_cap_gib": args.memory_gib, "relevance_layers": list(probe), "runs": [], "out_of_memory": {}}
     for mode in args.modes:
@@ -212,7 +214,8 @@ def climb(args, family: str, target, draft, processor, patterns: dict, label: tu
             rows = [base[i % len(base)] for i in range(bs * max(args.stream, 1))]
             cfg = SpecConfig(mode=mode, k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
                              relevance_layers=probe if mode == "lvspec" else None, pack_verify=not args.padded,
-                             draft_frame_stride=args.draft_frame_stride if mode != "ar" else 1)
+                             draft_frame_stride=args.draft_frame_stride if mode != "ar" else 1,
+                             prefill_tokens=args.prefill_tokens)
             replay = Replay(regroup(patterns[mode], bs)) if mode != "ar" else None
             t0 = time.perf_counter()
             try:
@@ -220,7 +223,7 @@ def climb(args, family: str, target, draft, processor, patterns: dict, label: tu
                 run = {"mode": mode, **point(engine, bs, rows, once, replay, args.repeats, T,
                                              D if mode != "ar" else None, ctx)}
             except torch.OutOfMemoryError as e:
-                run = {"mode": mode, "batch_size": bs, "out_of_memory": True, "error": str(e).splitlines()[0][:300]}
+                run = {"mode": mode, "batch_size": bs, "out_of_memory": True, "error": str(e).splitlines()[0][:800]}
             engine = None
             _free(device)
             out["runs"].append(run)
@@ -467,6 +470,8 @@ def main(argv=None):
                      help="verify every slot at the cycle's K (pack_verify off), to compare with packed verifies")
     run.add_argument("--draft-frame-stride", type=int, default=1,
                      help="sd and lvspec drafts watch every n-th frame (replay patterns recorded so: --patterns)")
+    run.add_argument("--prefill-tokens", type=int, default=SpecConfig.prefill_tokens,
+                     help="generation.prefill_tokens: prompt tokens a prefill group takes (its activations)")
     run.add_argument("--device", default="cuda")
     run.add_argument("--toy", action="store_true", help="the toy pairs instead of real shapes (smoke runs)")
     run.add_argument("--json", required=True)

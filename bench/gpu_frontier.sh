@@ -14,6 +14,8 @@
 #                                  # lvspec with the draft watching every 2nd frame (its own replay patterns) at
 #                                  # 192 and 256, ar and lvspec at 192 and 256 with every frame (bench/replay_patterns.json, re-recorded
 #                                  # today: the same), sd with every 2nd frame at 256
+#   bench/gpu_frontier.sh fit256   # the same pair at 256 only, expandable allocator segments, 8k-token prefill groups:
+#                                  # lvspec, lvspec and sd with every 2nd frame, ar
 #   bench/gpu_frontier.sh qwen     # Qwen2.5-VL 32B/7B (H200: it does not fit 80 GB), 16 frames: ar, lvspec, sd
 #   bench/gpu_frontier.sh qwen1    #   the same in two calls: ar and sd
 #   bench/gpu_frontier.sh qwen2    #   ... lvspec, + slots=auto
@@ -60,11 +62,17 @@ case "$1" in
           climb frames1 $L --modes ar lvspec --batch-sizes 192 256
           climb frames2_sd $L --modes sd --batch-sizes 256 --draft-frame-stride 2 \
             --patterns bench/replay_patterns_draft_frames2.json ;;
+  # Batch 256 (ar's peak) with expandable allocator segments and 8k-token prefill groups: whether lvspec and sd fit.
+  fit256) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+          L="--pair llava_onevision:7b:0.5b --memory-gib 79.6 --stream 4 --batch-sizes 256 --prefill-tokens 8192"
+          climb fit256 $L --modes lvspec
+          climb fit256_frames2 $L --modes lvspec sd --draft-frame-stride 2 --patterns bench/replay_patterns_draft_frames2.json
+          climb fit256_ar $L --modes ar ;;
   qwen) climb qwen --pair qwen2_5_vl:32b:7b --stream 2 --modes ar lvspec sd --videos 4 --batch-sizes 1 8 32 64 96 128 ;;
   qwen1) climb qwen1 --pair qwen2_5_vl:32b:7b --stream 2 --modes ar sd --videos 4 --batch-sizes 1 8 32 64 96 128 ;;
   qwen2) climb qwen2 --pair qwen2_5_vl:32b:7b --stream 2 --modes lvspec --auto --videos 4 --batch-sizes 1 8 32 64 96 128 ;;
   paper1) climb paper1 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --frames 64 --new-tokens 256 \
       --batch-sizes 1 8 32 64 --setting paper ;;
   paper2) climb paper2 --pair qwen2_5_vl:32b:7b --frames 64 --new-tokens 256 --batch-sizes 1 8 32 64 --setting paper ;;
-  *) echo "usage: $0 check|llava|packed|stream4|top|frames|qwen|qwen1|qwen2|paper1|paper2"; exit 2 ;;
+  *) echo "usage: $0 check|llava|packed|stream4|top|frames|fit256|qwen|qwen1|qwen2|paper1|paper2"; exit 2 ;;
 esac
