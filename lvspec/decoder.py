@@ -173,7 +173,7 @@ class TextDecoder:
         keys (their results, and their keys past the first layer, are then meaningless).
         `pack` ([N] long, `packed_tokens`): run the weights over only these of the S * q tokens (flat
         index s * q + j; S * q: a filler, whose keys go to the caches' last slot, which no row reads);
-        attention still sees the [S, q] layout. Logits are zero where no token ran."""
+        attention still sees the [S, q] layout; the logits are then [N, V], in pack's order."""
         S, q = tokens.shape
         nh, kvh, hd, H = self.heads, self.kv_heads, self.head_dim, self.hidden
         group = nh // kvh
@@ -238,9 +238,8 @@ class TextDecoder:
             x = self._residual(x, F.silu(gate) * up, layer.down)
         if not logits:
             return None
-        if pack is not None:  # the head over the packed tokens too, then the logits in the [S, q] layout
-            packed = F.linear(F.rms_norm(x, (H,), self.norm, self.eps), self.head)
-            return _unpacked(packed, pack, S * q).view(S, q, -1)
+        if pack is not None:  # the head over the packed tokens only: logits [N, V], in pack's order
+            return F.linear(F.rms_norm(x, (H,), self.norm, self.eps), self.head)
         x = x.view(S, q, H)
         if last_only:
             x = x[:, -1:]

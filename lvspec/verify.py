@@ -36,13 +36,48 @@ class Verdict:
     target_tokens: torch.Tensor  # [S, K + 1] the target's greedy choices
 
 
-def verify(draft: torch.Tensor, logits: torch.Tensor, relevance: torch.Tensor | None, cfg: SpecConfig,
+@dataclass
+class Scores:
+    """What the rule reads of the target's logits over [last, drafts], per slot: [S, K + 1] each (a
+    draft's entries at its own slot; the last slot's are unused)."""
+
+    choice: torch.Tensor  # the target's greedy choice
+    best: torch.Tensor  # its logit (the largest)
+    drafted: torch.Tensor  # the draft token's logit
+    above: torch.Tensor | None  # vocabulary entries scoring above the draft token (the top_k rule)
+
+
+def scores(logits: torch.Tensor, draft: torch.Tensor, top_k: int = 0, pack: torch.Tensor | None = None) -> Scores:
+    """`Scores` of logits [S, K + 1, V], or of packed logits [N, V] for the flat slots `pack` names
+    (`decoder.packed_tokens`; fillers dropped): reduced where they were computed, so no [S, K + 1, V]
+    tensor is made; slots not computed score as all-zero logits would (choice 0)."""
+    S, k = draft.shape
+    ids = torch.cat([draft, draft.new_zeros(S, 1)], 1)  # the last slot drafts nothing: any id
+    if pack is None:
+        flat, into = logits.flatten(0, 1), None
+    else:
+        flat, into = logits, pack
+    d = ids.flatten() if into is None else ids.flatten()[into.clamp(max=S * (k + 1) - 1)]
+    drafted = flat.gather(-1, d[:, None])[:, 0]  # in the logits' own dtype: exact, no float32 copy
+    best, choice = flat.max(-1)
+    above = (flat > drafted[:, None]).sum(-1) if top_k else None
+
+    def laid_out(x: torch.Tensor) -> torch.Tensor:
+        if into is None:
+            return x.view(S, k + 1)
+        return x.new_zeros(S * (k + 1) + 1).index_copy_(0, into, x)[:-1].view(S, k + 1)
+
+    return Scores(laid_out(choice), laid_out(best), laid_out(drafted), laid_out(above) if top_k else None)
+
+
+def verify(draft: torch.Tensor, logits: torch.Tensor | Scores, relevance: torch.Tensor | None, cfg: SpecConfig,
            exact_only: torch.Tensor | None = None, limit: torch.Tensor | None = None) -> Verdict:
-    """Decide, for each row, how many of its K draft tokens to keep. logits: [S, K + 1, V].
-    `exact_only` [S]: rows verified strictly whatever the mode (audit twins: exact greedy output);
-    `limit` [S]: the most drafts each row may keep (default K)."""
+    """Decide, for each row, how many of its K draft tokens to keep. logits: [S, K + 1, V], or their
+    `Scores`. `exact_only` [S]: rows verified strictly whatever the mode (audit twins: exact greedy
+    output); `limit` [S]: the most drafts each row may keep (default K)."""
     k = draft.shape[1]
-    t = logits.argmax(-1)
+    sc = logits if isinstance(logits, Scores) else scores(logits, draft, cfg.top_k if cfg.loosened else 0)
+    t = sc.choice
     exact = draft == t[:, :k]
     kind = torch.zeros_like(draft)
     gated = torch.zeros_like(exact)
@@ -50,12 +85,10 @@ def verify(draft: torch.Tensor, logits: torch.Tensor, relevance: torch.Tensor | 
     if cfg.loosened and k:
         if cfg.gate:
             gated = relevance[:, :k] >= cfg.theta
-        scores = logits[:, :k]  # in the logits' own dtype: a float32 copy would be [S, K, V] more memory
-        s_draft = scores.gather(-1, draft[..., None])[..., 0]
         # p(d) >= alpha * max p  <=>  logit(d) - max logit >= log(alpha): no softmax over the vocabulary.
-        loose = s_draft.float() - scores.amax(-1).float() >= math.log(cfg.alpha)
+        loose = sc.drafted[:, :k].float() - sc.best[:, :k].float() >= math.log(cfg.alpha)
         if cfg.top_k:
-            loose |= (scores > s_draft[..., None]).sum(-1) < cfg.top_k
+            loose |= sc.above[:, :k] < cfg.top_k
         shift = torch.zeros_like(exact)
         # The target's choices past a row's own K + 1 slots answer drafts the row does not keep (and
         # a packed verify does not compute them): no draft matches them.

@@ -321,6 +321,27 @@ def test_packed_tokens_take_the_wanted_tokens_in_order_then_fillers():
     assert all(w >= n and w - n < max(8, n / 8) for n in range(1, 2000) if (w := packed_width(n, 10**6)))
 
 
+def test_a_packed_verifys_scores_are_the_full_logits_scores_where_its_tokens_ran():
+    """A packed verify's logits ([N, V], no [S, K + 1, V] tensor made) reduce to what the full
+    logits give at the slots it ran (choice, best logit, the draft token's logit and rank), zeros
+    elsewhere (as all-zero logits), fillers dropped."""
+    from lvspec.decoder import packed_tokens
+    from lvspec.verify import scores
+
+    g = torch.Generator().manual_seed(0)
+    S, k, V = 5, 4, 50
+    logits = torch.randn(S, k + 1, V, generator=g, dtype=torch.float64)
+    draft = torch.randint(0, V, (S, k), generator=g)
+    want = torch.rand(S, k + 1, generator=g) < 0.6
+    pack = packed_tokens(want, int(want.sum()) + 3)  # three fillers
+    full = scores(logits, draft, top_k=3)
+    packed = scores(logits.flatten(0, 1)[pack.clamp(max=S * (k + 1) - 1)], draft, top_k=3, pack=pack)
+    for name in ("choice", "best", "drafted", "above"):
+        a, b = getattr(full, name), getattr(packed, name)
+        assert torch.equal(a[want], b[want]) and not b[~want].any(), name
+    assert torch.equal(full.drafted[:, :k], logits[:, :k].gather(-1, draft[..., None])[..., 0])
+
+
 def test_a_shift_never_matches_the_targets_choice_past_the_rows_own_k():
     """Position-shift tolerance over two slots: a row drafting its own K = 1 in a cycle of K = 3
     must not keep its draft because the target would say it two slots later, after drafts the row
