@@ -14,8 +14,8 @@
 #                                  # lvspec with the draft watching every 2nd frame (its own replay patterns) at
 #                                  # 192 and 256, ar and lvspec at 192 and 256 with every frame (bench/replay_patterns.json, re-recorded
 #                                  # today: the same), sd with every 2nd frame at 256
-#   bench/gpu_frontier.sh fit256   # the same pair at 256 only, expandable allocator segments, 8k-token prefill groups:
-#                                  # lvspec, lvspec and sd with every 2nd frame, ar
+#   bench/gpu_frontier.sh fit256   # tests/test_gpu.py's packed and split tests, then the same pair at 256 only,
+#                                  # expandable allocator segments, 8k-token prefill groups: lvspec, sd, ar
 #   bench/gpu_frontier.sh qwen     # Qwen2.5-VL 32B/7B (H200: it does not fit 80 GB), 16 frames: ar, lvspec, sd
 #   bench/gpu_frontier.sh qwen1    #   the same in two calls: ar and sd
 #   bench/gpu_frontier.sh qwen2    #   ... lvspec, + slots=auto
@@ -64,14 +64,10 @@ case "$1" in
           climb frames2_sd $L --modes sd --batch-sizes 256 --draft-frame-stride 2 \
             --patterns bench/replay_patterns_draft_frames2.json ;;
   # Batch 256 (ar's peak) with expandable allocator segments and 8k-token prefill groups: whether lvspec and sd fit.
-  fit256) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-          L="--pair llava_onevision:7b:0.5b --memory-gib 79.6 --stream 4 --batch-sizes 256 --prefill-tokens 8192"
-          climb fit256 $L --modes lvspec
-          climb fit256_frames2 $L --modes lvspec sd --draft-frame-stride 2 --patterns bench/replay_patterns_draft_frames2.json
-          climb fit256_ar $L --modes ar ;;
-  qwen) climb qwen --pair qwen2_5_vl:32b:7b --stream 2 --modes ar lvspec sd --videos 4 --batch-sizes 1 8 32 64 96 128 ;;
-  qwen1) climb qwen1 --pair qwen2_5_vl:32b:7b --stream 2 --modes ar sd --videos 4 --batch-sizes 1 8 32 64 96 128 ;;
-  qwen2) climb qwen2 --pair qwen2_5_vl:32b:7b --stream 2 --modes lvspec --auto --videos 4 --batch-sizes 1 8 32 64 96 128 ;;
+  fit256) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "packed or split" 2>&1 | tee $OUT/test_gpu.log | tail -3
+          export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+          climb fit256 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --stream 4 --batch-sizes 256 --prefill-tokens 8192 \
+            --modes lvspec sd ar ;;
   # The peaks' batches only, lvspec first, then ar (a call cut at its limit keeps lvspec's points).
   qwen3) climb qwen_lvspec --pair qwen2_5_vl:32b:7b --stream 2 --modes lvspec --videos 4 --batch-sizes 32 64 96 128
          climb qwen_ar --pair qwen2_5_vl:32b:7b --stream 2 --modes ar --videos 4 --batch-sizes 32 64 128 ;;
