@@ -87,7 +87,7 @@ class PromptsOnce:
                     saved = [(c.k[:, slot, :, :p.embeds.shape[1]].clone(), c.v[:, slot, :, :p.embeds.shape[1]].clone())
                              for c, p in ((st.T, prompt), (st.D, draft_prompt)) if c is not None]
                     self.kept[key] = (_row(prompt, j), _row(draft_prompt, j), first[j:j + 1].clone(), saved)
-            return _light(prompt), _light(draft_prompt), first
+            return prompt, draft_prompt, first
         for key, slot in zip(keys, index):
             caches = [c for c in (st.T, st.D) if c is not None]
             for cache, (k, v) in zip(caches, self.kept[key][3]):
@@ -95,14 +95,6 @@ class PromptsOnce:
                 cache.v[:, slot, :, :v.shape[-2]] = v
         got = [self.kept[key] for key in keys]
         return _cat([g[0] for g in got]), _cat([g[1] for g in got]), torch.cat([g[2] for g in got])
-
-
-def _light(prompt):
-    """A prompt without its embeddings (only their shape is read when rows are placed)."""
-    if prompt is None:
-        return None
-    b, p, _ = prompt.embeds.shape
-    return dataclasses.replace(prompt, embeds=prompt.embeds.new_empty(b, p, 0))
 
 
 def _batch_dim(name: str, t: torch.Tensor) -> int:

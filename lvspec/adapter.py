@@ -7,6 +7,7 @@ finds a model's.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,11 @@ class Prompt:
     next_position: torch.Tensor  # [B] position id of the first generated token
     last_token: torch.Tensor  # [B] id of the prompt's last token (text, never padding: prompts are left-padded)
     padded: bool = True  # any row left-padded (known on the host: prompts of one width need no mask)
+
+    def light(self) -> Prompt:
+        """The prompt without its embeddings (once its keys are in a cache, only their shape is read)."""
+        b, p, _ = self.embeds.shape
+        return dataclasses.replace(self, embeds=self.embeds.new_empty(b, p, 0))
 
 
 class Adapter(Protocol):

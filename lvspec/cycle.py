@@ -66,10 +66,12 @@ class Cycle:
     def prompt_group(self, st: DecodeState, rows: list[dict], slots: torch.Tensor):
         """Both models' prompts of a group (rows on the device), their keys into the caches' `slots`
         and nothing else of the state (it may run beside a cycle on another stream, the slots
-        `reserve`d): (target prompt, draft prompt, the target's first tokens)."""
+        `reserve`d): (target prompt, draft prompt, the target's first tokens), the prompts `light`
+        (a group waiting to be placed holds no embeddings)."""
         prompt = self.adapter.prompt(self.target_model, rows)
         draft_prompt = None if self.D is None else self.adapter.prompt(self.draft_model, [draft_row(r) for r in rows])
-        return prompt, draft_prompt, self.prompt_keys(st, prompt, draft_prompt, slots)
+        first = self.prompt_keys(st, prompt, draft_prompt, slots)
+        return prompt.light(), draft_prompt.light() if draft_prompt is not None else None, first
 
     def prompt_keys(self, st: DecodeState, prompt: Prompt, draft_prompt: Prompt | None, slots: torch.Tensor):
         if self.tp is not None:  # rank 0's video features on every rank: one prompt, one verdict

@@ -3,8 +3,11 @@ the clock. `Stream.step` refills free slots, runs one cycle and returns the rows
 
 Rows enter free slots in groups of at most `SpecConfig.prefill_tokens` prompt tokens (so that a
 prefill's activations do not grow with the batch): into an empty batch group after group before
-the first cycle, beside decoding rows one group at a time, on a second CUDA stream, placed at a
-later step once done (continuous batching). The cycle's K is the longest any decoding row takes
+the first cycle; beside decoding rows on a second CUDA stream, where groups run one after another,
+each placed at a later step once done (continuous batching), as many groups queued as there are
+free slots, so that a wide batch whose rows end a few a cycle refills as fast as they end (one
+group at a time where prompt forwards are CUDA graphs: a replay overwrites the last one's
+outputs). The cycle's K is the longest any decoding row takes
 (`Status.k`); each row keeps at most its own.
 """
 
@@ -97,7 +100,7 @@ class Stream:
         self.cuda = engine.device.type == "cuda"
         self.clock, self.marks, self.ks = Clock(self.cuda), [], []
         self.start, self.prefill_s, self.prefills, self.placed, self.peak = time.perf_counter(), 0.0, 0, 0, 0
-        self.pending: _Pending | None = None  # a group being prefilled, not placed yet
+        self.pending: list[_Pending] = []  # groups being prefilled, not placed yet, in launch order
         self.overlapped = self.ingests = self.busy = 0  # prefills run beside decoding; draft catch-ups; rows x cycles
         self.verified = 0  # tokens the verify forwards ran (packed: the decoding rows' own K + 1, rounded up)
         # The steady part of a stream, until a free slot first finds no row (from then on slots only
@@ -108,7 +111,8 @@ class Stream:
     def _free(self) -> list[int]:
         if self.st is None:  # before the first state: as many rows as it may get slots
             return list(range(self.slots or self.cap))
-        return [s for s, row in enumerate(self.slot_row) if row is None]
+        taken = {s for p in self.pending for s in p.slots}
+        return [s for s, row in enumerate(self.slot_row) if row is None and s not in taken]
 
     def _take(self, n: int, in_flight: bool) -> list[tuple[int, dict]]:
         group, self.waiting = self.waiting[:n], self.waiting[n:]
@@ -159,8 +163,9 @@ class Stream:
         """Place rows in free slots (see the module's docstring)."""
         e = self.engine
         self._land(wait=False)
-        in_flight = any(row is not None for row in self.slot_row)
-        if self.pending is not None or ((self.draining or self.static) and in_flight):
+        in_flight = any(row is not None for row in self.slot_row) or bool(self.pending)
+        one_at_a_time = e.prompt_graphs != "off"
+        if (self.pending and one_at_a_time) or ((self.draining or self.static) and in_flight):
             return
         self.draining = False
         beside = e.overlap and in_flight
@@ -181,16 +186,19 @@ class Stream:
             placed = self._bounded(group[:len(free)])
             self.waiting = group[len(placed):] + self.waiting
             slots = free[:len(placed)]
-            self.pending = _Pending(placed, slots, torch.tensor(slots, device=e.device))
+            p = _Pending(placed, slots, torch.tensor(slots, device=e.device))
+            self.pending.append(p)
             if beside:
-                e.cycle.reserve(self.st, self.pending.index)
+                e.cycle.reserve(self.st, p.index)
                 if e.prefill_stream is not None:
                     e.prefill_stream.wait_stream(torch.cuda.current_stream(e.device))  # after the reservation
                 with e.on(e.prefill_stream):
-                    self._launch(self.pending)
+                    self._launch(p)
                 self.overlapped += 1
-                break
-            self._launch(self.pending)
+                if one_at_a_time:
+                    break
+                continue
+            self._launch(p)
             self._land(wait=True)
             in_flight = True
         self.prefill_s += time.perf_counter() - t0
@@ -213,24 +221,27 @@ class Stream:
             p.done.record()
 
     def _land(self, wait: bool) -> None:
-        """Place the pending group's rows (their slots' state, on the decoding stream) if its
-        prefill is done, or with `wait`, once it is."""
-        p, e = self.pending, self.engine
-        if p is None or not (wait or p.done is None or p.done.query()):
-            return
-        if p.done is not None:
-            torch.cuda.current_stream(e.device).wait_event(p.done)
-        e.cycle.place(self.st, p.first, p.prompt, p.draft_prompt, p.index, p.budget, p.exact)
-        if self.replay is not None:
-            self.replay.assign(p.index, p.keys)
-        for slot, (i, _) in zip(p.slots, p.group):
-            self.slot_row[slot] = i
-            self.traces[i], self.kept[i] = [], []
-        # The host read waits for this stream: past it, nothing reads the group's tensors any more.
-        self.status = self.st.read()
-        self.pending = None
-        self.prefills += 1
-        self.placed += len(p.group)
+        """Place the pending groups' rows (their slots' state, on the decoding stream), in launch
+        order, those whose prefill is done, or with `wait`, all once they are."""
+        e, landed = self.engine, False
+        while self.pending:
+            p = self.pending[0]
+            if not (wait or p.done is None or p.done.query()):
+                break
+            if p.done is not None:
+                torch.cuda.current_stream(e.device).wait_event(p.done)
+            e.cycle.place(self.st, p.first, p.prompt, p.draft_prompt, p.index, p.budget, p.exact)
+            if self.replay is not None:
+                self.replay.assign(p.index, p.keys)
+            for slot, (i, _) in zip(p.slots, p.group):
+                self.slot_row[slot] = i
+                self.traces[i], self.kept[i] = [], []
+            self.pending.pop(0)
+            self.prefills += 1
+            self.placed += len(p.group)
+            landed = True
+        if landed:  # the host read waits for this stream: past it, nothing reads the groups' tensors any more
+            self.status = self.st.read()
 
     def _finished(self) -> list[tuple[int, RowOutput]]:
         """Rows whose slot went idle (at its prefill or in the last cycle); their slots free up."""
@@ -268,13 +279,13 @@ class Stream:
         self._refill()
         if self.st is None:  # no rows yet: none at all, or none so far from a feed
             return None if self.exhausted and not self.waiting else []
-        if self.dry is None and self.exhausted and not self.waiting and self.pending is None:
+        if self.dry is None and self.exhausted and not self.waiting and not self.pending:
             self._mark_dry()
         finished = self._finished()
         if finished:
             return finished
         if not self.status.decoding:  # nothing decoding: a prefill to land, more rows to place, or done
-            if self.pending is not None:
+            if self.pending:
                 self._land(wait=True)
                 return []
             return None if self.exhausted and not self.waiting else []

@@ -51,6 +51,24 @@ def test_rows_prefilled_in_bounded_groups_decode_what_one_group_decodes(pair):
     assert [r.tokens for r in grouped] == [r.tokens for r in Engine(target, draft, lv, slots=6).generate(rows)]
 
 
+def test_slots_freed_in_one_cycle_are_all_refilled_at_the_next():
+    """Beside decoding rows, as many prefill groups are queued as there are free slots (not one a
+    cycle): two identical rows end in the same cycle while others decode, and both their slots
+    take new rows at once. With prompt graphs (one group at a time: a replay overwrites the last
+    one's outputs) a slot waits a cycle. Same tokens either way; fuller slots without graphs."""
+    processor, target, draft = load_pair("llava_onevision", dtype=torch.float64)  # its prompts capture
+    a, b, c = make_rows(processor, [8, 5, 7], prompts=[PROMPTS[0], PROMPTS[1], PROMPTS[2]])
+    rows = [a, a, b, c] * 3
+    width = max(r["input_ids"].shape[-1] for r in rows)
+    cfg = SpecConfig(mode="sd", k=4, max_new_tokens=24, stop_token_ids=(), prefill_tokens=width)
+    many = Engine(target, draft, cfg, slots=4)
+    one = Engine(target, draft, dataclasses.replace(cfg, prompt_graphs=True), slots=4)
+    assert one.prompt_graphs == "static" and many.prompt_graphs == "off"
+    assert [r.tokens for r in many.generate(rows)] == [r.tokens for r in one.generate(rows)]
+    assert many.timing["prefills"] == one.timing["prefills"] == len(rows)  # a row a group
+    assert many.timing["steady_slot_use"] > one.timing["steady_slot_use"]
+
+
 @pytest.mark.parametrize("k", ["auto", 4])
 def test_a_rows_lvspec_caption_is_the_same_alone_batched_streamed_or_reordered(pair, k):
     """Each row drafts its own K (k=auto: from its own acceptance and one pinned cost table; a fixed
