@@ -16,6 +16,8 @@
 #                                  # today: the same), sd with every 2nd frame at 256
 #   bench/gpu_frontier.sh fit256   # tests/test_gpu.py's packed and split tests, then the same pair at 256 only,
 #                                  # expandable allocator segments, 8k-token prefill groups: lvspec, sd, ar
+#   bench/gpu_frontier.sh bulk     # tests/test_gpu.py's packed tests, then the same pair at 192 and 256 (default
+#                                  # prefill groups, expandable segments, 78.6 GiB cap): lvspec, sd, ar
 #   bench/gpu_frontier.sh qwen     # Qwen2.5-VL 32B/7B (H200: it does not fit 80 GB), 16 frames: ar, lvspec, sd
 #   bench/gpu_frontier.sh qwen1    #   the same in two calls: ar and sd
 #   bench/gpu_frontier.sh qwen2    #   ... lvspec, + slots=auto
@@ -68,11 +70,16 @@ case "$1" in
           export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
           climb fit256 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --stream 4 --batch-sizes 256 --prefill-tokens 8192 \
             --modes lvspec sd ar ;;
+  # The bulk peaks again after every free slot is refilled beside decoding: 192 and 256, default groups.
+  bulk) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "packed" 2>&1 | tee $OUT/test_gpu.log | tail -3
+        export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+        climb bulk --pair llava_onevision:7b:0.5b --memory-gib 78.6 --stream 4 --batch-sizes 192 256 \
+          --modes lvspec sd ar ;;
   # The peaks' batches only, lvspec first, then ar (a call cut at its limit keeps lvspec's points).
   qwen3) climb qwen_lvspec --pair qwen2_5_vl:32b:7b --stream 2 --modes lvspec --videos 4 --batch-sizes 32 64 96 128
          climb qwen_ar --pair qwen2_5_vl:32b:7b --stream 2 --modes ar --videos 4 --batch-sizes 32 64 128 ;;
   paper1) climb paper1 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --frames 64 --new-tokens 256 \
       --batch-sizes 1 8 32 64 --setting paper ;;
   paper2) climb paper2 --pair qwen2_5_vl:32b:7b --frames 64 --new-tokens 256 --batch-sizes 1 8 32 64 --setting paper ;;
-  *) echo "usage: $0 check|llava|packed|stream4|top|frames|fit256|qwen|qwen1|qwen2|qwen3|paper1|paper2"; exit 2 ;;
+  *) echo "usage: $0 check|llava|packed|stream4|top|frames|fit256|bulk|qwen|qwen1|qwen2|qwen3|paper1|paper2"; exit 2 ;;
 esac
