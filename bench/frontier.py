@@ -246,7 +246,8 @@ def auto_point(args, target, draft, base, once, patterns, probe, T, D, ctx, log)
     """lvspec with slots="auto": the slots it chooses for a stream of many rows, and twice that many
     rows streamed through them (as a bulk job's replica would)."""
     cfg = SpecConfig(mode="lvspec", k=args.k, theta=0.5, max_new_tokens=args.new_tokens, stop_token_ids=(),
-                     relevance_layers=probe, pack_verify=not args.padded, draft_frame_stride=args.draft_frame_stride)
+                     relevance_layers=probe, pack_verify=not args.padded, draft_frame_stride=args.draft_frame_stride,
+                     prefill_tokens=args.prefill_tokens)
     engine = Engine(target, draft, cfg, slots="auto", max_slots=max(args.batch_sizes))
     try:
         with torch.inference_mode():
