@@ -31,7 +31,7 @@ from lvspec.relevance import RelevanceProbe, relevance_heads, relevance_weights
 from lvspec.replay import Replay
 from lvspec.state import CATCH_UP, C, DecodeState, margin
 from lvspec.stats import KINDS
-from lvspec.verify import BONUS, Verdict, scores, verify
+from lvspec.verify import BONUS, Verdict, verify
 
 
 class Cycle:
@@ -185,8 +185,7 @@ class Cycle:
         logits = self.T.forward(st.T, torch.cat([st.last[:, None], drafted], 1), probe=probe, live=st.active,
                                 pack=pack)
         relevance = probe.result() if probe is not None else None
-        v = verify(drafted, scores(logits, drafted, self.cfg.top_k if self.cfg.loosened else 0, pack), relevance,
-                   self.cfg, st.exact_only, st.limit)
+        v = verify(drafted, logits, relevance, self.cfg, st.exact_only, st.limit, pack)
         st.keep(k, v)
         st.target_tokens[:, :k + 1].copy_(v.target_tokens)
         if probe is not None:

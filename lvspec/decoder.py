@@ -207,7 +207,7 @@ class TextDecoder:
             qk = _rotate(qkv[:, : nh + kvh], cos, sin)
             cache.k[i][row, :, at] = qk[:, nh:]
             cache.v[i][row, :, at] = qkv[:, nh + kvh:]
-            query = qk[:, :nh] if pack is None else _unpacked(qk[:, :nh], pack, S * q)
+            query = qk[:, :nh] if pack is None else unpacked(qk[:, :nh], pack, S * q)
             query = query.view(S, q, nh, hd)
             probed = probe is not None and i in probe.layers
             if mode == "split":
@@ -246,7 +246,7 @@ class TextDecoder:
         return F.linear(F.rms_norm(x, (H,), self.norm, self.eps), self.head)
 
 
-def _unpacked(x: torch.Tensor, pack: torch.Tensor, n: int) -> torch.Tensor:
+def unpacked(x: torch.Tensor, pack: torch.Tensor, n: int) -> torch.Tensor:
     """Packed rows of `x` back at their flat indices among `n` (zeros elsewhere; fillers dropped)."""
     out = x.new_zeros(n + 1, *x.shape[1:]).index_copy_(0, pack, x)
     return out[:n]

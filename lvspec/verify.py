@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lvspec.config import SpecConfig
+from lvspec.decoder import unpacked
 
 # A token's kind: its index in `lvspec.stats.KINDS` (the verifier decides the first three; a cycle's
 # commit the correction or bonus after them).
@@ -52,31 +53,29 @@ def scores(logits: torch.Tensor, draft: torch.Tensor, top_k: int = 0, pack: torc
     (`decoder.packed_tokens`; fillers dropped): reduced where they were computed, so no [S, K + 1, V]
     tensor is made; slots not computed score as all-zero logits would (choice 0)."""
     S, k = draft.shape
-    ids = torch.cat([draft, draft.new_zeros(S, 1)], 1)  # the last slot drafts nothing: any id
-    if pack is None:
-        flat, into = logits.flatten(0, 1), None
-    else:
-        flat, into = logits, pack
-    d = ids.flatten() if into is None else ids.flatten()[into.clamp(max=S * (k + 1) - 1)]
+    n = S * (k + 1)
+    ids = torch.cat([draft, draft.new_zeros(S, 1)], 1).flatten()  # the last slot drafts nothing: any id
+    flat = logits.flatten(0, 1) if pack is None else logits
+    d = ids if pack is None else ids[pack.clamp(max=n - 1)]
     drafted = flat.gather(-1, d[:, None])[:, 0]  # in the logits' own dtype: exact, no float32 copy
     best, choice = flat.max(-1)
     above = (flat > drafted[:, None]).sum(-1) if top_k else None
 
     def laid_out(x: torch.Tensor) -> torch.Tensor:
-        if into is None:
-            return x.view(S, k + 1)
-        return x.new_zeros(S * (k + 1) + 1).index_copy_(0, into, x)[:-1].view(S, k + 1)
+        return (x if pack is None else unpacked(x, pack, n)).view(S, k + 1)
 
     return Scores(laid_out(choice), laid_out(best), laid_out(drafted), laid_out(above) if top_k else None)
 
 
-def verify(draft: torch.Tensor, logits: torch.Tensor | Scores, relevance: torch.Tensor | None, cfg: SpecConfig,
-           exact_only: torch.Tensor | None = None, limit: torch.Tensor | None = None) -> Verdict:
-    """Decide, for each row, how many of its K draft tokens to keep. logits: [S, K + 1, V], or their
-    `Scores`. `exact_only` [S]: rows verified strictly whatever the mode (audit twins: exact greedy
-    output); `limit` [S]: the most drafts each row may keep (default K)."""
+def verify(draft: torch.Tensor, logits: torch.Tensor, relevance: torch.Tensor | None, cfg: SpecConfig,
+           exact_only: torch.Tensor | None = None, limit: torch.Tensor | None = None,
+           pack: torch.Tensor | None = None) -> Verdict:
+    """Decide, for each row, how many of its K draft tokens to keep. logits: [S, K + 1, V], or a
+    packed verify's [N, V] at `pack` (read through `scores`). `exact_only` [S]: rows verified
+    strictly whatever the mode (audit twins: exact greedy output); `limit` [S]: the most drafts each
+    row may keep (default K)."""
     k = draft.shape[1]
-    sc = logits if isinstance(logits, Scores) else scores(logits, draft, cfg.top_k if cfg.loosened else 0)
+    sc = scores(logits, draft, cfg.top_k if cfg.loosened else 0, pack)
     t = sc.choice
     exact = draft == t[:, :k]
     kind = torch.zeros_like(draft)
