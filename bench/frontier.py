@@ -39,12 +39,14 @@ from pathlib import Path
 
 import torch
 
+from bench.floor import known
+from bench.floor import table as floor_table
 from bench.realsize import _pairs, build, hbm_bytes_per_s, kv_bytes, regroup, release, video_rows
 from bench.report import run_info, write_markdown_section
 from bench.shapes import real_processor, relevance_layers
 from bench.timing import median_spread
 from lvspec import Engine, Replay, SpecConfig
-from lvspec.adapter import text_config
+from lvspec.adapter import draft_row, text_config, with_draft_video
 from lvspec.decoder import TextDecoder
 
 MODES = ("ar", "sd", "lvspec")
@@ -154,6 +156,9 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
     per_token = 2 * T.weight_bytes() / T.dtype.itemsize + 4 * len(T.layers) * T.heads * T.head_dim * ctx
     read = len(ks) * (T.weight_bytes() + kv_bytes(T, ctx, bs)) + t["draft_steps"] * (D.weight_bytes() + kv_bytes(D, ctx, bs) if D else 0)
     median, spread = median_spread(tps)
+    stride = engine.cfg.draft_frame_stride
+    draft_prompt = (draft_row(with_draft_video(engine.adapter, engine.draft, rows[0], stride))["input_ids"].shape[-1]
+                    if D is not None and stride > 1 else rows[0]["input_ids"].shape[-1])
     steady = [r["steady"] for r in runs]
     steady_median, steady_spread = median_spread(steady) if None not in steady else (None, None)
     return {"batch_size": bs, "rows": len(rows), "decode_tokens_per_s": median, "spread": spread,
@@ -165,6 +170,7 @@ def point(engine: Engine, bs: int, rows: list[dict], once: PromptsOnce, replay: 
             "ms_per_verify": 1e3 * t["verify_s"] / max(t["verifies"], 1),
             "tokens_per_verify": verify_tokens / max(t["verifies"], 1),
             "ms_per_draft_step": 1e3 * t["draft_s"] / t["draft_steps"] if t["draft_steps"] else None,
+            "draft_steps": t["draft_steps"], "draft_prompt_tokens": int(draft_prompt),  # bench.floor's counts
             "cycle_ms": 1e3 * t["decode_s"] / max(len(ks), 1),
             "verify_tflops": verify_tokens * per_token / max(t["verify_s"], 1e-12) / 1e12,
             "verify_bf16_share": verify_tokens * per_token / max(t["verify_s"], 1e-12) / BF16_PEAK,
@@ -387,6 +393,8 @@ def markdown(report: dict) -> str:
                 f"{a['rows']} rows streamed at {a['decode_tokens_per_s']:.1f} decode tok/s, slots busy "
                 f"{a['slot_use']:.0%}, peak {_ratio(a.get('peak_gib'), '{:.1f}')} GiB"), ""]
         lines += chart(p)
+        if known(p):
+            lines += [""] + floor_table(p, report["machine"])
     return "\n".join(lines)
 
 
