@@ -22,7 +22,7 @@
 #   bench/gpu_frontier.sh qwen1    #   the same in two calls: ar and sd
 #   bench/gpu_frontier.sh qwen2    #   ... lvspec, + slots=auto
 #   bench/gpu_frontier.sh qwen3    #   ... in one call, at 32-128 only: lvspec, then ar
-#   bench/gpu_frontier.sh qwen4    #   ... at 32 and 128, 4 x batch rows: lvspec, ar, then sd at 128
+#   bench/gpu_frontier.sh qwen4    #   ... at 32 and 128, 2 x batch rows: lvspec, ar, then sd at 128
 #   bench/gpu_frontier.sh profile  # kernel profiles at 256 slots: a draft step (174 live), a packed verify, ar's step
 #   bench/gpu_frontier.sh paper1   # the paper's setting (64 frames, 256 new tokens): LLaVA-OV 7B/0.5B (80 GB cap)
 #   bench/gpu_frontier.sh paper2   #   ... Qwen2.5-VL 32B/7B; batch 1..64 (out of memory is recorded where it comes)
@@ -82,8 +82,8 @@ case "$1" in
          climb qwen_ar --pair qwen2_5_vl:32b:7b --stream 2 --modes ar --videos 4 --batch-sizes 32 64 128 ;;
   # The questions Qwen2.5-VL 32B/7B must answer, in one call: batch 32 (lvspec >= 1.8x ar) and 128 (the peaks),
   # lvspec then ar, then sd at 128 (a call cut at its limit keeps what came first).
-  qwen4) climb qwen4 --pair qwen2_5_vl:32b:7b --stream 4 --modes lvspec ar --videos 4 --batch-sizes 32 128
-         climb qwen4_sd --pair qwen2_5_vl:32b:7b --stream 4 --modes sd --videos 4 --batch-sizes 128 ;;
+  qwen4) climb qwen4 --pair qwen2_5_vl:32b:7b --stream 2 --modes lvspec ar --videos 4 --batch-sizes 32 128
+         climb qwen4_sd --pair qwen2_5_vl:32b:7b --stream 2 --modes sd --videos 4 --batch-sizes 128 ;;
   # Where a bulk lvspec cycle's time goes, kernel by kernel: the draft step and the packed verify at 256 slots.
   profile) python3 -m bench.step_profile --sizes 0.5b --batch 256 --live 174 2>&1 | quiet | tee $OUT/draft_step.txt
            python3 -m bench.step_profile --sizes 7b --batch 256 --live 174 --q 8 --pack 2>&1 | quiet | tee $OUT/verify.txt
