@@ -8,7 +8,8 @@ row at `--ctx` cached tokens of a `--capacity`-token cache, `--q` new tokens a r
 forward's time, then five eager forwards profiled. `--pack`: the verify as the engine runs it at
 bulk, its weights over each live row's own K + 1 tokens only (own K cycling 0..q-1: 4.5 tokens a
 row, as the bulk frontier's lvspec verifies at 256 ran 772 tokens for 174 rows); the relevance probe
-is left out. bench/split_step_profile_h100.txt is the default's output on an H100 (2026-12-06; run
+is left out. `--compare`: also the captured forward with RoPE and the cache writes as eager PyTorch ops
+(the split path before `attention.rotate_and_store` fused them). bench/split_step_profile_h100.txt is the default's output on an H100 (2026-12-06; run
 then as an inline script with this body).
 """
 
@@ -19,7 +20,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.realsize import build, graph_ms
 from lvspec.adapter import text_config
-from lvspec.decoder import TextDecoder, packed_tokens, packed_width
+from lvspec import decoder
+from lvspec.decoder import TextDecoder, _rotate, packed_tokens, packed_width
+
+
+def eager_rotate_and_store(qkv, cos, sin, row, at, k, v, heads):
+    """`attention.rotate_and_store` as the eager ops it fuses (RoPE's products and roll, indexed writes)."""
+    kvh = k.shape[1]
+    qk = _rotate(qkv[:, : heads + kvh], cos, sin)
+    k[row, :, at] = qk[:, heads:]
+    v[row, :, at] = qkv[:, heads + kvh:]
+    return qk[:, :heads]
 
 
 def main(argv=None) -> None:
@@ -31,6 +42,7 @@ def main(argv=None) -> None:
     ap.add_argument("--capacity", type=int, default=3328)
     ap.add_argument("--q", type=int, default=1)
     ap.add_argument("--pack", action="store_true")
+    ap.add_argument("--compare", action="store_true", help="also time the forward with eager RoPE and cache writes")
     args = ap.parse_args(argv)
     bs, live_rows = args.batch, args.live or args.batch
     for size in args.sizes:
@@ -56,6 +68,13 @@ def main(argv=None) -> None:
             tokens = pack.numel() if pack is not None else bs * args.q
             print(size, f"batch {bs}, live {live_rows}, q {args.q}, tokens {tokens}: graph ms",
                   round(graph_ms(fn), 3), "weights GB", d.weight_bytes() / 1e9)
+            if args.compare:
+                fused = decoder.rotate_and_store
+                decoder.rotate_and_store = eager_rotate_and_store
+                try:
+                    print(size, "graph ms with eager RoPE and cache writes", round(graph_ms(fn), 3))
+                finally:
+                    decoder.rotate_and_store = fused
             fn()
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as p:

@@ -107,6 +107,39 @@ def split_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: 
     return out, mass
 
 
+def rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, row: torch.Tensor,
+                     at: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """One kernel for what a layer does between its qkv projection and its attention: RoPE on the
+    queries and keys (HF's half-split convention, `decoder._rotate`, rounded as it rounds), each
+    token's key and value written into the caches at [row, :, at], the rotated queries returned.
+
+    qkv [N, heads + 2 * kv_heads, hd] (the projection's output; any strides but the last), cos and
+    sin_signed [N, 1, hd] (sin with its first half negated), row and at [N] long, k and v
+    [S, kv_heads, capacity, hd]. Returns the queries [N, heads, hd]. Where eager PyTorch runs
+    about seven kernels (two products, the roll, two indexed writes and their copies), a decoding
+    step's tokens are too few for any of them to reach the bandwidth they need: their launches are
+    the cost."""
+    N, width, hd = qkv.shape
+    kvh = k.shape[1]
+    assert width == heads + 2 * kvh and hd % 2 == 0, (qkv.shape, heads, kvh)
+    query = torch.empty(N, heads, hd, dtype=qkv.dtype, device=qkv.device)
+    if N == 0:
+        return query
+    kernels = _kernels(_interpreting())
+    cos, sin_signed = cos.reshape(N, hd), sin_signed.reshape(N, hd)
+    kernels.rotate_store[(N,)](
+        qkv, cos, sin_signed, row, at, query, k, v, qkv.stride(0), qkv.stride(1), cos.stride(0), sin_signed.stride(0),
+        query.stride(0), query.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        heads, kvh, HALF=hd // 2, BLOCK_H=_pow2(heads + kvh), BLOCK_V=_pow2(kvh),
+        ROUND=qkv.dtype != torch.float32, num_warps=4)
+    return query
+
+
+def _pow2(n: int) -> int:
+    """The least power of two >= n (a Triton block's size)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @functools.cache
 def _kernels(interpret: bool):
     """The jitted kernels (built on first use: Triton decides at decoration whether it interprets)."""
@@ -206,4 +239,42 @@ def _kernels(interpret: bool):
         if PROBE:
             tl.store(Mass + (s * group * tl.num_programs(1) + head) * q_len + j, vmass / norm, mask=real)
 
-    return types.SimpleNamespace(attend=attend, merge=merge)
+    @triton.jit
+    def rotate_store(QKV, Cos, Sin, Row, At, Query, K, V, s_n, s_h, sc_n, ss_n, sq_n, sq_h, sk_s, sk_h, sk_n,
+                     sv_s, sv_h, sv_n, heads, kv_heads,
+                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, ROUND: tl.constexpr):
+        n = tl.program_id(0)
+        h = tl.arange(0, BLOCK_H)  # the query heads, then the key heads: the rotated ones
+        d = tl.arange(0, HALF)
+        rotated = h < heads + kv_heads
+        src = QKV + n * s_n + h[:, None] * s_h + d[None, :]
+        lo = tl.load(src, mask=rotated[:, None], other=0.0).to(tl.float32)
+        hi = tl.load(src + HALF, mask=rotated[:, None], other=0.0).to(tl.float32)
+        c_lo = tl.load(Cos + n * sc_n + d).to(tl.float32)[None, :]
+        c_hi = tl.load(Cos + n * sc_n + HALF + d).to(tl.float32)[None, :]
+        s_lo = tl.load(Sin + n * ss_n + d).to(tl.float32)[None, :]
+        s_hi = tl.load(Sin + n * ss_n + HALF + d).to(tl.float32)[None, :]
+        # torch.addcmul(x * cos, roll(x), sin): the product x * cos rounded to x's dtype first, then
+        # the sum in float32, rounded once (a half-precision product of two halves is exact in float32)
+        a_lo, a_hi = lo * c_lo, hi * c_hi
+        if ROUND:
+            a_lo = a_lo.to(Query.dtype.element_ty).to(tl.float32)
+            a_hi = a_hi.to(Query.dtype.element_ty).to(tl.float32)
+        out_lo = (a_lo + hi * s_lo).to(Query.dtype.element_ty)  # rotate_half: the first half takes -x_hi
+        out_hi = (a_hi + lo * s_hi).to(Query.dtype.element_ty)
+        is_q = h < heads
+        q_at = Query + n * sq_n + h[:, None] * sq_h + d[None, :]
+        tl.store(q_at, out_lo, mask=is_q[:, None])
+        tl.store(q_at + HALF, out_hi, mask=is_q[:, None])
+        row, slot = tl.load(Row + n), tl.load(At + n)
+        is_k = rotated & (h >= heads)
+        k_at = K + row * sk_s + (h - heads)[:, None] * sk_h + slot * sk_n + d[None, :]
+        tl.store(k_at, out_lo, mask=is_k[:, None])
+        tl.store(k_at + HALF, out_hi, mask=is_k[:, None])
+        g = tl.arange(0, BLOCK_V)
+        e = tl.arange(0, 2 * HALF)
+        is_v = g < kv_heads
+        value = tl.load(QKV + n * s_n + (heads + kv_heads + g)[:, None] * s_h + e[None, :], mask=is_v[:, None])
+        tl.store(V + row * sv_s + g[:, None] * sv_h + slot * sv_n + e[None, :], value, mask=is_v[:, None])
+
+    return types.SimpleNamespace(attend=attend, merge=merge, rotate_store=rotate_store)

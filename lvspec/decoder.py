@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lvspec import parallel
 from lvspec.adapter import text_config
-from lvspec.attention import available, split_attention
+from lvspec.attention import available, rotate_and_store, split_attention
 from lvspec.cache import StaticCache
 from lvspec.relevance import RelevanceProbe
 
@@ -204,11 +204,14 @@ class TextDecoder:
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (H,), layer.norm_in, self.eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(-1, nh + 2 * kvh, hd)
-            qk = _rotate(qkv[:, : nh + kvh], cos, sin)
-            cache.k[i][row, :, at] = qk[:, nh:]
-            cache.v[i][row, :, at] = qkv[:, nh + kvh:]
-            query = qk[:, :nh] if pack is None else unpacked(qk[:, :nh], pack, S * q)
-            query = query.view(S, q, nh, hd)
+            if mode == "split":  # one kernel: RoPE, both caches written, the queries
+                query = rotate_and_store(qkv, cos, sin, row, at, cache.k[i], cache.v[i], nh)
+            else:
+                qk = _rotate(qkv[:, : nh + kvh], cos, sin)
+                cache.k[i][row, :, at] = qk[:, nh:]
+                cache.v[i][row, :, at] = qkv[:, nh + kvh:]
+                query = qk[:, :nh]
+            query = (query if pack is None else unpacked(query, pack, S * q)).view(S, q, nh, hd)
             probed = probe is not None and i in probe.layers
             if mode == "split":
                 out, mass = split_attention(query, cache.k[i], cache.v[i], cache.pad, cache.length,

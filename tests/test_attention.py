@@ -34,6 +34,14 @@ def test_split_attention_equals_masked_softmax_attention_over_each_rows_band():
     _interpreted("kernel")
 
 
+def test_rotate_and_store_writes_what_rope_and_the_indexed_cache_writes_write():
+    """The split path's fused kernel (RoPE on queries and keys, both caches written, the queries
+    returned) against the eager path's `_rotate` and indexed writes: the same queries and caches
+    (float32 rounding), for steps, verifies and packed forwards whose fillers all write one slot,
+    and no other cache entry touched."""
+    _interpreted("rotate")
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
 def test_an_engine_on_split_attention_decodes_what_it_decodes_on_masked_attention(family):
     """The toy pair with every decoding forward on "split" (target and draft, steps, verifies and
@@ -93,6 +101,41 @@ def check_kernel() -> None:
         assert torch.equal(some[live], out[live]) and torch.equal(some_mass[live], mass[live])
         assert not some[~live].any() and not some_mass[~live].any()
         print(f"rows {S} q {q} heads {heads}/{kvh} hd {hd} capacity {capacity} stretches {splits}: rel err {err:.1e}")
+
+
+def check_rotate() -> None:
+    import torch
+
+    from lvspec.attention import rotate_and_store
+    from lvspec.decoder import _rotate
+
+    torch.manual_seed(0)
+    shapes = [(3, 1, 14, 2, 64, 40), (2, 11, 28, 4, 128, 30), (4, 3, 40, 8, 128, 20), (1, 2, 4, 4, 8, 9)]
+    for S, q, heads, kvh, hd, capacity in shapes:
+        N = S * q
+        qkv = torch.randn(N, heads + 2 * kvh, hd)
+        angle = torch.rand(N, hd // 2) * 100
+        cos = torch.cat([angle.cos(), angle.cos()], -1)[:, None]
+        sin = torch.cat([-angle.sin(), angle.sin()], -1)[:, None]
+        row = torch.arange(N) // q
+        at = torch.randint(0, capacity - q, (S,)).repeat_interleave(q) + torch.arange(N) % q
+        if S > 2:  # a packed forward's fillers: all to one row's last slot (value: any of theirs)
+            row[-2:], at[-2:] = 0, capacity - 1
+        k, v = torch.randn(S, kvh, capacity, hd), torch.randn(S, kvh, capacity, hd)
+        want_k, want_v = k.clone(), v.clone()
+        qk = _rotate(qkv[:, : heads + kvh], cos, sin)
+        want_k[row, :, at] = qk[:, heads:]
+        want_v[row, :, at] = qkv[:, heads + kvh:]
+        query = rotate_and_store(qkv, cos, sin, row, at, k, v, heads)
+        assert query.shape == (N, heads, hd)
+        assert torch.allclose(query, qk[:, :heads], rtol=1e-6, atol=1e-6)
+        real = torch.ones(S, capacity, dtype=torch.bool)
+        if S > 2:
+            real[0, capacity - 1] = False  # which filler wrote last is not defined
+        by_slot = lambda t: t.transpose(1, 2)[real]  # noqa: E731 - [slots written or not, kv heads, hd]
+        assert torch.allclose(by_slot(k), by_slot(want_k), rtol=1e-6, atol=1e-6)
+        assert torch.equal(by_slot(v), by_slot(want_v))
+        print(f"rows {S} q {q} heads {heads}/{kvh} hd {hd}: same queries and caches")
 
 
 def check_engine(family: str) -> None:

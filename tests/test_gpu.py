@@ -164,6 +164,40 @@ def test_split_attention_at_real_shapes_equals_float64_attention(dtype):
         assert (mass.double() - (p * video[:, None, None].double()).sum(-1)).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotate_and_store_at_real_shapes_writes_what_the_eager_path_writes(dtype):
+    """The split path's fused RoPE + cache writes at the real models' shapes (LLaVA-OV 0.5B / 7B,
+    Qwen2.5-VL 32B heads; a step, a verify, a packed verify's fillers): in bfloat16 bit for bit what
+    `_rotate` and the indexed writes give (it rounds the product where they do), in float32 within
+    one rounding."""
+    from lvspec.attention import rotate_and_store
+    from lvspec.decoder import _rotate
+
+    g = torch.Generator("cuda").manual_seed(0)
+    for S, q, heads, kvh, hd, capacity in [(256, 1, 14, 2, 64, 3328), (1, 1, 28, 4, 128, 3328),
+                                           (174, 8, 28, 4, 128, 3328), (96, 6, 40, 8, 128, 1408)]:
+        N = S * q
+        qkv = torch.randn(N, heads + 2 * kvh, hd, device="cuda", generator=g).to(dtype)
+        angle = torch.rand(N, hd // 2, device="cuda", generator=g) * 3000
+        cos = torch.cat([angle.cos(), angle.cos()], -1).to(dtype)[:, None]
+        sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dtype)[:, None]
+        row = torch.arange(N, device="cuda") // q
+        at = torch.randint(0, capacity - q, (S,), device="cuda", generator=g).repeat_interleave(q)
+        at += torch.arange(N, device="cuda") % q
+        k = torch.randn(S, kvh, capacity, hd, device="cuda", generator=g).to(dtype)
+        v = torch.randn(S, kvh, capacity, hd, device="cuda", generator=g).to(dtype)
+        want_k, want_v = k.clone(), v.clone()
+        qk = _rotate(qkv[:, : heads + kvh], cos, sin)
+        want_k[row, :, at] = qk[:, heads:]
+        want_v[row, :, at] = qkv[:, heads + kvh:]
+        query = rotate_and_store(qkv, cos, sin, row, at, k, v, heads)
+        if dtype == torch.bfloat16:
+            assert torch.equal(query, qk[:, :heads]) and torch.equal(k, want_k) and torch.equal(v, want_v)
+        else:
+            assert torch.allclose(query, qk[:, :heads], rtol=1e-6, atol=1e-5)
+            assert torch.allclose(k, want_k, rtol=1e-6, atol=1e-5) and torch.equal(v, want_v)
+
+
 # ---- two GPUs: the one-shot all-reduce (lvspec/parallel.py) -----------------------------------------
 
 TP_CONFIGS = [SpecConfig(mode="ar", max_new_tokens=48), SpecConfig(mode="lvspec", k=4, max_new_tokens=48)]
