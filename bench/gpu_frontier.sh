@@ -24,6 +24,7 @@
 #   bench/gpu_frontier.sh qwen3    #   ... in one call, at 32-128 only: lvspec, then ar
 #   bench/gpu_frontier.sh qwen4    #   ... at 32 and 128, 2 x batch rows: lvspec, ar, then sd at 128
 #   bench/gpu_frontier.sh profile  # kernel profiles at 256 slots: a draft step (174 live), a packed verify, ar's step
+#   bench/gpu_frontier.sh fused    # LLaVA-OV 7B/0.5B at 256, 4 x batch rows, as bulk: lvspec, ar (after rotate_and_store)
 #   bench/gpu_frontier.sh rotate   # tests/test_gpu.py's fused RoPE + cache-write, packed and split tests
 #   bench/gpu_frontier.sh paper1   # the paper's setting (64 frames, 256 new tokens): LLaVA-OV 7B/0.5B (80 GB cap)
 #   bench/gpu_frontier.sh paper2   #   ... Qwen2.5-VL 32B/7B; batch 1..64 (out of memory is recorded where it comes)
@@ -91,10 +92,13 @@ case "$1" in
            python3 -m bench.step_profile --compare --sizes 0.5b --batch 1 2>&1 | quiet | tee $OUT/draft_step_1.txt
            python3 -m bench.step_profile --compare --sizes 7b --batch 256 --live 174 --q 8 --pack 2>&1 | quiet | tee $OUT/verify.txt
            python3 -m bench.step_profile --compare --sizes 7b --batch 256 2>&1 | quiet | tee $OUT/ar_step.txt ;;
+  # The bulk peak (256) again with the fused kernel: lvspec, then ar.
+  fused) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+         climb fused --pair llava_onevision:7b:0.5b --memory-gib 78.6 --stream 4 --batch-sizes 256 --modes lvspec ar ;;
   # The fused RoPE + cache-write kernel's tests on this GPU (with the packed and split ones).
   rotate) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "rotate or packed or split" 2>&1 | tee $OUT/test_gpu.log | tail -3 ;;
   paper1) climb paper1 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --frames 64 --new-tokens 256 \
       --batch-sizes 1 8 32 64 --setting paper ;;
   paper2) climb paper2 --pair qwen2_5_vl:32b:7b --frames 64 --new-tokens 256 --batch-sizes 1 8 32 64 --setting paper ;;
-  *) echo "usage: $0 check|llava|packed|stream4|top|frames|fit256|bulk|qwen|qwen1|qwen2|qwen3|qwen4|profile|rotate|paper1|paper2"; exit 2 ;;
+  *) echo "usage: $0 check|llava|packed|stream4|top|frames|fit256|bulk|qwen|qwen1|qwen2|qwen3|qwen4|profile|rotate|fused|paper1|paper2"; exit 2 ;;
 esac
