@@ -26,6 +26,7 @@
 #   bench/gpu_frontier.sh profile  # kernel profiles at 256 slots: a draft step (174 live), a packed verify, ar's step
 #   bench/gpu_frontier.sh fused    # LLaVA-OV 7B/0.5B at 256, 4 x batch rows, as bulk: lvspec, ar (after rotate_and_store)
 #   bench/gpu_frontier.sh rotate   # tests/test_gpu.py's fused RoPE + cache-write, packed and split tests
+#   bench/gpu_frontier.sh qwen32   #   ... at 32 only: lvspec, ar
 #   bench/gpu_frontier.sh paper1   # the paper's setting (64 frames, 256 new tokens): LLaVA-OV 7B/0.5B (80 GB cap)
 #   bench/gpu_frontier.sh paper2   #   ... Qwen2.5-VL 32B/7B; batch 1..64 (out of memory is recorded where it comes)
 # Needs the transformers wheel in .whl/ (carry [".whl"]; the machine has 5.17, the project asks >= 5.23).
@@ -97,8 +98,10 @@ case "$1" in
          climb fused --pair llava_onevision:7b:0.5b --memory-gib 78.6 --stream 4 --batch-sizes 256 --modes lvspec ar ;;
   # The fused RoPE + cache-write kernel's tests on this GPU (with the packed and split ones).
   rotate) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "rotate or packed or split" 2>&1 | tee $OUT/test_gpu.log | tail -3 ;;
+  # Batch 32 alone (the 1.8x point), lvspec then ar.
+  qwen32) climb qwen32 --pair qwen2_5_vl:32b:7b --stream 2 --modes lvspec ar --videos 4 --batch-sizes 32 ;;
   paper1) climb paper1 --pair llava_onevision:7b:0.5b --memory-gib 79.6 --frames 64 --new-tokens 256 \
       --batch-sizes 1 8 32 64 --setting paper ;;
   paper2) climb paper2 --pair qwen2_5_vl:32b:7b --frames 64 --new-tokens 256 --batch-sizes 1 8 32 64 --setting paper ;;
-  *) echo "usage: $0 check|llava|packed|stream4|top|frames|fit256|bulk|qwen|qwen1|qwen2|qwen3|qwen4|profile|rotate|fused|paper1|paper2"; exit 2 ;;
+  *) echo "usage: $0 check|llava|packed|stream4|top|frames|fit256|bulk|qwen|qwen1|qwen2|qwen3|qwen4|qwen32|profile|rotate|fused|paper1|paper2"; exit 2 ;;
 esac
