@@ -27,15 +27,11 @@ import argparse
 import json
 from dataclasses import dataclass
 
+from bench.realsize import hbm_bytes_per_s as hbm
 from bench.shapes import TEXT
 
 BF16_PEAK = 989e12  # H100 / H200 SXM dense bf16 FLOP/s (datasheet)
 BYTES = 2  # bf16
-
-
-def hbm(machine: str) -> float:
-    """The datasheet HBM bandwidth of the GPU named in `machine`: an H100 SXM's 3.35 TB/s, an H200's 4.8."""
-    return 3.35e12 if "H100" in machine else 4.8e12
 
 
 @dataclass(frozen=True)

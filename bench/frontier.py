@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from bench.floor import known
+from bench.floor import BF16_PEAK, known
 from bench.floor import table as floor_table
 from bench.realsize import _pairs, build, hbm_bytes_per_s, kv_bytes, regroup, release, video_rows
 from bench.report import run_info, write_markdown_section
@@ -51,7 +51,6 @@ from lvspec.decoder import TextDecoder
 
 MODES = ("ar", "sd", "lvspec")
 BATCHES = (1, 8, 32, 64, 128, 256)
-BF16_PEAK = 989e12  # H100 / H200 SXM dense bf16 FLOP/s (datasheet)
 
 
 SOURCE = "frontier_source"  # a benchmark row's source video: rows repeat a few videos
