@@ -92,8 +92,7 @@ def stages(run: dict, pair: dict, machine: str) -> dict | None:
     floor["rest"] = 0.0
     tokens = run["decode_tokens_per_s"] * decode_s
     total = sum(floor.values())
-    return {"measured_s": measured, "floor_s": floor, "decode_s": decode_s, "floor_tokens_per_s": tokens / total,
-            "share": total / decode_s, "verify_tflop": 2 * T.params * verify_tokens * cycles / 1e12}
+    return {"measured_s": measured, "floor_s": floor, "floor_tokens_per_s": tokens / total, "share": total / decode_s}
 
 
 def table(pair: dict, machine: str) -> list[str]:
@@ -102,21 +101,18 @@ def table(pair: dict, machine: str) -> list[str]:
              f"(HBM {hbm(machine) / 1e12:.2f} TB/s, bf16 {BF16_PEAK / 1e12:.0f} TFLOP/s)", "",
              "| batch | mode | decode tok/s | floor tok/s | share of floor | verify (or step) | draft | rest |",
              "|---|---|---|---|---|---|---|---|"]
+    best = {}
     for run in sorted(pair["runs"], key=lambda r: (r["batch_size"], r["mode"])):
         s = stages(run, pair, machine)
         if s is None:
             continue
+        best[run["mode"]] = max(best.get(run["mode"], 0), s["floor_tokens_per_s"])
         per = {k: 1e3 * v / run["cycles"] for k, v in s["measured_s"].items()}
         low = {k: 1e3 * v / run["cycles"] for k, v in s["floor_s"].items()}
         cell = {k: f"{per[k]:.1f} / {low[k]:.1f}" for k in per}
         lines.append(f"| {run['batch_size']} | {run['mode']} | {run['decode_tokens_per_s']:.0f} | "
                      f"{s['floor_tokens_per_s']:.0f} | {s['share']:.0%} | {cell['verify']} | {cell.get('draft', '-')} | "
                      f"{per['rest']:.1f} |")
-    best = {}
-    for run in pair["runs"]:
-        s = stages(run, pair, machine)
-        if s and s["floor_tokens_per_s"] > best.get(run["mode"], 0):
-            best[run["mode"]] = s["floor_tokens_per_s"]
     if "ar" in best:
         lines += ["", "Floor over floor (each mode's best batch measured here): " + ", ".join(
             f"{m} / ar = {best[m] / best['ar']:.2f}" for m in ("sd", "lvspec") if m in best)]

@@ -8,9 +8,10 @@ row at `--ctx` cached tokens of a `--capacity`-token cache, `--q` new tokens a r
 forward's time, then five eager forwards profiled. `--pack`: the verify as the engine runs it at
 bulk, its weights over each live row's own K + 1 tokens only (own K cycling 0..q-1: 4.5 tokens a
 row, as the bulk frontier's lvspec verifies at 256 ran 772 tokens for 174 rows); the relevance probe
-is left out. `--compare`: also the captured forward with RoPE and the cache writes as eager PyTorch ops
-(the split path before `attention.rotate_and_store` fused them). bench/split_step_profile_h100.txt is the default's output on an H100 (2026-12-06; run
-then as an inline script with this body).
+is left out. `--compare`: also the captured forward with RoPE and the cache writes as eager ops
+(`decoder.eager_rotate_and_store`: the split path before `attention.rotate_and_store` fused them).
+bench/split_step_profile_h100.txt is the default's output on an H100 (2026-12-06; run then as an
+inline script with this body).
 """
 
 import argparse
@@ -21,16 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.realsize import build, graph_ms
 from lvspec.adapter import text_config
 from lvspec import decoder
-from lvspec.decoder import TextDecoder, _rotate, packed_tokens, packed_width
-
-
-def eager_rotate_and_store(qkv, cos, sin, row, at, k, v, heads):
-    """`attention.rotate_and_store` as the eager ops it fuses (RoPE's products and roll, indexed writes)."""
-    kvh = k.shape[1]
-    qk = _rotate(qkv[:, : heads + kvh], cos, sin)
-    k[row, :, at] = qk[:, heads:]
-    v[row, :, at] = qkv[:, heads + kvh:]
-    return qk[:, :heads]
+from lvspec.decoder import TextDecoder, eager_rotate_and_store, packed_tokens, packed_width
 
 
 def main(argv=None) -> None:

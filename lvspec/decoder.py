@@ -101,6 +101,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
+def eager_rotate_and_store(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, row: torch.Tensor,
+                           at: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """`attention.rotate_and_store` as eager ops (the masked paths'): RoPE on queries and keys, each
+    token's key and value written at [row, :, at], the rotated queries [N, heads, hd] returned."""
+    kvh = k.shape[1]
+    qk = _rotate(qkv[:, : heads + kvh], cos, sin_signed)
+    k[row, :, at] = qk[:, heads:]
+    v[row, :, at] = qkv[:, heads + kvh:]
+    return qk[:, :heads]
+
+
 ATTENTION = ("matmul", "sdpa", "sdpa_gqa", "split")
 
 
@@ -204,13 +215,8 @@ class TextDecoder:
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (H,), layer.norm_in, self.eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(-1, nh + 2 * kvh, hd)
-            if mode == "split":  # one kernel: RoPE, both caches written, the queries
-                query = rotate_and_store(qkv, cos, sin, row, at, cache.k[i], cache.v[i], nh)
-            else:
-                qk = _rotate(qkv[:, : nh + kvh], cos, sin)
-                cache.k[i][row, :, at] = qk[:, nh:]
-                cache.v[i][row, :, at] = qkv[:, nh + kvh:]
-                query = qk[:, :nh]
+            store = rotate_and_store if mode == "split" else eager_rotate_and_store  # split: one kernel
+            query = store(qkv, cos, sin, row, at, cache.k[i], cache.v[i], nh)
             query = (query if pack is None else unpacked(query, pack, S * q)).view(S, q, nh, hd)
             probed = probe is not None and i in probe.layers
             if mode == "split":
